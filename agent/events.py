@@ -1,0 +1,321 @@
+"""The store's facts: stored events, the commands that ask for them, and their codecs.
+
+Two families of types live here:
+
+* **Intents** (`Receive`, `Sell`, ...): what a client asks for in `POST /v1/events`.
+  They carry the type's fields only; the agent adds the envelope.
+* **Events** (`Received`, `Sold`, ...): what the log stores and syncs. One flat JSON
+  object each: the envelope (`seq, event_id, store_id, type, occurred_at, recorded_at,
+  command_id, schema`) plus the fields of the type.
+
+Every stored event carries `schema`, the version of its type's layout. Old versions stay
+readable forever: `decode_event` upcasts them through the registered `upcaster`s before
+building the current Struct.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Callable, Literal, Union
+
+import msgspec
+
+SKU_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+STORE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
+
+Sku = Annotated[str, msgspec.Meta(pattern=SKU_PATTERN, description="SKU: 1-64 of A-Z a-z 0-9 . _ : -")]
+StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
+Qty = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="integer, 1 to 1,000,000")]
+Location = Literal["floor", "backroom"]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+ReservationId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Timestamp = Annotated[str, msgspec.Meta(pattern=TIME_PATTERN, description="RFC 3339 UTC, e.g. 2026-11-27T13:05:00.123Z")]
+CountedQty = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Delta = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000, description="non-zero integer")]
+Reason = Literal["damaged", "shrink", "found", "correction"]
+
+LOCATIONS: tuple[str, str] = ("floor", "backroom")
+EVENT_TYPES: tuple[str, ...] = (
+    "received", "sold", "returned", "moved", "counted", "adjusted",
+    "reserved", "reservation_released", "reservation_fulfilled",
+)
+
+# ---------------------------------------------------------------------------
+# Intents: the body of POST /v1/events
+# ---------------------------------------------------------------------------
+
+
+class Intent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=True):
+    """One requested change. `occurred_at` defaults to the time the agent records it."""
+
+    occurred_at: Timestamp | None = None
+
+
+class Receive(Intent, tag="received"):
+    sku: Sku
+    qty: Qty
+    location: Location = "backroom"
+    ref: Ref | None = None
+
+
+class Sell(Intent, tag="sold"):
+    sku: Sku
+    qty: Qty
+    location: Location = "floor"
+    ref: Ref | None = None
+
+
+class Return(Intent, tag="returned"):
+    sku: Sku
+    qty: Qty
+    location: Location = "backroom"
+    ref: Ref | None = None
+
+
+class Move(Intent, tag="moved"):
+    sku: Sku
+    qty: Qty
+    from_: Location = msgspec.field(name="from")
+    to: Location
+
+
+class Count(Intent, tag="counted"):
+    sku: Sku
+    location: Location
+    counted: CountedQty
+
+
+class Adjust(Intent, tag="adjusted"):
+    sku: Sku
+    location: Location
+    delta: Delta
+    reason: Reason
+
+
+class Reserve(Intent, tag="reserved"):
+    sku: Sku
+    qty: Qty
+    reservation_id: ReservationId
+
+
+class ReleaseReservation(Intent, tag="reservation_released"):
+    reservation_id: ReservationId
+
+
+class FulfilReservation(Intent, tag="reservation_fulfilled"):
+    reservation_id: ReservationId
+    location: Location = "floor"
+
+
+AnyIntent = Union[Receive, Sell, Return, Move, Count, Adjust, Reserve, ReleaseReservation, FulfilReservation]
+
+
+class AppendCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of POST /v1/events: 1 to 1000 intents, applied all or none."""
+
+    command_id: CommandId
+    events: Annotated[list[AnyIntent], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+# ---------------------------------------------------------------------------
+# Events: what the log stores and syncs
+# ---------------------------------------------------------------------------
+
+CURRENT_SCHEMA = 1
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """The envelope every stored event carries."""
+
+    seq: int
+    event_id: str
+    store_id: str
+    occurred_at: str
+    recorded_at: str
+    command_id: str
+    schema: int = CURRENT_SCHEMA
+
+
+class Received(Event, tag="received", kw_only=True):
+    sku: str
+    qty: int
+    location: Location = "backroom"
+    ref: str | None = None
+
+
+class Sold(Event, tag="sold", kw_only=True):
+    """A sale. `negative_stock` is true when it drove on-hand below zero (reported, not refused)."""
+
+    sku: str
+    qty: int
+    location: Location = "floor"
+    ref: str | None = None
+    negative_stock: bool = False
+
+
+class Returned(Event, tag="returned", kw_only=True):
+    sku: str
+    qty: int
+    location: Location = "backroom"
+    ref: str | None = None
+
+
+class Moved(Event, tag="moved", kw_only=True):
+    sku: str
+    qty: int
+    from_: Location = msgspec.field(name="from")
+    to: Location
+
+
+class Counted(Event, tag="counted", kw_only=True):
+    """A stock count. `variance` is counted minus the on-hand it replaced."""
+
+    sku: str
+    location: Location
+    counted: int
+    variance: int
+
+
+class Adjusted(Event, tag="adjusted", kw_only=True):
+    sku: str
+    location: Location
+    delta: int
+    reason: Reason
+
+
+class Reserved(Event, tag="reserved", kw_only=True):
+    sku: str
+    qty: int
+    reservation_id: str
+
+
+class ReservationReleased(Event, tag="reservation_released", kw_only=True):
+    """`sku` and `qty` are recorded from the reservation so the event explains itself."""
+
+    reservation_id: str
+    sku: str
+    qty: int
+
+
+class ReservationFulfilled(Event, tag="reservation_fulfilled", kw_only=True):
+    """`sku` and `qty` are recorded from the reservation so the event explains itself."""
+
+    reservation_id: str
+    sku: str
+    qty: int
+    location: Location = "floor"
+
+
+AnyEvent = Union[
+    Received, Sold, Returned, Moved, Counted, Adjusted,
+    Reserved, ReservationReleased, ReservationFulfilled,
+]
+
+# ---------------------------------------------------------------------------
+# Codecs and upcasting
+# ---------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(AnyEvent)
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_command_decoder = msgspec.json.Decoder(AppendCommand)
+
+# (type, from_version) -> function turning that version's dict into the next version's.
+_UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+_CURRENT: dict[str, int] = {t: CURRENT_SCHEMA for t in EVENT_TYPES}
+
+
+class EventDecodeError(ValueError):
+    """A stored or received event that cannot be read as any known schema version."""
+
+
+def upcaster(event_type: str, from_version: int):
+    """Register a function that turns `event_type` at `from_version` into `from_version + 1`.
+
+    The function takes and returns a plain dict (the flat JSON object); it must set
+    `schema` to `from_version + 1`.
+    """
+
+    def register(fn: Callable[[dict[str, Any]], dict[str, Any]]):
+        _UPCASTERS[(event_type, from_version)] = fn
+        return fn
+
+    return register
+
+
+def unregister_upcaster(event_type: str, from_version: int) -> None:
+    """Remove a registered upcaster (tests use this to clean up a test-only version)."""
+    _UPCASTERS.pop((event_type, from_version), None)
+
+
+def encode(obj: Any) -> bytes:
+    """Encode a Struct as compact JSON. For events this is the canonical encoding the hash covers."""
+    return _encoder.encode(obj)
+
+
+def decode_command(body: bytes) -> AppendCommand:
+    """Decode a POST /v1/events body; raises msgspec.ValidationError / DecodeError."""
+    return _command_decoder.decode(body)
+
+
+def decode_event(body: bytes) -> AnyEvent:
+    """Decode one stored or synced event, upcasting older schema versions.
+
+    Raises EventDecodeError when the bytes are not an event of any known version.
+    """
+    try:
+        event = _event_decoder.decode(body)
+    except msgspec.ValidationError:
+        event = None
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"event is not JSON: {exc}") from exc
+    if event is not None and event.schema == _CURRENT.get(type_of(event), CURRENT_SCHEMA):
+        return event
+    return _upcast(_dict_decoder.decode(body))
+
+
+def _upcast(data: dict[str, Any]) -> AnyEvent:
+    etype = data.get("type")
+    version = data.get("schema", 1)
+    if etype not in _CURRENT or not isinstance(version, int):
+        raise EventDecodeError(f"unknown event type {etype!r} or schema {version!r}")
+    while version < _CURRENT[etype]:
+        step = _UPCASTERS.get((etype, version))
+        if step is None:
+            raise EventDecodeError(f"no upcaster for {etype} schema {version}")
+        data = step(dict(data))
+        version = data.get("schema")
+        if not isinstance(version, int):
+            raise EventDecodeError(f"upcaster for {etype} did not set an integer schema")
+    if version != _CURRENT[etype]:
+        raise EventDecodeError(f"{etype} schema {version} is newer than this agent knows ({_CURRENT[etype]})")
+    try:
+        return msgspec.convert(data, AnyEvent)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(f"{etype} schema {version}: {exc}") from exc
+
+
+def type_of(event: Event) -> str:
+    """Return the event's `type` tag."""
+    return event.__struct_config__.tag  # type: ignore[return-value]
+
+
+_FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def field_of(error: msgspec.ValidationError | str) -> str | None:
+    """Name the field a msgspec validation error is about, e.g. `events[0].qty`.
+
+    Returns None when the error is about the whole body.
+    """
+    text = str(error)
+    path = _FIELD_PATH.search(text)
+    base = path.group(1) if path else ""
+    extra = _MISSING.search(text) or _UNKNOWN.search(text)
+    if extra:
+        base = f"{base}.{extra.group(1)}" if base else extra.group(1)
+    return base or None

@@ -1,0 +1,285 @@
+"""The pure inventory core: decide what a command means, evolve state by an event.
+
+Nothing here does I/O, reads the clock or makes ids: `now` and `new_id` arrive as
+arguments. The log (agent/log.py) loads the state a batch needs, calls `decide`, stores
+the events and folds them with `evolve`; tests fold with the same functions.
+
+Every event's effect on stock is a fixed delta per location plus a delta on `reserved`
+(`effect`), computed from the event alone: `counted` carries its `variance`, and the
+reservation events carry the reservation's sku and qty. That is what lets SQLite rebuild
+and time-travel the projection with plain sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import msgspec
+
+from agent import events as ev
+
+
+class Refused(Exception):
+    """A command the store's rules refuse. Nothing of it is appended.
+
+    `code` is the API error code, `status` the HTTP status, `field` the offending field.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None, status: int = 409):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.status = status
+
+
+@dataclass
+class Stock:
+    floor: int = 0
+    backroom: int = 0
+    reserved: int = 0
+    last_seq: int = 0
+
+    @property
+    def available(self) -> int:
+        return max(0, self.floor + self.backroom - self.reserved)
+
+    def on_hand(self, location: str) -> int:
+        return self.floor if location == "floor" else self.backroom
+
+
+@dataclass
+class Reservation:
+    reservation_id: str
+    sku: str
+    qty: int
+    status: str = "open"  # open | released | fulfilled
+    opened_seq: int = 0
+    closed_seq: int | None = None
+
+
+@dataclass
+class Inventory:
+    """The state decide reads and evolve writes: stock per SKU and reservations.
+
+    The log hands decide a partial Inventory holding only the SKUs and reservations a
+    batch touches; a missing SKU means no event has touched it yet.
+    """
+
+    store_id: str
+    last_seq: int = 0
+    stock: dict[str, Stock] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    def stock_of(self, sku: str) -> Stock:
+        """Return the SKU's stock row, creating a zero row on first touch."""
+        row = self.stock.get(sku)
+        if row is None:
+            row = self.stock[sku] = Stock()
+        return row
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        return self.reservations.get(reservation_id)
+
+
+class Effect(NamedTuple):
+    """What one event does to its SKU's projection row."""
+
+    sku: str
+    floor: int
+    backroom: int
+    reserved: int
+
+
+def _at(location: str, qty: int, sku: str, reserved: int = 0) -> Effect:
+    return Effect(sku, qty, 0, reserved) if location == "floor" else Effect(sku, 0, qty, reserved)
+
+
+def effect(event: ev.AnyEvent) -> Effect:
+    """Return the stock delta an event causes; depends on the event alone."""
+    match event:
+        case ev.Received() | ev.Returned():
+            return _at(event.location, event.qty, event.sku)
+        case ev.Sold():
+            return _at(event.location, -event.qty, event.sku)
+        case ev.Moved():
+            out, into = _at(event.from_, -event.qty, event.sku), _at(event.to, event.qty, event.sku)
+            return Effect(event.sku, out.floor + into.floor, out.backroom + into.backroom, 0)
+        case ev.Counted():
+            return _at(event.location, event.variance, event.sku)
+        case ev.Adjusted():
+            return _at(event.location, event.delta, event.sku)
+        case ev.Reserved():
+            return Effect(event.sku, 0, 0, event.qty)
+        case ev.ReservationReleased():
+            return Effect(event.sku, 0, 0, -event.qty)
+        case ev.ReservationFulfilled():
+            return _at(event.location, -event.qty, event.sku, reserved=-event.qty)
+    raise TypeError(f"not an event: {event!r}")
+
+
+def evolve(state: Inventory, event: ev.AnyEvent) -> Inventory:
+    """Apply one event to `state` in place and return it (so folds read naturally)."""
+    delta = effect(event)
+    row = state.stock_of(delta.sku)
+    row.floor += delta.floor
+    row.backroom += delta.backroom
+    row.reserved += delta.reserved
+    row.last_seq = event.seq
+    match event:
+        case ev.Reserved():
+            state.reservations[event.reservation_id] = Reservation(
+                event.reservation_id, event.sku, event.qty, "open", event.seq
+            )
+        case ev.ReservationReleased() | ev.ReservationFulfilled():
+            res = state.reservations[event.reservation_id]
+            res.status = "released" if isinstance(event, ev.ReservationReleased) else "fulfilled"
+            res.closed_seq = event.seq
+    state.last_seq = event.seq
+    return state
+
+
+class _Overlay(Inventory):
+    """A copy-on-write view of an Inventory, so a refused command leaves it untouched."""
+
+    def __init__(self, base: Inventory):
+        super().__init__(base.store_id, base.last_seq)
+        self._base = base
+
+    def stock_of(self, sku: str) -> Stock:
+        row = self.stock.get(sku)
+        if row is None:
+            src = self._base.stock.get(sku)
+            row = self.stock[sku] = Stock(**vars(src)) if src else Stock()
+        return row
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        res = self.reservations.get(reservation_id)
+        if res is None:
+            src = self._base.reservation(reservation_id)
+            if src is not None:
+                res = self.reservations[reservation_id] = Reservation(**vars(src))
+        return res
+
+
+def decide(
+    state: Inventory,
+    command: ev.AppendCommand,
+    now: str,
+    new_id: Callable[[], str],
+) -> list[ev.AnyEvent]:
+    """Turn a command into the events to append, numbered from `state.last_seq + 1`.
+
+    Intents are decided in order, each seeing the effect of the ones before it. Does
+    not modify `state`. Raises Refused (naming the field) when any intent is refused;
+    then no event of the command may be appended.
+    """
+    view = _Overlay(state)
+    out: list[ev.AnyEvent] = []
+    for index, intent in enumerate(command.events):
+        env = dict(
+            seq=view.last_seq + 1,
+            event_id=new_id(),
+            store_id=state.store_id,
+            occurred_at=intent.occurred_at or now,
+            recorded_at=now,
+            command_id=command.command_id,
+        )
+        event = _decide_one(view, intent, env, f"events[{index}]")
+        evolve(view, event)
+        out.append(event)
+    return out
+
+
+def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) -> ev.AnyEvent:
+    match intent:
+        case ev.Receive():
+            return ev.Received(**env, sku=intent.sku, qty=intent.qty, location=intent.location, ref=intent.ref)
+        case ev.Return():
+            return ev.Returned(**env, sku=intent.sku, qty=intent.qty, location=intent.location, ref=intent.ref)
+        case ev.Sell():
+            after = view.stock_of(intent.sku).on_hand(intent.location) - intent.qty
+            return ev.Sold(
+                **env, sku=intent.sku, qty=intent.qty, location=intent.location,
+                ref=intent.ref, negative_stock=after < 0,
+            )
+        case ev.Move():
+            if intent.from_ == intent.to:
+                raise Refused("invalid", f"{where}: from and to are both {intent.to!r}", f"{where}.to", 422)
+            return ev.Moved(**env, sku=intent.sku, qty=intent.qty, from_=intent.from_, to=intent.to)
+        case ev.Count():
+            before = view.stock_of(intent.sku).on_hand(intent.location)
+            return ev.Counted(
+                **env, sku=intent.sku, location=intent.location,
+                counted=intent.counted, variance=intent.counted - before,
+            )
+        case ev.Adjust():
+            if intent.delta == 0:
+                raise Refused("invalid", f"{where}: delta must be non-zero", f"{where}.delta", 422)
+            return ev.Adjusted(**env, sku=intent.sku, location=intent.location, delta=intent.delta, reason=intent.reason)
+        case ev.Reserve():
+            if view.reservation(intent.reservation_id) is not None:
+                raise Refused(
+                    "reservation_exists",
+                    f"{where}: reservation {intent.reservation_id!r} was already used",
+                    f"{where}.reservation_id",
+                )
+            available = view.stock_of(intent.sku).available
+            if intent.qty > available:
+                raise Refused(
+                    "insufficient_stock",
+                    f"{where}: cannot reserve {intent.qty} of {intent.sku}: {available} available",
+                    f"{where}.qty",
+                )
+            return ev.Reserved(**env, sku=intent.sku, qty=intent.qty, reservation_id=intent.reservation_id)
+        case ev.ReleaseReservation() | ev.FulfilReservation():
+            res = _open_reservation(view, intent.reservation_id, where)
+            if isinstance(intent, ev.ReleaseReservation):
+                return ev.ReservationReleased(**env, reservation_id=res.reservation_id, sku=res.sku, qty=res.qty)
+            return ev.ReservationFulfilled(
+                **env, reservation_id=res.reservation_id, location=intent.location, sku=res.sku, qty=res.qty
+            )
+    raise TypeError(f"not an intent: {intent!r}")
+
+
+def _open_reservation(view: Inventory, reservation_id: str, where: str) -> Reservation:
+    res = view.reservation(reservation_id)
+    if res is None:
+        raise Refused(
+            "unknown_reservation", f"{where}: no reservation {reservation_id!r}", f"{where}.reservation_id"
+        )
+    if res.status != "open":
+        raise Refused(
+            "reservation_closed",
+            f"{where}: reservation {reservation_id!r} is already {res.status}",
+            f"{where}.reservation_id",
+        )
+    return res
+
+
+def skus_touched(command: ev.AppendCommand) -> tuple[set[str], set[str]]:
+    """Return the SKUs and reservation ids a command's decision needs to read."""
+    skus: set[str] = set()
+    rids: set[str] = set()
+    for intent in command.events:
+        sku = getattr(intent, "sku", None)
+        if sku is not None:
+            skus.add(sku)
+        rid = getattr(intent, "reservation_id", None)
+        if rid is not None:
+            rids.add(rid)
+    return skus, rids
+
+
+def fold(store_id: str, events: list[ev.AnyEvent]) -> Inventory:
+    """Replay events from nothing (the reference the stored projection must equal)."""
+    state = Inventory(store_id)
+    for event in events:
+        evolve(state, event)
+    return state
+
+
+def replace_seq(event: ev.AnyEvent, seq: int) -> ev.AnyEvent:
+    """Return the event with another seq (used by tests that build logs by hand)."""
+    return msgspec.structs.replace(event, seq=seq)

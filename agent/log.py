@@ -1,0 +1,430 @@
+"""The store's append-only event log in SQLite: the only writer of the agent's database.
+
+One aiosqlite connection writes (WAL). Every write, appends and other modules' state
+alike, goes through one queue served by one writer task, so there is never a second
+writer or checkpointer (Debian's SQLite 3.40 is in the range of the WAL-reset bug).
+Appends that wait together are group-committed: one transaction, one fsync, and each
+caller still gets its own result or its own refusal.
+
+Each transaction runs as one function on aiosqlite's thread, so it costs one await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import aiosqlite
+
+from agent import clock
+from agent import events as ev
+from agent.errors import LogLocked, StorageError, StorageFull, storage_error
+from agent.inventory import Inventory, Refused, Reservation, Stock, decide, effect, evolve, skus_touched
+from agent.reader import LogReader
+from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, take_checkpoint
+
+log = logging.getLogger("edge_agent.log")
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append answered: the seqs, and whether the command had been seen before."""
+
+    command_id: str
+    first_seq: int
+    last_seq: int
+    duplicate: bool
+    events: tuple[ev.AnyEvent, ...] = ()
+
+
+@dataclass
+class _Append:
+    command: ev.AppendCommand
+    body_hash: bytes
+    future: asyncio.Future
+
+
+@dataclass
+class _Write:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future
+
+
+_STOP = object()
+_MAX_INTENTS_PER_TXN = 20_000
+
+
+def command_hash(command: ev.AppendCommand) -> bytes:
+    """Hash a command's canonical body; the same request body always hashes the same."""
+    return hashlib.sha256(ev.encode(command)).digest()
+
+
+class SqliteEventLog:
+    """The append-only log, its projections and the single writer.
+
+    Open with `await SqliteEventLog.open(...)`; close with `await log.close()`.
+    """
+
+    def __init__(self, path: Path, store_id: str, db: aiosqlite.Connection, lock_fd: int,
+                 reader: LogReader, *, checkpoint_every: int, now: Callable[[], str],
+                 new_id: Callable[[], str], disk_guard: Callable[[], None] | None):
+        self.path = path
+        self.store_id = store_id
+        self.reader = reader
+        self._db = db
+        self._lock_fd = lock_fd
+        self._checkpoint_every = checkpoint_every
+        self._now = now
+        self._new_id = new_id
+        self._disk_guard = disk_guard
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._listeners: list[Callable[[list[ev.AnyEvent]], None]] = []
+        self._closing = False
+        self.last_seq, self._last_hash, self._checkpoint_seq = 0, GENESIS, 0
+        self._writer: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike, store_id: str, *, synchronous: str = "FULL",
+                   checkpoint_every: int = 10_000, now: Callable[[], str] = clock.utc_now,
+                   new_id: Callable[[], str] = clock.new_event_id,
+                   disk_guard: Callable[[], None] | None = None) -> "SqliteEventLog":
+        """Open (creating if needed) the log at `path` for `store_id` and start its writer.
+
+        Raises LogLocked when another process holds the log for writing, StorageError
+        when the file belongs to another store or cannot be opened.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise LogLocked(f"storage: {path} is held by another writer (is edge-agent run active?)") from None
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            os.close(lock_fd)
+            raise storage_error("open", exc) from exc
+        self = None
+        try:
+            await db._execute(lambda: _init_db(db._conn, store_id, synchronous))
+            reader = LogReader(path)
+            self = cls(path, store_id, db, lock_fd, reader, checkpoint_every=checkpoint_every,
+                       now=now, new_id=new_id, disk_guard=disk_guard)
+            self.last_seq, self._last_hash, self._checkpoint_seq = await db._execute(
+                lambda: _tail(db._conn))
+        except BaseException:
+            await db.close()
+            os.close(lock_fd)
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="log-writer")
+        return self
+
+    # ------------------------------------------------------------------ writes
+
+    async def append(self, command: ev.AppendCommand) -> AppendResult:
+        """Append a command's events, all or none; idempotent by command_id.
+
+        Returns the seqs (with duplicate=True and nothing appended for a command seen
+        before with the same body). Raises Refused when the store's rules refuse it or
+        the command_id was used with another body (code `command_conflict`), and
+        StorageError/StorageFull when SQLite cannot commit; in every raise nothing
+        was appended.
+        """
+        if self._closing:
+            raise StorageError("storage: the log is closing")
+        if self._disk_guard is not None:
+            self._disk_guard()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Append(command, command_hash(command), future))
+        return await future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn(conn)` in its own write transaction on the writer; return its result.
+
+        For other modules' durable state (sync cursor, snapshots). `fn` runs on the
+        writer thread: it must not touch asyncio. A raise rolls the transaction back.
+        """
+        if self._closing:
+            raise StorageError("storage: the log is closing")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(fn, future))
+        return await future
+
+    def add_listener(self, fn: Callable[[list[ev.AnyEvent]], None]) -> None:
+        """Call `fn(events)` on the event loop after every commit that appended events."""
+        self._listeners.append(fn)
+
+    async def _write_loop(self) -> None:
+        pending: list = []
+        while True:
+            if not pending:
+                pending.append(await self._queue.get())
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            job = pending.pop(0)
+            if job is _STOP:
+                for left in pending:
+                    if left is not _STOP and not left.future.done():
+                        left.future.set_exception(StorageError("storage: the log closed"))
+                return
+            if isinstance(job, _Write):
+                await self._run_write(job)
+                continue
+            batch, count = [job], len(job.command.events)
+            while pending and isinstance(pending[0], _Append) and count < _MAX_INTENTS_PER_TXN:
+                nxt = pending.pop(0)
+                batch.append(nxt)
+                count += len(nxt.command.events)
+            await self._run_appends(batch)
+
+    async def _run_write(self, job: _Write) -> None:
+        try:
+            result = await self._db._execute(_in_transaction, self._db._conn, job.fn)
+        except BaseException as exc:  # delivered to the caller, the writer keeps going
+            if not job.future.done():
+                job.future.set_exception(_map_error("write", exc))
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+
+    async def _run_appends(self, batch: list[_Append]) -> None:
+        try:
+            outcome = await self._db._execute(self._append_batch, self._db._conn, batch)
+        except BaseException as exc:
+            error = _map_error("append", exc)
+            log.error("%s", error)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        results, appended, last_seq, last_hash, cp_seq = outcome
+        self.last_seq, self._last_hash, self._checkpoint_seq = last_seq, last_hash, cp_seq
+        for job, result in zip(batch, results):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+        if appended:
+            for listener in self._listeners:
+                try:
+                    listener(appended)
+                except Exception:  # a listener's bug must not stop the writer
+                    log.exception("log: commit listener failed")
+
+    def _append_batch(self, conn: sqlite3.Connection, batch: list[_Append]):
+        """Decide and store a batch in one transaction (runs on the writer thread)."""
+        now = self._now()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = self._decide_and_store(conn, batch, now)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcome
+
+    def _decide_and_store(self, conn: sqlite3.Connection, batch: list[_Append], now: str):
+        ids = [job.command.command_id for job in batch]
+        known = {row[0]: row for row in conn.execute(
+            "SELECT command_id, body_hash, first_seq, last_seq FROM commands"
+            " WHERE command_id IN (SELECT value FROM json_each(?))", (ev.encode(ids),))}
+        state = _load_state(conn, self.store_id, self.last_seq, [job.command for job in batch])
+        last_hash = self._last_hash
+        results: list = []
+        rows: list[tuple] = []
+        command_rows: list[tuple] = []
+        appended: list[ev.AnyEvent] = []
+        for job in batch:
+            cid = job.command.command_id
+            seen = known.get(cid)
+            if seen is not None:
+                results.append(_repeat(cid, seen, job.body_hash))
+                continue
+            try:
+                new_events = decide(state, job.command, now, self._new_id)
+            except Refused as refusal:
+                results.append(refusal)
+                continue
+            for event in new_events:
+                evolve(state, event)
+                body = ev.encode(event)
+                last_hash = hashlib.sha256(last_hash + body).digest()
+                eff = effect(event)
+                rows.append((event.seq, event.event_id, cid, ev.type_of(event), event.schema, eff.sku,
+                             getattr(event, "reservation_id", None), eff.floor, eff.backroom,
+                             eff.reserved, body, last_hash))
+            first, last = new_events[0].seq, new_events[-1].seq
+            known[cid] = (cid, job.body_hash, first, last)
+            command_rows.append((cid, job.body_hash, first, last, now))
+            appended.extend(new_events)
+            results.append(AppendResult(cid, first, last, False, tuple(new_events)))
+        if rows:
+            _store(conn, rows, command_rows, state, appended)
+        cp_seq = self._checkpoint_seq
+        if state.last_seq - cp_seq >= self._checkpoint_every:
+            take_checkpoint(conn, cp_seq, state.last_seq, now)
+            cp_seq = state.last_seq
+        return results, appended, state.last_seq, last_hash, cp_seq
+
+    # ----------------------------------------------------------- maintenance
+
+    async def checkpoint_projection(self) -> int:
+        """Take a projection checkpoint at the current last seq (for fast time travel).
+
+        Returns the checkpoint's seq; a no-op when nothing changed since the last one.
+        """
+        def run(conn: sqlite3.Connection) -> int:
+            prev = self._checkpoint_seq
+            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            if last > prev:
+                take_checkpoint(conn, prev, last, self._now())
+            return last
+
+        self._checkpoint_seq = await self.write(run)
+        return self._checkpoint_seq
+
+    async def wal_checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Checkpoint the WAL from the writer connection; returns SQLite's (busy, log, done)."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"wal_checkpoint: unknown mode {mode!r}")
+        future = asyncio.get_running_loop().create_future()
+
+        def run(conn: sqlite3.Connection):
+            return tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
+
+        self._queue.put_nowait(_Write(lambda conn: run(conn), future))
+        return await future
+
+    async def backup_to(self, target: str | os.PathLike) -> int:
+        """Copy the database with SQLite's online backup API; return the last seq it holds."""
+        def run(conn: sqlite3.Connection) -> int:
+            dest = sqlite3.connect(target)
+            try:
+                conn.backup(dest)
+                return dest.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            finally:
+                dest.close()
+
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(run, future))
+        return await future
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the writer, close connections, release the lock."""
+        if self._closing:
+            return
+        self._closing = True
+        self._queue.put_nowait(_STOP)
+        if self._writer is not None:
+            await self._writer
+        try:
+            await self._db.close()
+        finally:
+            self.reader.close()
+            os.close(self._lock_fd)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _init_db(conn: sqlite3.Connection, store_id: str, synchronous: str) -> None:
+    apply_pragmas(conn, synchronous)
+    conn.executescript(SCHEMA_SQL)
+    row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (store_id,))
+    elif row[0] != store_id:
+        raise StorageError(f"storage: this log belongs to store {row[0]!r}, not {store_id!r}")
+
+
+def _tail(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
+    row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    cp = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints").fetchone()[0]
+    return (row[0], row[1], cp) if row else (0, GENESIS, cp)
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:
+    if seen[1] != body_hash:
+        return Refused("command_conflict",
+                       f"command_id {cid!r} was already used with a different body", "command_id")
+    return AppendResult(cid, seen[2], seen[3], True)
+
+
+def _load_state(conn: sqlite3.Connection, store_id: str, last_seq: int,
+                commands: Iterable[ev.AppendCommand]) -> Inventory:
+    skus: set[str] = set()
+    rids: set[str] = set()
+    for command in commands:
+        s, r = skus_touched(command)
+        skus |= s
+        rids |= r
+    state = Inventory(store_id, last_seq)
+    if rids:
+        for rid, sku, qty, status, opened, closed in conn.execute(
+                "SELECT reservation_id, sku, qty, status, opened_seq, closed_seq FROM reservations"
+                " WHERE reservation_id IN (SELECT value FROM json_each(?))", (ev.encode(sorted(rids)),)):
+            state.reservations[rid] = Reservation(rid, sku, qty, status, opened, closed)
+            skus.add(sku)
+    if skus:
+        for sku, floor, backroom, reserved, seq in conn.execute(
+                "SELECT sku, floor, backroom, reserved, last_seq FROM stock"
+                " WHERE sku IN (SELECT value FROM json_each(?))", (ev.encode(sorted(skus)),)):
+            state.stock[sku] = Stock(floor, backroom, reserved, seq)
+    return state
+
+
+def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple],
+           state: Inventory, appended: list[ev.AnyEvent]) -> None:
+    conn.executemany(
+        "INSERT INTO events(seq, event_id, command_id, type, schema, sku, rid, d_floor, d_backroom,"
+        " d_reserved, body, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    conn.executemany(
+        "INSERT INTO commands(command_id, body_hash, first_seq, last_seq, recorded_at) VALUES (?,?,?,?,?)",
+        command_rows)
+    touched = {row[5] for row in rows}
+    conn.executemany(
+        "INSERT INTO stock(sku, floor, backroom, reserved, last_seq) VALUES (?,?,?,?,?)"
+        " ON CONFLICT(sku) DO UPDATE SET floor = excluded.floor, backroom = excluded.backroom,"
+        " reserved = excluded.reserved, last_seq = excluded.last_seq",
+        [(sku, s.floor, s.backroom, s.reserved, s.last_seq) for sku in touched for s in (state.stock[sku],)])
+    rids = {e.reservation_id for e in appended if isinstance(
+        e, (ev.Reserved, ev.ReservationReleased, ev.ReservationFulfilled))}
+    if rids:
+        conn.executemany(
+            "INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT(reservation_id) DO UPDATE SET status = excluded.status,"
+            " closed_seq = excluded.closed_seq",
+            [(r.reservation_id, r.sku, r.qty, r.status, r.opened_seq, r.closed_seq)
+             for rid in rids for r in (state.reservations[rid],)])
+
+
+def _map_error(step: str, exc: BaseException) -> BaseException:
+    if isinstance(exc, (Refused, StorageError)):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        return storage_error(step, exc)
+    return exc

@@ -1,0 +1,131 @@
+"""Read-only queries on the agent's database.
+
+A point read (one SKU's stock) costs a few microseconds in SQLite, far less than a hop
+to a worker thread, so the service runs these on the event loop through a read-only
+connection. WAL lets them proceed while the writer commits; a read-only connection can
+never checkpoint, so the writer stays the only checkpointer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+from agent import events as ev
+from agent.errors import StorageError, storage_error
+
+
+def open_readonly(path: str | Path) -> sqlite3.Connection:
+    """Open the database read-only; raises StorageError when there is no log there."""
+    path = Path(path)
+    if not path.exists():
+        raise StorageError(f"storage: no log at {path} (run `edge-agent init` or `edge-agent run` first)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.Error as exc:
+        raise storage_error("open read-only", exc) from exc
+    return conn
+
+
+def stock_row(sku: str, floor: int, backroom: int, reserved: int, last_seq: int) -> dict:
+    """Return the API's stock object for one SKU."""
+    return {
+        "sku": sku, "floor": floor, "backroom": backroom, "reserved": reserved,
+        "available": max(0, floor + backroom - reserved), "last_seq": last_seq,
+    }
+
+
+def current_body(schema: int, body: bytes) -> bytes:
+    """Return an event body at the current schema (re-encoded only when it was older)."""
+    if schema == ev.CURRENT_SCHEMA:
+        return body
+    return ev.encode(ev.decode_event(body))
+
+
+class LogReader:
+    """Read-only access to the log and its projections. Not for concurrent threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.conn = open_readonly(self.path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        try:
+            return self.conn.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error("read", exc) from exc
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error("read", exc) from exc
+
+    def store_id(self) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = 'store_id'")
+        return row[0] if row else None
+
+    def last_seq(self) -> int:
+        return self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0]
+
+    def stock(self, sku: str) -> dict | None:
+        """Return the current stock of a SKU, or None for a SKU never seen."""
+        row = self._one("SELECT sku, floor, backroom, reserved, last_seq FROM stock WHERE sku = ?", (sku,))
+        return stock_row(*row) if row else None
+
+    def all_stock(self, after_sku: str = "", limit: int = 1_000_000) -> list[dict]:
+        """Return stock rows in SKU order, after `after_sku` (for paging)."""
+        rows = self._all("SELECT sku, floor, backroom, reserved, last_seq FROM stock WHERE sku > ?"
+                         " ORDER BY sku LIMIT ?", (after_sku, limit))
+        return [stock_row(*row) for row in rows]
+
+    def stock_as_of(self, sku: str, seq: int) -> dict | None:
+        """Return a SKU's stock after events 1..seq, or None when no event touched it by then.
+
+        Starts from the latest projection checkpoint at or before `seq`, so the cost is
+        bounded by the SKU's events since that checkpoint, not by the log's length.
+        """
+        base = self._one(
+            "SELECT seq, floor, backroom, reserved, last_seq FROM stock_checkpoints"
+            " WHERE sku = ? AND seq <= ? ORDER BY seq DESC LIMIT 1", (sku, seq))
+        start, floor, backroom, reserved, last = base if base else (0, 0, 0, 0, 0)
+        n, df, db, dr, mx = self._one(
+            "SELECT COUNT(*), COALESCE(SUM(d_floor), 0), COALESCE(SUM(d_backroom), 0),"
+            " COALESCE(SUM(d_reserved), 0), MAX(seq) FROM events WHERE sku = ? AND seq > ? AND seq <= ?",
+            (sku, start, seq))
+        if not base and n == 0:
+            return None
+        return stock_row(sku, floor + df, backroom + db, reserved + dr, mx if n else last)
+
+    def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
+        rows = self._all("SELECT seq, schema, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                         (after_seq, limit))
+        return [(seq, current_body(schema, body)) for seq, schema, body in rows]
+
+    def iter_bodies(self, after_seq: int = 0, chunk: int = 5000) -> Iterator[bytes]:
+        """Yield every event body after `after_seq` in seq order (for export)."""
+        while True:
+            rows = self.events_after(after_seq, chunk)
+            if not rows:
+                return
+            for _, body in rows:
+                yield body
+            after_seq = rows[-1][0]
+
+    def reservation(self, reservation_id: str) -> dict | None:
+        row = self._one("SELECT reservation_id, sku, qty, status, opened_seq, closed_seq FROM reservations"
+                        " WHERE reservation_id = ?", (reservation_id,))
+        if row is None:
+            return None
+        return dict(zip(("reservation_id", "sku", "qty", "status", "opened_seq", "closed_seq"), row))
+
+    def meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row[0] if row else None

@@ -1,0 +1,108 @@
+"""The agent database's tables, pragmas and the projection-checkpoint statement.
+
+`events` is the truth: append-only (triggers refuse UPDATE and DELETE), gapless seq,
+each row's `hash` = sha256(previous hash + body), where body is the event's canonical
+JSON. The columns beside the body (sku, rid, d_floor, d_backroom, d_reserved) are the
+event's effect, derived at append and checked against the body by `verify`; they let
+SQLite rebuild and time-travel the projections with sums instead of a Python fold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+GENESIS = bytes(32)
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY,
+    event_id   TEXT NOT NULL UNIQUE,
+    command_id TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    schema     INTEGER NOT NULL,
+    sku        TEXT NOT NULL,
+    rid        TEXT,
+    d_floor    INTEGER NOT NULL,
+    d_backroom INTEGER NOT NULL,
+    d_reserved INTEGER NOT NULL,
+    body       BLOB NOT NULL,
+    hash       BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_sku ON events(sku, seq, d_floor, d_backroom, d_reserved);
+CREATE INDEX IF NOT EXISTS events_by_rid ON events(rid) WHERE rid IS NOT NULL;
+
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only: UPDATE refused'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE refused'); END;
+
+CREATE TABLE IF NOT EXISTS commands (
+    command_id  TEXT PRIMARY KEY,
+    body_hash   BLOB NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    recorded_at TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS stock (
+    sku      TEXT PRIMARY KEY,
+    floor    INTEGER NOT NULL,
+    backroom INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id TEXT PRIMARY KEY,
+    sku            TEXT NOT NULL,
+    qty            INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    opened_seq     INTEGER NOT NULL,
+    closed_seq     INTEGER
+) WITHOUT ROWID;
+
+-- Projection checkpoints: at checkpoint `seq`, a row for every SKU changed since the
+-- previous checkpoint. Stock as of N = the SKU's latest row at or before N plus the
+-- sums of its events after that row's seq.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq      INTEGER PRIMARY KEY,
+    taken_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stock_checkpoints (
+    sku      TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    floor    INTEGER NOT NULL,
+    backroom INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (sku, seq)
+) WITHOUT ROWID;
+"""
+
+
+def apply_pragmas(conn: sqlite3.Connection, synchronous: str) -> None:
+    """Set WAL, the durability level and a busy timeout on the writer connection."""
+    sync = synchronous.upper()
+    if sync not in ("FULL", "NORMAL", "EXTRA"):
+        raise ValueError(f"storage.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"could not switch to WAL (journal_mode is {mode})")
+    conn.execute(f"PRAGMA synchronous={sync}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    # Checkpoints run from this connection only, on our schedule and at close.
+    conn.execute("PRAGMA wal_autocheckpoint=1000")
+
+
+def take_checkpoint(conn: sqlite3.Connection, prev_seq: int, seq: int, taken_at: str) -> None:
+    """Record every SKU changed after `prev_seq` as of `seq` (inside the caller's transaction)."""
+    conn.execute(
+        "INSERT INTO stock_checkpoints(sku, seq, floor, backroom, reserved, last_seq)"
+        " SELECT sku, ?, floor, backroom, reserved, last_seq FROM stock WHERE last_seq > ?",
+        (seq, prev_seq))
+    conn.execute("INSERT INTO checkpoints(seq, taken_at) VALUES (?, ?)", (seq, taken_at))
