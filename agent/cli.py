@@ -1,0 +1,269 @@
+"""`edge-agent`: the agent's command line.
+
+Every subcommand reads the TOML config (`--config`, default $EDGE_AGENT_CONFIG or
+/etc/edge-agent/agent.toml) with EDGE_AGENT__SECTION__KEY overrides. Exit codes: 0 ok,
+1 a check failed (verify) or a write was refused, 2 bad usage or configuration,
+3 storage trouble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from agent import events as ev
+from agent.errors import StorageError
+from agent.inventory import Refused
+from agent.settings import AgentConfig, ConfigError, load_config
+
+DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
+    if not args.config and not os.path.exists(path):
+        path = None  # no file: defaults plus environment (store.id must then come from EDGE_AGENT__STORE__ID)
+    try:
+        return load_config(path, AgentConfig, "EDGE_AGENT")
+    except ConfigError as exc:
+        hint = "" if path else f" (no --config given and {DEFAULT_CONFIG} does not exist)"
+        raise ConfigError(f"{exc}{hint}") from None
+
+
+def _open_log(cfg: AgentConfig):
+    from agent.log import SqliteEventLog
+
+    return SqliteEventLog.open(cfg.storage.path, cfg.store.id, synchronous=cfg.storage.synchronous,
+                               checkpoint_every=cfg.storage.checkpoint_every)
+
+
+def _reader(cfg: AgentConfig):
+    from agent.reader import LogReader
+
+    return LogReader(cfg.storage.path)
+
+
+def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    async def run() -> int:
+        log = await _open_log(cfg)
+        last = log.last_seq
+        await log.close()
+        return last
+
+    last = asyncio.run(run())
+    print(f"log ready at {cfg.storage.path} for store {cfg.store.id} (last seq {last})")
+    return 0
+
+
+_RECORD_FIELDS = ("sku", "qty", "location", "from", "to", "counted", "delta", "reason",
+                  "reservation_id", "ref", "occurred_at")
+
+
+def cmd_record(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    intent: dict = {"type": args.type}
+    for name in _RECORD_FIELDS:
+        value = getattr(args, name.replace("from", "from_"), None)
+        if value is not None:
+            intent[name] = value
+    body = {"command_id": args.command_id or str(uuid.uuid4()), "events": [intent]}
+    try:
+        command = ev.decode_command(msgspec.json.encode(body))
+    except msgspec.ValidationError as exc:
+        field = ev.field_of(exc) or "body"
+        print(f"record: refused: {field.replace('events[0].', '')}: {exc}", file=sys.stderr)
+        return 1
+
+    async def run():
+        log = await _open_log(cfg)
+        try:
+            return await log.append(command)
+        finally:
+            await log.close()
+
+    try:
+        result = asyncio.run(run())
+    except Refused as refusal:
+        print(f"record: refused ({refusal.code}): {refusal.message}", file=sys.stderr)
+        return 1
+    note = " (duplicate: already recorded)" if result.duplicate else ""
+    print(f"recorded {args.type} as seq {result.first_seq}{note}")
+    return 0
+
+
+def _print_stock(rows: list[dict]) -> None:
+    print(f"{'sku':<24} {'floor':>8} {'backroom':>9} {'reserved':>9} {'available':>10} {'last_seq':>9}")
+    for r in rows:
+        print(f"{r['sku']:<24} {r['floor']:>8} {r['backroom']:>9} {r['reserved']:>9} "
+              f"{r['available']:>10} {r['last_seq']:>9}")
+
+
+def cmd_stock(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    reader = _reader(cfg)
+    try:
+        if args.sku is None:
+            if args.as_of_seq is not None:
+                print("stock: --as-of-seq needs a SKU", file=sys.stderr)
+                return 2
+            rows = reader.all_stock()
+        else:
+            row = (reader.stock(args.sku) if args.as_of_seq is None
+                   else reader.stock_as_of(args.sku, args.as_of_seq))
+            if row is None:
+                print(f"stock: no events for {args.sku}", file=sys.stderr)
+                return 1
+            rows = [row]
+    finally:
+        reader.close()
+    if args.json:
+        for row in rows:
+            print(msgspec.json.encode(row).decode())
+    else:
+        _print_stock(rows)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    reader = _reader(cfg)
+    try:
+        for seq, body in reader.events_after(args.after_seq, args.limit):
+            event = ev.decode_event(body)
+            fields = {k: v for k, v in msgspec.structs.asdict(event).items()
+                      if k not in ("seq", "event_id", "store_id", "recorded_at", "command_id", "schema")
+                      and v is not None}
+            occurred = fields.pop("occurred_at")
+            detail = " ".join(f"{k.rstrip('_')}={v}" for k, v in fields.items())
+            print(f"{seq:>8}  {occurred}  {ev.type_of(event):<22} {detail}")
+    finally:
+        reader.close()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    reader = _reader(cfg)
+    out = sys.stdout.buffer
+    try:
+        for body in reader.iter_bodies(args.after_seq):
+            out.write(body)
+            out.write(b"\n")
+    finally:
+        reader.close()
+        out.flush()
+    return 0
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, disable=not sys.stderr.isatty())
+
+
+def cmd_verify(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    from agent.verify import verify_log
+
+    reader = _reader(cfg)
+    total = reader.last_seq()
+    reader.close()
+    with _progress(total, "verify") as bar:
+        report = verify_log(cfg.storage.path, progress=bar.update)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_rebuild(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    from agent.verify import rebuild_projections
+
+    async def run() -> int:
+        log = await _open_log(cfg)  # takes the writer lock: refuses while the service runs
+        await log.close()
+        conn = sqlite3.connect(cfg.storage.path, isolation_level=None)
+        try:
+            total = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            with _progress(total, "rebuild") as bar:
+                return rebuild_projections(conn, cfg.storage.checkpoint_every, progress=bar.update)
+        finally:
+            conn.close()
+
+    count = asyncio.run(run())
+    print(f"rebuilt projections from {count} events")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    from agent import app
+
+    cfg.check_exposure()
+    return app.main(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Store edge inventory agent")
+    parser.add_argument("--config", help=f"TOML config (default $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the agent service (HTTP API, sync)").set_defaults(fn=cmd_run)
+    sub.add_parser("init", help="create the log (idempotent)").set_defaults(fn=cmd_init)
+
+    rec = sub.add_parser("record", help="append one event from the shell")
+    rec.add_argument("type", choices=ev.EVENT_TYPES)
+    rec.add_argument("--sku")
+    rec.add_argument("--qty", type=int)
+    rec.add_argument("--location", choices=ev.LOCATIONS)
+    rec.add_argument("--from", dest="from_", choices=ev.LOCATIONS)
+    rec.add_argument("--to", choices=ev.LOCATIONS)
+    rec.add_argument("--counted", type=int)
+    rec.add_argument("--delta", type=int)
+    rec.add_argument("--reason", choices=("damaged", "shrink", "found", "correction"))
+    rec.add_argument("--reservation-id", dest="reservation_id")
+    rec.add_argument("--ref")
+    rec.add_argument("--occurred-at", dest="occurred_at")
+    rec.add_argument("--command-id", dest="command_id", help="idempotency key (default: a new UUID)")
+    rec.set_defaults(fn=cmd_record)
+
+    st = sub.add_parser("stock", help="current stock (all SKUs, or one) or stock as of a seq")
+    st.add_argument("sku", nargs="?")
+    st.add_argument("--as-of-seq", type=int, dest="as_of_seq")
+    st.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    st.set_defaults(fn=cmd_stock)
+
+    evs = sub.add_parser("events", help="list events in seq order")
+    evs.add_argument("--after-seq", type=int, default=0, dest="after_seq")
+    evs.add_argument("--limit", type=int, default=100)
+    evs.set_defaults(fn=cmd_events)
+
+    exp = sub.add_parser("export", help="the events as JSON lines in seq order")
+    exp.add_argument("--after-seq", type=int, default=0, dest="after_seq")
+    exp.set_defaults(fn=cmd_export)
+
+    sub.add_parser("verify", help="replay and check the whole log; exit 1 with a report if not").set_defaults(
+        fn=cmd_verify)
+    sub.add_parser("rebuild", help="rebuild the projections from the log (service stopped)").set_defaults(
+        fn=cmd_rebuild)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _config(args)
+        return args.fn(args, cfg)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 3
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
