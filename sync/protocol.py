@@ -1,0 +1,238 @@
+"""The agent <-> hub wire format: topic names and message Structs. Pure: no I/O.
+
+Every payload is a UTF-8 JSON object with `"v": 1` (see docs/protocol.md). Topic helpers
+take the configured prefix `P` (default `retail`). Decoders raise `ProtocolError` naming
+what did not fit; they never raise msgspec's errors.
+
+An event batch is built by joining the events' canonical bodies as stored in the log, so
+the agent never re-encodes an event on the way out (`encode_batch`), and the hub reads
+only the envelope fields it needs from each event (`decode_batch`), keeping the raw body.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+
+from agent.events import STORE_ID_PATTERN
+
+VERSION = 1
+_STORE_ID = re.compile(STORE_ID_PATTERN)
+
+StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
+Seq = Annotated[int, msgspec.Meta(ge=1)]
+SeqOrZero = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ProtocolError(ValueError):
+    """A payload or topic that does not follow the wire contract."""
+
+
+# ---------------------------------------------------------------------------- topics
+
+
+def events_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/events`: agent -> hub, QoS 1, not retained."""
+    return f"{prefix}/stores/{store_id}/events"
+
+
+def ack_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/ack`: hub -> agent, QoS 1, retained."""
+    return f"{prefix}/stores/{store_id}/ack"
+
+
+def availability_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/availability`: hub -> agent, QoS 1, retained."""
+    return f"{prefix}/stores/{store_id}/availability"
+
+
+def status_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/status`: the agent's retained online/offline state (also its will)."""
+    return f"{prefix}/stores/{store_id}/status"
+
+
+def warehouse_stock_topic(prefix: str, warehouse_id: str) -> str:
+    """`P/warehouses/{warehouse_id}/stock`: warehouse feed -> hub, QoS 1, retained."""
+    return f"{prefix}/warehouses/{warehouse_id}/stock"
+
+
+def catalog_topic(prefix: str) -> str:
+    """`P/catalog`: hub -> agents, QoS 1, retained."""
+    return f"{prefix}/catalog"
+
+
+def all_events_filter(prefix: str) -> str:
+    """The hub's subscription to every store's events: `P/stores/+/events`."""
+    return f"{prefix}/stores/+/events"
+
+
+def all_status_filter(prefix: str) -> str:
+    return f"{prefix}/stores/+/status"
+
+
+def warehouses_filter(prefix: str) -> str:
+    return f"{prefix}/warehouses/+/stock"
+
+
+def store_of(prefix: str, topic: str, kind: str) -> str | None:
+    """Return the store id in `P/stores/{id}/{kind}`, or None when the topic is not one."""
+    lead = f"{prefix}/stores/"
+    tail = f"/{kind}"
+    if not (topic.startswith(lead) and topic.endswith(tail)):
+        return None
+    store_id = topic[len(lead):len(topic) - len(tail)]
+    return store_id if _STORE_ID.match(store_id) else None
+
+
+# -------------------------------------------------------------------------- messages
+
+
+class EventHead(msgspec.Struct, frozen=True):
+    """The envelope fields of a synced event the hub needs; other fields are ignored."""
+
+    seq: Seq
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    store_id: StoreId
+
+
+class EventBatch(msgspec.Struct, frozen=True):
+    """`P/stores/{id}/events`: consecutive events first_seq..last_seq in seq order."""
+
+    v: Literal[1]
+    store_id: StoreId
+    first_seq: Seq
+    last_seq: Seq
+    events: list[msgspec.Raw]
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """`P/stores/{id}/ack`: the hub durably holds every event 1..acked_seq of the store."""
+
+    store_id: StoreId
+    acked_seq: SeqOrZero
+    v: Literal[1] = VERSION
+
+
+class Status(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`P/stores/{id}/status`: retained; the will publishes state "offline"."""
+
+    store_id: StoreId
+    state: Literal["online", "offline"]
+    v: Literal[1] = VERSION
+    at: str | None = None
+    client_id: str | None = None
+
+
+class NearbyStore(msgspec.Struct, frozen=True):
+    store_id: StoreId
+    available: int
+
+
+class AvailabilityItem(msgspec.Struct, frozen=True):
+    sku: str
+    nearby: list[NearbyStore]
+    online: int | None = None
+
+
+class Availability(msgspec.Struct, frozen=True):
+    """`P/stores/{id}/availability`: retained; `version` grows monotonically."""
+
+    store_id: StoreId
+    version: SeqOrZero
+    generated_at: str
+    items: list[AvailabilityItem]
+    v: Literal[1] = VERSION
+
+
+class WarehouseItem(msgspec.Struct, frozen=True):
+    sku: str
+    available: int
+
+
+class WarehouseStock(msgspec.Struct, frozen=True):
+    """`P/warehouses/{id}/stock`: online availability from a warehouse feed."""
+
+    warehouse_id: str
+    version: SeqOrZero
+    items: list[WarehouseItem]
+    v: Literal[1] = VERSION
+
+
+class CatalogItem(msgspec.Struct, frozen=True):
+    sku: str
+    name: str
+
+
+class Catalog(msgspec.Struct, frozen=True):
+    """`P/catalog`: product names for kiosks."""
+
+    version: SeqOrZero
+    items: list[CatalogItem]
+    v: Literal[1] = VERSION
+
+
+# ---------------------------------------------------------------------------- codecs
+
+_encoder = msgspec.json.Encoder()
+_batch_decoder = msgspec.json.Decoder(EventBatch)
+_head_decoder = msgspec.json.Decoder(EventHead)
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any message Struct as compact UTF-8 JSON."""
+    return _encoder.encode(message)
+
+
+def decode(payload: bytes, cls: type[msgspec.Struct]):
+    """Decode `payload` as `cls`; raises ProtocolError (with msgspec's reason) when it does not fit."""
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes]) -> bytes:
+    """Build an events payload around already-encoded event bodies (no re-encoding)."""
+    head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,"events":[' % (
+        store_id.encode(), first_seq, last_seq)
+    return head + b",".join(bodies) + b"]}"
+
+
+def decode_batch(payload: bytes) -> tuple[EventBatch, list[tuple[EventHead, bytes]]]:
+    """Decode an events payload and the head of each event; return (batch, [(head, raw body)]).
+
+    Raises ProtocolError when the payload is not a v1 batch, when its events are not
+    exactly first_seq..last_seq in order, or when an event's store_id differs from the
+    batch's. The raw bodies are returned as sent, for the hub to store unchanged.
+    """
+    try:
+        batch = _batch_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"events payload: {exc}") from None
+    if batch.last_seq < batch.first_seq:
+        raise ProtocolError(f"events payload: last_seq {batch.last_seq} < first_seq {batch.first_seq}")
+    if len(batch.events) != batch.last_seq - batch.first_seq + 1:
+        raise ProtocolError(
+            f"events payload: {len(batch.events)} events for seqs {batch.first_seq}..{batch.last_seq}")
+    out: list[tuple[EventHead, bytes]] = []
+    for index, raw in enumerate(batch.events):
+        body = bytes(raw)
+        try:
+            head = _head_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"events payload: event {index}: {exc}") from None
+        if head.seq != batch.first_seq + index:
+            raise ProtocolError(
+                f"events payload: event {index} has seq {head.seq}, expected {batch.first_seq + index}")
+        if head.store_id != batch.store_id:
+            raise ProtocolError(
+                f"events payload: event seq {head.seq} is for store {head.store_id!r},"
+                f" the batch for {batch.store_id!r}")
+        out.append((head, body))
+    return batch, out
