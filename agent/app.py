@@ -1,7 +1,9 @@
 """The composition root: settings -> log -> API -> sync -> scheduler, one TaskGroup.
 
-`serve(config)` runs the agent until `stop` is set (SIGTERM/SIGINT in `main`), then shuts
-down in order: stop accepting HTTP, let in-flight writes finish, stop sync, close the log.
+`serve(config, stop)` runs the agent until `stop` is set (SIGTERM/SIGINT in `main`),
+then shuts down in order: not ready, stop accepting HTTP and let in-flight requests
+(and so their writes) finish, cancel the background tasks (sync, scheduler), close the
+log (which finishes any queued write first).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Coroutine
 
+from agent.api import start_api
 from agent.log import SqliteEventLog
+from agent.metrics import Metrics
 from agent.settings import AgentConfig
 
 log = logging.getLogger("edge_agent.app")
@@ -20,37 +24,83 @@ log = logging.getLogger("edge_agent.app")
 
 @dataclass
 class AgentContext:
-    """What handlers, sync and scheduled jobs share. Optional parts are None until wired."""
+    """What handlers, sync and scheduled jobs share. Optional parts are None until wired.
+
+    `uplink`: an object with `status() -> dict` (the GET /v1/sync answer) and `async run()`.
+    `snapshots`: an object with `lookup(sku) -> (nearby list, online int | None)` and
+    `meta() -> dict | None` (the availability answer's `snapshot` field).
+    """
 
     config: AgentConfig
     log: SqliteEventLog
     ready: bool = False
-    metrics: Any = None        # agent.metrics.Metrics
+    metrics: Metrics | None = None
     uplink: Any = None         # sync.uplink.Uplink (issue: sync upstream)
     snapshots: Any = None      # agent.snapshots.SnapshotStore (issue: availability)
+    api_addresses: list[tuple[str, int]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def api_url(self) -> str:
+        """The API's base URL, e.g. http://127.0.0.1:8080 (valid once serving)."""
+        host, port = self.api_addresses[0]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-async def serve(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the agent until `stop` is set; return after a clean shutdown."""
+
+async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
+                started: Callable[[AgentContext], None] | None = None) -> None:
+    """Run the agent until `stop` is set; return after a clean shutdown.
+
+    `started(ctx)` is called once the API is bound and the agent is ready (tests use it
+    to learn the bound port). Raises LogLocked/StorageError when the log cannot be
+    opened, OSError when the API address cannot be bound; a background task's failure
+    shuts the agent down and propagates (in an ExceptionGroup).
+    """
     stop = stop or asyncio.Event()
     event_log = await SqliteEventLog.open(
         config.storage.path, config.store.id,
         synchronous=config.storage.synchronous, checkpoint_every=config.storage.checkpoint_every)
-    ctx = AgentContext(config=config, log=event_log)
+    ctx = AgentContext(config=config, log=event_log, metrics=Metrics())
+    ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
+    event_log.add_listener(ctx.metrics.count_events)
+    # Wiring point: build ctx.uplink / ctx.snapshots here, before the API answers.
+    runner = None
     try:
+        runner, ctx.api_addresses = await start_api(ctx)
+        log.info("api: listening on %s", ctx.api_url)
         async with asyncio.TaskGroup() as tasks:
-            # Wiring points, in start order: HTTP API, uplink, downlink, scheduler, notifier.
+            background: list[asyncio.Task] = []
+
+            def start(name: str, coro: Coroutine[Any, Any, Any]) -> None:
+                background.append(tasks.create_task(coro, name=name))
+
+            # Wiring points, in start order, one `start(...)` line each:
+            # uplink, downlink, scheduler, notifier.
+            if ctx.uplink is not None:
+                start("uplink", ctx.uplink.run())
+
             ctx.ready = True
+            if started is not None:
+                started(ctx)
             await stop.wait()
-            for task in list(tasks._tasks):  # noqa: SLF001 - cancel our own long-running tasks
+            log.info("app: stopping (last seq %d)", event_log.last_seq)
+            ctx.ready = False
+            await runner.cleanup()  # stop accepting; in-flight requests finish their writes
+            runner = None
+            for task in background:
                 task.cancel()
     finally:
+        ctx.ready = False
+        if runner is not None:
+            await runner.cleanup()
         await event_log.close()
+        log.info("app: log closed at seq %d", event_log.last_seq)
 
 
 def main(config: AgentConfig) -> int:
     """Run `serve` under asyncio with SIGTERM/SIGINT wired to a clean stop; return the exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=config.log.level, format="%(levelname)s %(name)s: %(message)s")
 
     async def runner() -> None:
         stop = asyncio.Event()

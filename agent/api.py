@@ -1,0 +1,268 @@
+"""The local HTTP API for kiosks, POS and scanners (the contract's HTTP table).
+
+`build_app(ctx)` returns the aiohttp Application; `start_api(ctx)` binds it on
+`api.host:api.port` inside the caller's event loop and returns the runner, whose
+`cleanup()` stops accepting, lets in-flight requests finish and closes connections.
+
+Writes go through `SqliteEventLog.append`, which group-commits concurrent requests in
+one transaction and answers each with its own seqs or its own refusal. Reads are point
+queries on the log's read-only connection, cheap enough to run on the event loop.
+Every refusal is a 4xx `{"error": {"code", "message", "field"?}}` and appends nothing;
+storage trouble is 507 (disk full) or 503, never a 2xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from agent import events as ev
+from agent.api_errors import MAX_BODY, ApiError, error_response, from_http_exception
+from agent.errors import StorageError, StorageFull
+from agent.inventory import Refused
+from agent.openapi import openapi_document
+
+if TYPE_CHECKING:
+    from agent.app import AgentContext
+
+log = logging.getLogger("edge_agent.api")
+
+_SKU = re.compile(ev.SKU_PATTERN)
+EVENTS_PAGE_DEFAULT = 100
+EVENTS_PAGE_MAX = 1000
+_JSON = "application/json"
+
+
+class Api:
+    """The handlers, bound to one agent's context."""
+
+    def __init__(self, ctx: "AgentContext"):
+        self.ctx = ctx
+        self.log = ctx.log
+        self.reader = ctx.log.reader
+        self.metrics = ctx.metrics
+        token = ctx.config.write_token()
+        self._token = token.encode() if token else None
+        self._openapi: bytes | None = None
+
+    # ------------------------------------------------------------- plumbing
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Map every failure to the error shape; time every request by route."""
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+        except Refused as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.field)
+        except StorageFull as exc:
+            response = error_response(507, "storage_full", str(exc))
+        except StorageError as exc:
+            response = error_response(503, "storage_unavailable", str(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = from_http_exception(exc, request.method, request.path)
+        except Exception as exc:  # a bug: answer in our shape, keep serving
+            log.exception("api: %s %s failed", request.method, request.path)
+            response = error_response(500, "internal", f"internal error: {type(exc).__name__}")
+        if self.metrics is not None:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            self.metrics.observe_request(route, request.method, time.perf_counter() - started)
+            if response.status >= 400:
+                self.metrics.count_refusal(response.get("error_code", str(response.status)))
+        return response
+
+    def authorize(self, request: web.Request) -> None:
+        """Check the write token in constant time; no token configured: writes are open."""
+        if self._token is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "unauthorized", "writes need Authorization: Bearer <write token>",
+                           headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiError(403, "forbidden", "the bearer token is not this agent's write token")
+
+    # --------------------------------------------------------------- writes
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        """Append a command's events (all or none); idempotent by command_id."""
+        self.authorize(request)
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise ApiError(413, "body_too_large",
+                           f"request body is {request.content_length} bytes, over the limit of {MAX_BODY} (1 MiB)")
+        body = await request.read()
+        try:
+            command = ev.decode_command(body)
+        except msgspec.ValidationError as exc:
+            field = ev.field_of(exc)
+            raise ApiError(422, "invalid", f"{field or 'body'}: {exc}", field) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "invalid_json", f"body is not a JSON object: {exc}") from None
+        _check_skus(command)
+        result = await self.log.append(command)
+        answer = {"command_id": result.command_id, "first_seq": result.first_seq,
+                  "last_seq": result.last_seq, "duplicate": result.duplicate}
+        return _json(answer, 200 if result.duplicate else 201)
+
+    # ---------------------------------------------------------------- reads
+
+    async def get_stock(self, request: web.Request) -> web.Response:
+        sku = _sku(request)
+        raw = request.query.get("as_of_seq")
+        if raw is None:
+            row = self.reader.stock(sku)
+        else:
+            seq = _int_param("as_of_seq", raw, 0)
+            last = self.log.last_seq
+            if seq > last:
+                raise ApiError(400, "invalid", f"as_of_seq {seq} is beyond the log's last seq {last}", "as_of_seq")
+            row = self.reader.stock_as_of(sku, seq)
+        if row is None:
+            where = "" if raw is None else f" by seq {raw}"
+            raise ApiError(404, "unknown_sku", f"no event has touched SKU {sku!r}{where}", "sku")
+        return _json(row)
+
+    async def get_availability(self, request: web.Request) -> web.Response:
+        sku = _sku(request)
+        row = self.reader.stock(sku)
+        here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
+                 "available": row["available"]} if row is not None
+                else {"floor": 0, "backroom": 0, "reserved": 0, "available": 0})
+        snapshots = self.ctx.snapshots
+        if snapshots is None:
+            nearby, online, snapshot = [], None, None
+        else:
+            nearby, online = snapshots.lookup(sku)
+            snapshot = snapshots.meta()
+        return _json({"sku": sku, "here": here, "nearby": nearby, "online": online, "snapshot": snapshot})
+
+    async def get_events(self, request: web.Request) -> web.Response:
+        """Return a page of the log in seq order, bodies as stored (current schema)."""
+        query = request.query
+        after = _int_param("after_seq", query.get("after_seq", "0"), 0)
+        limit = _int_param("limit", query.get("limit", str(EVENTS_PAGE_DEFAULT)), 1, EVENTS_PAGE_MAX)
+        rows = self.reader.events_after(after, limit)
+        next_after = rows[-1][0] if rows else after
+        # Bodies are already canonical JSON: splice them instead of decoding and re-encoding.
+        body = b"".join((b'{"events":[', b",".join(body for _, body in rows),
+                         b'],"next_after_seq":%d,"last_seq":%d}' % (next_after, self.log.last_seq)))
+        return web.Response(body=body, content_type=_JSON)
+
+    async def get_sync(self, request: web.Request) -> web.Response:
+        uplink = self.ctx.uplink
+        if uplink is not None:
+            return _json(uplink.status())
+        meta = self.ctx.snapshots.meta() if self.ctx.snapshots is not None else None
+        return _json({"last_seq": self.log.last_seq, "acked_seq": 0, "backlog": self.log.last_seq,
+                      "connected": False, "last_ack_at": None,
+                      "snapshot_version": meta["version"] if meta else None})
+
+    # ------------------------------------------------------------ operations
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.ctx.ready:
+            return _json({"status": "ready", "last_seq": self.log.last_seq})
+        return _json({"status": "not_ready"}, 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled in this agent")
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(openapi_document(ROUTES))
+        return web.Response(body=self._openapi, content_type=_JSON)
+
+
+# (method, path, handler name): the one list the router and the OpenAPI document share.
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/healthz", "healthz"),
+    ("GET", "/readyz", "readyz"),
+    ("POST", "/v1/events", "post_events"),
+    ("GET", "/v1/events", "get_events"),
+    ("GET", "/v1/stock/{sku}", "get_stock"),
+    ("GET", "/v1/availability/{sku}", "get_availability"),
+    ("GET", "/v1/sync", "get_sync"),
+    ("GET", "/metrics", "metrics_text"),
+    ("GET", "/openapi.json", "openapi"),
+)
+
+
+def build_app(ctx: "AgentContext") -> web.Application:
+    """Return the API application for `ctx` (not yet bound to a socket)."""
+    api = Api(ctx)
+    app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY)
+    for method, path, name in ROUTES:
+        app.router.add_route(method, path, getattr(api, name), name=name)
+    return app
+
+
+async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str, int]]]:
+    """Bind the API on the configured host and port; return the runner and bound addresses.
+
+    `api.port = 0` binds a free port (tests); the addresses say which. Raises OSError
+    when the address cannot be bound.
+    """
+    # shutdown_timeout bounds how long SIGTERM waits for in-flight requests.
+    runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=10.0)
+    await runner.setup()
+    site = web.TCPSite(runner, ctx.config.api.host, ctx.config.api.port, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    addresses = [tuple(addr[:2]) for addr in runner.addresses]
+    return runner, addresses
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type=_JSON)
+
+
+def _sku(request: web.Request) -> str:
+    sku = request.match_info["sku"]
+    if not _SKU.fullmatch(sku):
+        raise ApiError(400, "invalid", f"sku {sku[:80]!r} does not match {ev.SKU_PATTERN}", "sku")
+    return sku
+
+
+def _check_skus(command: ev.AppendCommand) -> None:
+    """Refuse a SKU with a trailing newline.
+
+    msgspec matches patterns with re.search, where `$` also matches before a final
+    newline, so "A\\n" passes the schema; the contract's SKU rule does not allow it.
+    """
+    for index, intent in enumerate(command.events):
+        sku = getattr(intent, "sku", None)
+        if sku is not None and not _SKU.fullmatch(sku):
+            field = f"events[{index}].sku"
+            raise ApiError(422, "invalid", f"{field}: {sku[:80]!r} does not match {ev.SKU_PATTERN}", field)
+
+
+def _int_param(name: str, raw: str, low: int, high: int | None = None) -> int:
+    """Parse a query parameter as a decimal integer in [low, high]; ApiError naming it otherwise."""
+    # 18 digits keep the value inside SQLite's 64-bit integers (and int()'s digit limit).
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, "invalid", f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        bound = f"{low} to {high}" if high is not None else f">= {low}"
+        raise ApiError(400, "invalid", f"{name} must be {bound}, got {value}", name)
+    return value
