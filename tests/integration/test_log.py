@@ -1,0 +1,208 @@
+"""The SQLite log with real files: idempotency, group commit, append-only, time travel, verify."""
+
+import asyncio
+import sqlite3
+import tempfile
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from agent import events as ev
+from agent.errors import LogLocked, StorageError
+from agent.inventory import Refused, fold
+from agent.log import SqliteEventLog
+from agent.verify import rebuild_projections, verify_log
+from tests.unit.strategies import commands
+
+
+def cmd(command_id, *intents):
+    return ev.decode_command(msgspec.json.encode({"command_id": command_id, "events": list(intents)}))
+
+
+def receive(sku="A", qty=10, location="backroom"):
+    return {"type": "received", "sku": sku, "qty": qty, "location": location}
+
+
+@pytest.fixture
+async def log(tmp_path):
+    opened = await SqliteEventLog.open(tmp_path / "events.db", "store-1", checkpoint_every=5)
+    yield opened
+    await opened.close()
+
+
+def stored_events(path):
+    conn = sqlite3.connect(path)
+    try:
+        return [ev.decode_event(b) for (b,) in conn.execute("SELECT body FROM events ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+async def test_same_command_twice_appends_once(log):
+    first = await log.append(cmd("c1", receive(), receive(qty=2)))
+    again = await log.append(cmd("c1", receive(), receive(qty=2)))
+    assert (first.first_seq, first.last_seq, first.duplicate) == (1, 2, False)
+    assert (again.first_seq, again.last_seq, again.duplicate) == (1, 2, True)
+    assert log.reader.last_seq() == 2
+
+
+async def test_same_command_id_with_other_body_is_a_conflict(log):
+    await log.append(cmd("c1", receive()))
+    with pytest.raises(Refused) as info:
+        await log.append(cmd("c1", receive(qty=3)))
+    assert info.value.code == "command_conflict"
+    assert log.reader.last_seq() == 1
+
+
+async def test_concurrent_commands_group_commit_with_own_results(log):
+    await log.append(cmd("stock", receive(qty=50)))
+    jobs = [log.append(cmd(f"r{i}", {"type": "reserved", "sku": "A", "qty": 1, "reservation_id": f"res{i}"}))
+            for i in range(80)]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    accepted = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, Refused)]
+    assert len(accepted) == 50 and len(refused) == 30
+    assert all(r.code == "insufficient_stock" for r in refused)
+    assert sorted(r.first_seq for r in accepted) == list(range(2, 52))
+    assert log.reader.stock("A")["reserved"] == 50
+    assert verify_log(log.path).ok
+
+
+async def test_refused_command_appends_nothing(log):
+    await log.append(cmd("c1", receive(qty=1)))
+    with pytest.raises(Refused):
+        await log.append(cmd("c2", receive(qty=5), {"type": "reserved", "sku": "A", "qty": 7, "reservation_id": "r"}))
+    assert log.reader.last_seq() == 1
+    assert log.reader.stock("A")["backroom"] == 1
+
+
+async def test_update_and_delete_on_events_are_refused_by_sqlite(log):
+    await log.append(cmd("c1", receive()))
+    conn = sqlite3.connect(log.path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only: UPDATE refused"):
+            conn.execute("UPDATE events SET body = x'00' WHERE seq = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only: DELETE refused"):
+            conn.execute("DELETE FROM events")
+    finally:
+        conn.close()
+    assert log.reader.last_seq() == 1
+
+
+async def test_second_writer_is_refused(log):
+    with pytest.raises(LogLocked):
+        await SqliteEventLog.open(log.path, "store-1")
+
+
+async def test_log_of_another_store_is_refused(tmp_path):
+    first = await SqliteEventLog.open(tmp_path / "e.db", "store-1")
+    await first.close()
+    with pytest.raises(StorageError, match="belongs to store 'store-1'"):
+        await SqliteEventLog.open(tmp_path / "e.db", "store-2")
+
+
+async def test_time_travel_equals_fold_of_prefix(log):
+    intents = [receive(qty=10), {"type": "sold", "sku": "A", "qty": 3, "location": "backroom"},
+               {"type": "moved", "sku": "A", "qty": 4, "from": "backroom", "to": "floor"},
+               receive(sku="B", qty=1), {"type": "counted", "sku": "A", "location": "floor", "counted": 9},
+               {"type": "reserved", "sku": "A", "qty": 2, "reservation_id": "r"},
+               {"type": "adjusted", "sku": "A", "location": "floor", "delta": -1, "reason": "damaged"},
+               {"type": "reservation_fulfilled", "reservation_id": "r"}]
+    for round_ in range(4):  # 32 events: several checkpoints at checkpoint_every=5
+        for i, intent in enumerate(intents):
+            if intent["type"].startswith("reserv"):
+                intent = {**intent, "reservation_id": f"r{round_}"}
+            await log.append(cmd(f"c{round_}-{i}", intent))
+    events = stored_events(log.path)
+    checkpoints = sqlite3.connect(log.path).execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+    assert checkpoints >= 5
+    for n in range(1, len(events) + 1):
+        state = fold("store-1", events[:n])
+        row = state.stock["A"]
+        got = log.reader.stock_as_of("A", n)
+        assert (got["floor"], got["backroom"], got["reserved"], got["last_seq"]) == (
+            row.floor, row.backroom, row.reserved, row.last_seq), n
+    assert log.reader.stock_as_of("B", 3) is None
+    assert log.reader.stock_as_of("A", len(events)) == log.reader.stock("A")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands(max_commands=15))
+def test_stored_projection_equals_fold_of_events(cmds):
+    async def scenario(path):
+        log = await SqliteEventLog.open(path, "store-1", checkpoint_every=7)
+        try:
+            results = await asyncio.gather(*(log.append(c) for c in cmds), return_exceptions=True)
+            assert all(isinstance(r, Refused) or not isinstance(r, Exception) for r in results)
+            return {row["sku"]: row for row in log.reader.all_stock()}
+        finally:
+            await log.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/events.db"
+        stored = asyncio.run(scenario(path))
+        state = fold("store-1", stored_events(path))
+        assert {k: (v["floor"], v["backroom"], v["reserved"], v["last_seq"]) for k, v in stored.items()} == {
+            k: (s.floor, s.backroom, s.reserved, s.last_seq) for k, s in state.stock.items()}
+        assert verify_log(path).ok
+
+
+def _tamper(path, sql):
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS events_no_update")
+        conn.execute(sql)
+    finally:
+        conn.close()
+
+
+async def _filled(tmp_path):
+    log = await SqliteEventLog.open(tmp_path / "events.db", "store-1", checkpoint_every=4)
+    for i in range(10):
+        await log.append(cmd(f"c{i}", receive(sku=f"S{i % 3}", qty=i + 1)))
+    await log.close()
+    return tmp_path / "events.db"
+
+
+async def test_verify_catches_hand_edited_projection_row(tmp_path):
+    path = await _filled(tmp_path)
+    assert verify_log(path).ok
+    _tamper(path, "UPDATE stock SET backroom = backroom + 1 WHERE sku = 'S1'")
+    report = verify_log(path)
+    assert not report.ok and any("stock" in p and "S1" in p for p in report.problems)
+
+
+async def test_verify_catches_broken_hash_chain(tmp_path):
+    path = await _filled(tmp_path)
+    forged = (b'{"type":"received","seq":5,"event_id":"x","store_id":"store-1","occurred_at":"2026-01-01T00:00:00Z",'
+              b'"recorded_at":"2026-01-01T00:00:00Z","command_id":"c4","schema":1,"sku":"S1","qty":5,'
+              b'"location":"backroom","ref":null}')
+    _tamper(path, f"UPDATE events SET body = x'{forged.hex()}' WHERE seq = 5")
+    report = verify_log(path)
+    assert any("hash chain broken at seq 5" in p for p in report.problems)
+
+
+async def test_verify_catches_effect_column_out_of_step_with_body(tmp_path):
+    path = await _filled(tmp_path)
+    _tamper(path, "UPDATE events SET d_backroom = 99 WHERE seq = 2")
+    report = verify_log(path)
+    assert any("seq 2: stored effect" in p for p in report.problems)
+
+
+async def test_rebuild_restores_projections_and_checkpoints(tmp_path):
+    path = await _filled(tmp_path)
+    reader_before = sqlite3.connect(path).execute("SELECT * FROM stock ORDER BY sku").fetchall()
+    _tamper(path, "DELETE FROM stock")
+    assert not verify_log(path).ok
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert rebuild_projections(conn, chunk=4) == 10
+    conn.close()
+    assert sqlite3.connect(path).execute("SELECT * FROM stock ORDER BY sku").fetchall() == reader_before
+    assert verify_log(path).ok
+    log = await SqliteEventLog.open(path, "store-1", checkpoint_every=4)
+    try:
+        assert log.reader.stock_as_of("S1", 5)["backroom"] == 2 + 5
+        assert (await log.append(cmd("after", receive(sku="S1", qty=1)))).first_seq == 11
+    finally:
+        await log.close()
