@@ -1,0 +1,206 @@
+"""The kiosk: a self-contained web page served by the agent, and the endpoints it reads.
+
+`setup_kiosk(app, ctx)` adds:
+
+* `GET /` the page, `GET /kiosk/{file}` its script and style sheet (agent/static/; no
+  CDN, the store may be offline).
+* `GET /v1/search?q=TEXT&limit=N` products whose SKU or catalog name matches:
+  `{"query", "items": [{"sku", "name", "available"}]}`, exact SKU first. Names come
+  from the hub's catalog (`P/catalog`, held by ctx.snapshots); without a catalog a
+  known SKU still matches itself.
+* `GET /v1/stream` server-sent events: `hello` on connect, then `stock`
+  `{"last_seq", "skus"}` after every commit that appended events, and a comment line as
+  a heartbeat. A client that falls behind gets `resync` and should re-read everything.
+
+The page reads the stock itself from the contract's `GET /v1/availability/{sku}` and
+`GET /v1/sync`, so the kiosk shows exactly what the API answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import re
+from importlib import resources
+from typing import Any, Iterable, Mapping
+
+from aiohttp import web
+
+from agent.events import SKU_PATTERN
+
+log = logging.getLogger("edge_agent.kiosk")
+
+STATIC_FILES = {
+    "kiosk.css": "text/css",
+    "kiosk.js": "text/javascript",
+}
+SEARCH_LIMIT_MAX = 50
+HEARTBEAT_S = 15.0
+CLIENT_QUEUE_MAX = 256
+_SKU = re.compile(SKU_PATTERN)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("agent").joinpath("static", name).read_bytes()
+
+
+def catalog_names(ctx: Any) -> Mapping[str, str]:
+    """Return the catalog as {sku: name}; empty while the agent holds no catalog."""
+    store = getattr(ctx, "snapshots", None)
+    if store is None:
+        return {}
+    names = getattr(store, "catalog_names", None)
+    if callable(names):
+        return names() or {}
+    return {}
+
+
+def search(query: str, names: Mapping[str, str], known: Iterable[str], limit: int) -> list[tuple[str, str]]:
+    """Return up to `limit` (sku, name) pairs matching `query`, best first.
+
+    Order: exact SKU, SKU prefix, name word prefix, then any substring of SKU or name;
+    case-insensitive, ties by name then SKU. `known` are SKUs outside the catalog that
+    match only exactly (the local stock).
+    """
+    needle = query.strip().casefold()
+    if not needle:
+        return []
+    ranked: list[tuple[int, str, str, str]] = []
+    for sku, name in names.items():
+        s, n = sku.casefold(), name.casefold()
+        if s == needle:
+            rank = 0
+        elif s.startswith(needle):
+            rank = 1
+        elif n.startswith(needle) or f" {needle}" in n:
+            rank = 2
+        elif needle in s or needle in n:
+            rank = 3
+        else:
+            continue
+        ranked.append((rank, n, sku, name))
+    for sku in known:
+        if sku not in names:
+            ranked.append((0, "", sku, ""))
+    ranked.sort()
+    return [(sku, name) for _, _, sku, name in ranked[:limit]]
+
+
+class StockFeed:
+    """Fans the log's commits out to the open event streams, one bounded queue each."""
+
+    def __init__(self) -> None:
+        self._clients: set[asyncio.Queue] = set()
+        self.closing = asyncio.Event()
+
+    def on_commit(self, events: list[Any]) -> None:
+        """The log's listener: queue one `stock` message for every client."""
+        if not events or not self._clients:
+            return
+        skus = sorted({sku for event in events if (sku := getattr(event, "sku", None))})
+        message = ("stock", {"last_seq": events[-1].seq, "skus": skus})
+        for queue in list(self._clients):
+            if queue.full():
+                # A slow client loses detail, not correctness: it re-reads everything.
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(("resync", {"last_seq": events[-1].seq}))
+            else:
+                queue.put_nowait(message)
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=CLIENT_QUEUE_MAX)
+        self._clients.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._clients.discard(queue)
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+
+def _sse(kind: str, data: dict) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
+    """Add the kiosk page, its assets, search and the live stream to `app`; return the feed."""
+    feed = StockFeed()
+    ctx.log.add_listener(feed.on_commit)
+    store_id = html.escape(ctx.config.store.id)
+    page = _static("index.html").replace(b"{{store_id}}", store_id.encode())
+    assets = {name: (_static(name), kind) for name, kind in STATIC_FILES.items()}
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(body=page, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def asset(request: web.Request) -> web.Response:
+        found = assets.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        body, kind = found
+        return web.Response(body=body, content_type=kind, charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def search_handler(request: web.Request) -> web.Response:
+        query = request.query.get("q", "")
+        raw_limit = request.query.get("limit", "20")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= SEARCH_LIMIT_MAX:
+            return web.json_response(
+                {"error": {"code": "invalid_query", "field": "limit",
+                           "message": f"limit must be an integer from 1 to {SEARCH_LIMIT_MAX}"}}, status=400)
+        if len(query) > 200:
+            return web.json_response(
+                {"error": {"code": "invalid_query", "field": "q",
+                           "message": "q must be at most 200 characters"}}, status=400)
+        reader = ctx.log.reader
+        text = query.strip()
+        known = [text] if _SKU.match(text) and reader.stock(text) is not None else []
+        items = []
+        for sku, name in search(text, catalog_names(ctx), known, int(raw_limit)):
+            row = reader.stock(sku)
+            items.append({"sku": sku, "name": name, "available": row["available"] if row else 0})
+        return web.json_response({"query": query, "items": items})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        queue = feed.subscribe()
+        closing = asyncio.create_task(feed.closing.wait())
+        try:
+            await response.write(b"retry: 2000\n" + _sse("hello", {"last_seq": ctx.log.last_seq}))
+            while not feed.closing.is_set():
+                getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({getter, closing}, timeout=HEARTBEAT_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    kind, data = getter.result()
+                    await response.write(_sse(kind, data))
+                else:
+                    getter.cancel()
+                    if not done:
+                        await response.write(b": keep-alive\n\n")
+        except ConnectionResetError:
+            pass
+        finally:
+            closing.cancel()
+            feed.unsubscribe(queue)
+        return response
+
+    async def close_streams(app: web.Application) -> None:
+        # Open streams never end by themselves; without this, shutdown waits for them.
+        feed.closing.set()
+
+    app.router.add_get("/", index)
+    app.router.add_get("/kiosk/{name}", asset)
+    app.router.add_get("/v1/search", search_handler)
+    app.router.add_get("/v1/stream", stream)
+    app.on_shutdown.append(close_streams)
+    return feed
