@@ -26,6 +26,7 @@ from agent import events as ev
 from agent.api_errors import MAX_BODY, ApiError, error_response, from_http_exception
 from agent.errors import StorageError, StorageFull
 from agent.inventory import Refused
+from agent.kiosk import setup_kiosk
 from agent.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -210,6 +211,7 @@ def build_app(ctx: "AgentContext") -> web.Application:
     app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY)
     for method, path, name in ROUTES:
         app.router.add_route(method, path, getattr(api, name), name=name)
+    setup_kiosk(app, ctx)  # GET /, /kiosk/*, /v1/search, /v1/stream (agent/kiosk.py)
     return app
 
 

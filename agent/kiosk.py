@@ -6,8 +6,8 @@
   CDN, the store may be offline).
 * `GET /v1/search?q=TEXT&limit=N` products whose SKU or catalog name matches:
   `{"query", "items": [{"sku", "name", "available"}]}`, exact SKU first. Names come
-  from the hub's catalog (`P/catalog`, held by ctx.snapshots); without a catalog a
-  known SKU still matches itself.
+  from the hub's catalog (`P/catalog`, agent.snapshots.CatalogStore); without a
+  catalog a SKU with stock history still matches itself.
 * `GET /v1/stream` server-sent events: `hello` on connect, then `stock`
   `{"last_seq", "skus"}` after every commit that appended events, and a comment line as
   a heartbeat. A client that falls behind gets `resync` and should re-read everything.
@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from importlib import resources
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -46,46 +46,30 @@ def _static(name: str) -> bytes:
     return resources.files("agent").joinpath("static", name).read_bytes()
 
 
-def catalog_names(ctx: Any) -> Mapping[str, str]:
-    """Return the catalog as {sku: name}; empty while the agent holds no catalog."""
-    store = getattr(ctx, "snapshots", None)
-    if store is None:
-        return {}
-    names = getattr(store, "catalog_names", None)
-    if callable(names):
-        return names() or {}
-    return {}
+def catalog_of(ctx: Any) -> Any:
+    """Return the agent's CatalogStore (`name(sku)`, `search(text, limit)`), or None without one."""
+    return getattr(ctx, "catalog", None) or ctx.extras.get("catalog")
 
 
-def search(query: str, names: Mapping[str, str], known: Iterable[str], limit: int) -> list[tuple[str, str]]:
-    """Return up to `limit` (sku, name) pairs matching `query`, best first.
+def search(text: str, catalog: Any, stock: Callable[[str], dict | None], limit: int) -> list[dict]:
+    """Return up to `limit` {sku, name, available} matching `text`, an exact SKU first.
 
-    Order: exact SKU, SKU prefix, name word prefix, then any substring of SKU or name;
-    case-insensitive, ties by name then SKU. `known` are SKUs outside the catalog that
-    match only exactly (the local stock).
+    Names come from the catalog; a SKU the catalog does not list still matches itself
+    when the store has stock history for it (name ""). `available` is this store's.
     """
-    needle = query.strip().casefold()
-    if not needle:
+    text = text.strip()
+    if not text:
         return []
-    ranked: list[tuple[int, str, str, str]] = []
-    for sku, name in names.items():
-        s, n = sku.casefold(), name.casefold()
-        if s == needle:
-            rank = 0
-        elif s.startswith(needle):
-            rank = 1
-        elif n.startswith(needle) or f" {needle}" in n:
-            rank = 2
-        elif needle in s or needle in n:
-            rank = 3
-        else:
-            continue
-        ranked.append((rank, n, sku, name))
-    for sku in known:
-        if sku not in names:
-            ranked.append((0, "", sku, ""))
-    ranked.sort()
-    return [(sku, name) for _, _, sku, name in ranked[:limit]]
+    found = catalog.search(text, limit) if catalog is not None else []
+    exact = [item for item in found if item["sku"] == text]
+    if not exact and _SKU.match(text) and stock(text) is not None:
+        exact = [{"sku": text, "name": (catalog.name(text) if catalog is not None else None) or ""}]
+    ordered = exact + [item for item in found if item["sku"] != text]
+    items = []
+    for item in ordered[:limit]:
+        row = stock(item["sku"])
+        items.append({"sku": item["sku"], "name": item["name"], "available": row["available"] if row else 0})
+    return items
 
 
 class StockFeed:
@@ -158,13 +142,7 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
             return web.json_response(
                 {"error": {"code": "invalid_query", "field": "q",
                            "message": "q must be at most 200 characters"}}, status=400)
-        reader = ctx.log.reader
-        text = query.strip()
-        known = [text] if _SKU.match(text) and reader.stock(text) is not None else []
-        items = []
-        for sku, name in search(text, catalog_names(ctx), known, int(raw_limit)):
-            row = reader.stock(sku)
-            items.append({"sku": sku, "name": name, "available": row["available"] if row else 0})
+        items = search(query, catalog_of(ctx), ctx.log.reader.stock, int(raw_limit))
         return web.json_response({"query": query, "items": items})
 
     async def stream(request: web.Request) -> web.StreamResponse:
