@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 
 from agent import events as ev
-from agent.api_errors import MAX_BODY, ApiError, error_response, from_http_exception
+from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception
 from agent.errors import StorageError, StorageFull
 from agent.inventory import Refused
 from agent.kiosk import setup_kiosk
@@ -80,7 +80,7 @@ class Api:
             route = resource.canonical if resource is not None else "unmatched"
             self.metrics.observe_request(route, request.method, time.perf_counter() - started)
             if response.status >= 400:
-                self.metrics.count_refusal(response.get("error_code", str(response.status)))
+                self.metrics.count_refusal(response.get(ERROR_CODE, str(response.status)))
         return response
 
     def authorize(self, request: web.Request) -> None:

@@ -10,6 +10,8 @@ import msgspec
 from aiohttp import web
 
 MAX_BODY = 1024 * 1024
+# The error code an answer carries, read back by the middleware to count refusals by code.
+ERROR_CODE = web.ResponseKey("error_code", str)
 
 # aiohttp's own refusals (no route, wrong method, body too large) -> our codes.
 HTTP_CODES = {
@@ -49,8 +51,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     """Return the contract's error answer."""
     response = web.Response(status=status, body=error_body(code, message, field),
                             content_type="application/json", headers=headers)
-    # Read back by the middleware to count refusals by code.
-    response["error_code"] = code
+    response[ERROR_CODE] = code
     return response
 
 
