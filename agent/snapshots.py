@@ -1,0 +1,290 @@
+"""The agent's durable copy of the hub's latest availability snapshot and product catalog.
+
+Both live in the agent's own database, beside the log, and are written only through
+`SqliteEventLog.write` (the single writer). Kiosk reads go through a separate read-only
+connection on the event loop: a point read is a few microseconds, and WAL lets it see the
+last committed snapshot while a new one is being written, so readers keep seeing the
+previous snapshot until the new one commits, never a mix.
+
+Applying is idempotent by version: a snapshot whose version is not newer than the one
+held is ignored (`apply` returns False), checked inside the write transaction. An apply
+writes only the rows that changed (an upsert that skips equal rows, then a delete of the
+SKUs the new snapshot no longer lists), so a republished, mostly unchanged snapshot costs
+lookups, not page writes; one whose items digest equals the held one writes only meta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import msgspec
+
+from agent import clock
+from agent.errors import storage_error
+from agent.reader import open_readonly
+
+SNAPSHOT_SQL = """
+CREATE TABLE IF NOT EXISTS availability_snapshot (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    version      INTEGER NOT NULL,
+    generated_at TEXT NOT NULL,
+    applied_at   TEXT NOT NULL,
+    digest       BLOB NOT NULL,
+    items        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS availability_items (
+    sku    TEXT PRIMARY KEY,
+    nearby BLOB NOT NULL,      -- compact JSON: [{"store_id": ..., "available": ...}, ...]
+    online INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS catalog_meta (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    items   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catalog_items (
+    sku  TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+# A row as stored: (sku, nearby as compact JSON bytes, online or None).
+Row = tuple[str, bytes, "int | None"]
+
+_encoder = msgspec.json.Encoder()
+_nearby_decoder = msgspec.json.Decoder(list[dict])
+
+
+class NearbyStock(msgspec.Struct, frozen=True, gc=False):
+    """Another store of the region and its available quantity of one SKU."""
+
+    store_id: str
+    available: int
+
+
+class SnapshotItem(msgspec.Struct, frozen=True, gc=False):
+    """One SKU of a snapshot: the region's other stores and the online quantity (None: unknown)."""
+
+    sku: str
+    nearby: list[NearbyStock]
+    online: int | None = None
+
+
+def rows_of(items: Iterable[SnapshotItem]) -> list[Row]:
+    """Return the stored rows for `items` (nearby encoded once, as compact JSON)."""
+    return [(item.sku, _encoder.encode(item.nearby), item.online) for item in items]
+
+
+def digest_of(rows: Sequence[Row]) -> bytes:
+    """Return a digest of a snapshot's rows, order included (equal digests: same content)."""
+    h = hashlib.sha256()
+    for sku, nearby, online in rows:
+        h.update(b"%s\x00%s\x00%s\x01" % (sku.encode(), nearby, b"-" if online is None else b"%d" % online))
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What an apply did: `applied` False when the version was not newer than the held one."""
+
+    applied: bool
+    held_version: int | None
+    changed: int = 0
+    removed: int = 0
+
+
+class SnapshotStore:
+    """The latest availability snapshot, durable in the agent's database.
+
+    Create with `await SnapshotStore.open(log, max_age_s=...)`. `lookup` and `meta` are
+    synchronous point reads for the kiosk path: they never wait on the network or on a
+    snapshot being applied.
+    """
+
+    def __init__(self, log, conn: sqlite3.Connection, max_age_s: float, now: Callable[[], float]):
+        self._log = log
+        self._conn = conn
+        self.max_age_s = max_age_s
+        self._now = now
+        self._meta: dict | None = None
+        self.catalog = CatalogStore(log, conn)
+
+    @classmethod
+    async def open(cls, log, *, max_age_s: float = 120.0,
+                   now: Callable[[], float] = time.time) -> "SnapshotStore":
+        """Create the tables if needed (through the log's writer) and load the held version."""
+        await log.write(create_tables)
+        self = cls(log, open_readonly(log.path), max_age_s, now)
+        self._meta = self._read_meta()
+        await self.catalog.load()
+        return self
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ------------------------------------------------------------------- reads
+
+    @property
+    def version(self) -> int | None:
+        """The held snapshot's version, or None before the first snapshot."""
+        return self._meta["version"] if self._meta else None
+
+    def lookup(self, sku: str) -> tuple[list[dict], int | None]:
+        """Return (nearby, online) for a SKU from the held snapshot; ([], None) when it has none."""
+        try:
+            row = self._conn.execute(
+                "SELECT nearby, online FROM availability_items WHERE sku = ?", (sku,)).fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error("availability lookup", exc) from exc
+        if row is None:
+            return [], None
+        return _nearby_decoder.decode(row[0]), row[1]
+
+    def meta(self) -> dict | None:
+        """Return {version, generated_at, age_s, stale} of the held snapshot, or None.
+
+        `age_s` is measured from the hub's `generated_at` to this agent's clock (never
+        negative); `stale` is true when it exceeds `max_age_s`.
+        """
+        held = self._meta
+        if held is None:
+            return None
+        try:
+            age = max(0.0, self._now() - clock.parse_rfc3339(held["generated_at"]))
+        except ValueError:
+            age = float("inf")
+        return {"version": held["version"], "generated_at": held["generated_at"],
+                "age_s": round(age, 3) if age != float("inf") else None,
+                "stale": age > self.max_age_s}
+
+    def _read_meta(self) -> dict | None:
+        row = self._conn.execute(
+            "SELECT version, generated_at, applied_at, digest, items FROM availability_snapshot"
+            " WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return dict(zip(("version", "generated_at", "applied_at", "digest", "items"), row))
+
+    # ------------------------------------------------------------------ writes
+
+    async def apply(self, version: int, generated_at: str, items: Sequence[SnapshotItem]) -> ApplyOutcome:
+        """Store a snapshot durably in one transaction if `version` is newer than the held one.
+
+        Returns the outcome (`applied` False, nothing written, for a version not newer).
+        Raises StorageError when SQLite cannot commit; then the previous snapshot stays.
+        """
+        rows = rows_of(items)
+        return await self.apply_rows(version, generated_at, rows, digest_of(rows))
+
+    async def apply_rows(self, version: int, generated_at: str, rows: Sequence[Row],
+                         digest: bytes) -> ApplyOutcome:
+        """`apply` for rows already encoded by `rows_of` (the downlink prepares them in chunks)."""
+        held = self._meta
+        if held is not None and version <= held["version"]:
+            return ApplyOutcome(False, held["version"])
+        applied_at = clock.rfc3339(self._now())
+        outcome = await self._log.write(
+            lambda conn: _apply_in_txn(conn, version, generated_at, applied_at, rows, digest))
+        if outcome.applied:
+            self._meta = {"version": version, "generated_at": generated_at, "applied_at": applied_at,
+                          "digest": digest, "items": len(rows)}
+        return outcome
+
+
+def _apply_in_txn(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str,
+                  rows: Sequence[Row], digest: bytes) -> ApplyOutcome:
+    """Runs on the writer thread inside the writer's transaction."""
+    held = conn.execute("SELECT version, digest FROM availability_snapshot WHERE id = 1").fetchone()
+    if held is not None and version <= held[0]:
+        return ApplyOutcome(False, held[0])
+    changed = removed = 0
+    if held is None or held[1] != digest:
+        before = conn.total_changes
+        conn.executemany(
+            "INSERT INTO availability_items(sku, nearby, online) VALUES (?, ?, ?)"
+            " ON CONFLICT(sku) DO UPDATE SET nearby = excluded.nearby, online = excluded.online"
+            " WHERE nearby IS NOT excluded.nearby OR online IS NOT excluded.online", rows)
+        changed = conn.total_changes - before
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_skus (sku TEXT PRIMARY KEY) WITHOUT ROWID")
+        conn.execute("DELETE FROM temp.snapshot_skus")
+        conn.executemany("INSERT OR IGNORE INTO temp.snapshot_skus(sku) VALUES (?)", ((r[0],) for r in rows))
+        removed = conn.execute(
+            "DELETE FROM availability_items WHERE sku NOT IN (SELECT sku FROM temp.snapshot_skus)").rowcount
+        conn.execute("DELETE FROM temp.snapshot_skus")
+    conn.execute(
+        "INSERT INTO availability_snapshot(id, version, generated_at, applied_at, digest, items)"
+        " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version,"
+        " generated_at = excluded.generated_at, applied_at = excluded.applied_at,"
+        " digest = excluded.digest, items = excluded.items",
+        (version, generated_at, applied_at, digest, len(rows)))
+    return ApplyOutcome(True, held[0] if held else None, changed, removed)
+
+
+class CatalogStore:
+    """Product names from the hub's catalog (`P/catalog`), for kiosks.
+
+    Kiosk code reads `name(sku)` and `search(text, limit)`; `apply(version, items)`
+    replaces the catalog when `version` is newer than the held one (one transaction).
+    """
+
+    def __init__(self, log, conn: sqlite3.Connection):
+        self._log = log
+        self._conn = conn
+        self.version: int | None = None
+
+    async def load(self) -> None:
+        row = self._conn.execute("SELECT version FROM catalog_meta WHERE id = 1").fetchone()
+        self.version = row[0] if row else None
+
+    def name(self, sku: str) -> str | None:
+        """Return the product name of a SKU, or None when the catalog does not list it."""
+        row = self._conn.execute("SELECT name FROM catalog_items WHERE sku = ?", (sku,)).fetchone()
+        return row[0] if row else None
+
+    def search(self, text: str, limit: int = 20) -> list[dict]:
+        """Return up to `limit` {sku, name} whose name or SKU contains `text` (case-insensitive).
+
+        SKUs that start with `text` come first, then name matches, each in SKU order.
+        """
+        text = text.strip()
+        if not text:
+            return []
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._conn.execute(
+            "SELECT sku, name FROM catalog_items WHERE name LIKE ?1 ESCAPE '\\' OR sku LIKE ?1 ESCAPE '\\'"
+            " ORDER BY (sku LIKE ?2 ESCAPE '\\') DESC, sku LIMIT ?3",
+            (pattern, pattern[1:], max(0, limit))).fetchall()
+        return [{"sku": sku, "name": name} for sku, name in rows]
+
+    async def apply(self, version: int, items: Sequence[tuple[str, str]]) -> bool:
+        """Replace the catalog with `items` ((sku, name) pairs) if `version` is newer; return whether it did."""
+        if self.version is not None and version <= self.version:
+            return False
+        rows = list(items)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            held = conn.execute("SELECT version FROM catalog_meta WHERE id = 1").fetchone()
+            if held is not None and version <= held[0]:
+                return False
+            conn.execute("DELETE FROM catalog_items")
+            conn.executemany("INSERT OR REPLACE INTO catalog_items(sku, name) VALUES (?, ?)", rows)
+            conn.execute("INSERT INTO catalog_meta(id, version, items) VALUES (1, ?, ?)"
+                         " ON CONFLICT(id) DO UPDATE SET version = excluded.version, items = excluded.items",
+                         (version, len(rows)))
+            return True
+
+        done = await self._log.write(run)
+        if done:
+            self.version = version
+        return done
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    """Create the snapshot and catalog tables inside the caller's transaction."""
+    for statement in SNAPSHOT_SQL.split(";"):
+        if statement.strip():
+            conn.execute(statement)

@@ -1,0 +1,232 @@
+"""Hub -> agent: apply availability snapshots and the catalog from their retained topics.
+
+Subscribes (on the agent's one MqttClient) to `P/stores/{store_id}/availability` and
+`P/catalog`. The MQTT adapter acknowledges a message only after the handler returns, so
+a snapshot is acked after it committed; a retained snapshot published while the agent
+was offline arrives again on (re)connect and is applied then if it is newer.
+
+A snapshot is decoded in steps so a 100,000-SKU payload never holds the event loop for
+long: the envelope first (cheap, with `items` kept raw; an old version stops here), then
+the items split into raw slices, then decoded and validated in chunks with a yield to the
+loop between chunks, so kiosk reads keep being answered while a large snapshot applies.
+
+Bad input (not JSON, wrong shape, another store's id, a SKU or count that breaks the
+contract) is logged, counted (`drops[reason]`, `edge_agent_downlink_dropped`) and
+acknowledged: redelivering it would not make it valid. The held snapshot stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from typing import Annotated, Literal
+
+import msgspec
+
+from agent.errors import StorageError
+from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
+from agent.snapshots import Row, SnapshotStore, digest_of
+from sync import protocol
+
+log = logging.getLogger("edge_sync.downlink")
+
+CHUNK_ITEMS = 1000
+# MQTT 5 content type of a zlib-compressed (RFC 1950) JSON payload (docs/availability.md).
+# Without it, or under MQTT 3.1.1, a payload is plain JSON.
+ZLIB_JSON = "application/json+zlib"
+
+_Sku = Annotated[str, msgspec.Meta(pattern=SKU_PATTERN)]
+_StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Nearby(msgspec.Struct, frozen=True, gc=False):
+    store_id: _StoreId
+    available: _Count
+
+
+class _Item(msgspec.Struct, frozen=True, gc=False):
+    sku: _Sku
+    nearby: list[_Nearby]
+    online: _Count | None = None
+
+
+class _SnapshotHead(msgspec.Struct, frozen=True):
+    v: Literal[1]
+    store_id: _StoreId
+    version: _Count
+    generated_at: Annotated[str, msgspec.Meta(pattern=TIME_PATTERN)]
+    items: msgspec.Raw
+
+
+class _CatalogItem(msgspec.Struct, frozen=True, gc=False):
+    sku: _Sku
+    name: Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class _Catalog(msgspec.Struct, frozen=True):
+    v: Literal[1]
+    version: _Count
+    items: list[_CatalogItem]
+
+
+_head_decoder = msgspec.json.Decoder(_SnapshotHead)
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_items_decoder = msgspec.json.Decoder(list[_Item])
+_catalog_decoder = msgspec.json.Decoder(_Catalog)
+_encoder = msgspec.json.Encoder()
+
+
+class Malformed(ValueError):
+    """A snapshot or catalog payload that breaks the contract; `reason` is the metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def plain(payload: bytes, content_type: str | None) -> bytes:
+    """Return the JSON bytes of a payload: inflated when its content type says zlib; raises Malformed."""
+    if content_type != ZLIB_JSON:
+        return payload
+    try:
+        return zlib.decompress(payload)
+    except zlib.error as exc:
+        raise Malformed("decode", f"not valid zlib under content type {ZLIB_JSON}: {exc}") from None
+
+
+def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
+    """Decode a snapshot's envelope (items left raw); raises Malformed."""
+    try:
+        head = _head_decoder.decode(payload)
+    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
+        raise Malformed("shape", f"availability: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise Malformed("decode", f"availability: not JSON: {exc}") from None
+    if head.store_id != store_id:
+        raise Malformed("store_id", f"availability: snapshot for store {head.store_id!r} on {store_id!r}'s topic")
+    return head
+
+
+async def prepare_rows(raw_items: bytes, chunk: int = CHUNK_ITEMS) -> list[Row]:
+    """Decode and validate a snapshot's `items` into stored rows, yielding to the loop per chunk.
+
+    Raises Malformed naming the first bad item; a SKU listed twice is malformed too.
+    """
+    try:
+        slices = _raw_list_decoder.decode(raw_items)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise Malformed("shape", f"availability: items: {exc}") from None
+    rows: list[Row] = []
+    for start in range(0, len(slices), chunk):
+        part = slices[start:start + chunk]
+        try:
+            items = _items_decoder.decode(b"[" + b",".join(part) + b"]")
+        except msgspec.ValidationError as exc:
+            raise Malformed("item", f"availability: items (from item {start}): {exc}") from None
+        rows.extend((item.sku, _encoder.encode(item.nearby), item.online) for item in items)
+        await asyncio.sleep(0)
+    if len({row[0] for row in rows}) != len(rows):
+        raise Malformed("item", "availability: a SKU is listed twice")
+    return rows
+
+
+class Downlink:
+    """Applies the hub's snapshots and catalog for one store; attach it to the agent's MqttClient."""
+
+    def __init__(self, mqtt, prefix: str, store_id: str, snapshots: SnapshotStore,
+                 metrics=None, chunk: int = CHUNK_ITEMS):
+        self.mqtt = mqtt
+        self.prefix = prefix
+        self.store_id = store_id
+        self.snapshots = snapshots
+        self.chunk = chunk
+        self.applied = 0
+        self.ignored = 0
+        self.drops: dict[str, int] = {}
+        self.last_apply_s: float | None = None
+        self._metrics = _Metrics(metrics.registry) if metrics is not None else None
+
+    def attach(self) -> None:
+        """Subscribe the availability and catalog topics (before or after the client starts)."""
+        self.mqtt.subscribe(protocol.availability_topic(self.prefix, self.store_id), self.on_availability)
+        self.mqtt.subscribe(protocol.catalog_topic(self.prefix), self.on_catalog)
+
+    async def on_availability(self, message) -> None:
+        """Apply one snapshot message; returns normally (so it is acked) unless storage failed."""
+        started = time.perf_counter()
+        try:
+            # zlib releases the GIL while it inflates, so a thread keeps the loop free.
+            payload = await asyncio.to_thread(plain, message.payload, getattr(message, "content_type", None))
+            head = decode_head(payload, self.store_id)
+            held = self.snapshots.version
+            if held is not None and head.version <= held:
+                self._ignore(head.version, held)
+                return
+            rows = await prepare_rows(bytes(head.items), self.chunk)
+            outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest_of(rows))
+        except Malformed as bad:
+            self._drop(bad.reason, str(bad), len(message.payload))
+            return
+        except StorageError:
+            log.exception("downlink: could not store snapshot for %s; left unacknowledged", self.store_id)
+            raise
+        if not outcome.applied:
+            self._ignore(head.version, outcome.held_version)
+            return
+        self.applied += 1
+        self.last_apply_s = time.perf_counter() - started
+        if self._metrics:
+            self._metrics.applied.inc()
+            self._metrics.version.set(head.version)
+            self._metrics.apply_seconds.observe(self.last_apply_s)
+        log.info("downlink: applied availability snapshot %d for %s (%d items, %d changed, %d removed,"
+                 " %d bytes, %.3f s)", head.version, self.store_id, len(rows), outcome.changed,
+                 outcome.removed, len(message.payload), self.last_apply_s)
+
+    async def on_catalog(self, message) -> None:
+        """Apply a catalog message if its version is newer; bad payloads are dropped and counted."""
+        try:
+            catalog = _catalog_decoder.decode(plain(message.payload, getattr(message, "content_type", None)))
+        except Malformed as bad:
+            self._drop("catalog", f"catalog: {bad}", len(message.payload))
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._drop("catalog", f"catalog: {exc}", len(message.payload))
+            return
+        if await self.snapshots.catalog.apply(catalog.version, [(i.sku, i.name) for i in catalog.items]):
+            log.info("downlink: applied catalog %d (%d items)", catalog.version, len(catalog.items))
+
+    def _ignore(self, version: int, held: int | None) -> None:
+        self.ignored += 1
+        if self._metrics:
+            self._metrics.ignored.inc()
+        log.info("downlink: ignored availability snapshot %d for %s: holding %s",
+                 version, self.store_id, held)
+
+    def _drop(self, reason: str, text: str, size: int) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        if self._metrics:
+            self._metrics.dropped.labels(reason).inc()
+        log.warning("downlink: dropped a %d-byte message for %s (%s): %s", size, self.store_id, reason, text[:300])
+
+
+class _Metrics:
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.applied = Counter("edge_agent_snapshots_applied", "Availability snapshots applied.",
+                               registry=registry)
+        self.ignored = Counter("edge_agent_snapshots_ignored",
+                               "Availability snapshots ignored: version not newer than the held one.",
+                               registry=registry)
+        self.dropped = Counter("edge_agent_downlink_dropped",
+                               "Downlink messages dropped as malformed, by reason.", ["reason"],
+                               registry=registry)
+        self.version = Gauge("edge_agent_snapshot_version", "Version of the held availability snapshot.",
+                             registry=registry)
+        self.apply_seconds = Histogram(
+            "edge_agent_snapshot_apply_seconds", "Time from receiving a snapshot to its commit.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=registry)
