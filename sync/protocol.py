@@ -29,6 +29,14 @@ SeqOrZero = Annotated[int, msgspec.Meta(ge=0)]
 class ProtocolError(ValueError):
     """A payload or topic that does not follow the wire contract."""
 
+    reason = "undecodable"
+
+
+class StoreMismatch(ProtocolError):
+    """An event in a batch names another store than the batch."""
+
+    reason = "store_mismatch"
+
 
 # ---------------------------------------------------------------------------- topics
 
@@ -231,7 +239,7 @@ def decode_batch(payload: bytes) -> tuple[EventBatch, list[tuple[EventHead, byte
             raise ProtocolError(
                 f"events payload: event {index} has seq {head.seq}, expected {batch.first_seq + index}")
         if head.store_id != batch.store_id:
-            raise ProtocolError(
+            raise StoreMismatch(
                 f"events payload: event seq {head.seq} is for store {head.store_id!r},"
                 f" the batch for {batch.store_id!r}")
         out.append((head, body))

@@ -1,0 +1,197 @@
+"""The reference hub: ingest every store's event batches, ack what is durably held.
+
+`HubService` owns the hub's parts and exposes them for other hub jobs:
+
+    service.config   HubConfig          service.store   HubStore (the single writer)
+    service.mqtt     MqttClient         service.reader  HubReader (read-only, on the loop)
+    service.jobs     extra long-running `async def job()` callables started by `run`
+    service.add_commit_listener(fn)     fn(acked: dict[store_id, acked_seq]) after each commit
+
+Rules kept here (docs/protocol.md): a batch is refused (logged, counted, recorded in
+`rejections`, nothing stored) when its payload does not decode, when the topic's,
+payload's or an event's store_id differ, or when the store is not in `[[stores]]`.
+Batches that wait together are stored in one transaction; only after that commit are
+the stores' retained acks published and the MQTT messages acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Awaitable, Callable
+
+from agent import clock
+from sync import protocol
+from sync.hub.settings import HubConfig
+from sync.hub.store import HubReader, HubStore, Incoming, Rejection
+from sync.mqtt import Message, MqttClient
+
+log = logging.getLogger("edge_hub.service")
+
+
+class HubService:
+    """One running hub. Build with `await HubService.open(config)`; `await run(stop)`."""
+
+    def __init__(self, config: HubConfig, store: HubStore, mqtt: MqttClient,
+                 now: Callable[[], str] = clock.utc_now):
+        self.config = config
+        self.store = store
+        self.mqtt = mqtt
+        self.reader = HubReader(store.path)
+        self.prefix = config.mqtt.topic_prefix
+        self.store_ids = config.store_ids()
+        self.jobs: list[Callable[[], Awaitable[None]]] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._now = now
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._listeners: list[Callable[[dict[str, int]], None]] = []
+        mqtt.subscribe(protocol.all_events_filter(self.prefix), self.handle_events, qos=1, concurrent=True)
+        mqtt.on_connection_change(self._connection_changed)
+
+    @classmethod
+    async def open(cls, config: HubConfig) -> "HubService":
+        """Open the hub's database and build its MQTT client (not yet connected)."""
+        store = await HubStore.open(config.storage.path, config.store_ids(), config.storage.synchronous)
+        mqtt = MqttClient.from_settings(config.mqtt, f"edge-hub-{config.hub.id}", max_inflight=64)
+        return cls(config, store, mqtt)
+
+    def add_commit_listener(self, fn: Callable[[dict[str, int]], None]) -> None:
+        """Call `fn({store_id: acked_seq})` on the loop after each commit that stored events."""
+        self._listeners.append(fn)
+
+    # ------------------------------------------------------------------ ingest
+
+    async def handle_events(self, message: Message) -> None:
+        """The MQTT handler for `P/stores/+/events`: returns once the batch is committed.
+
+        Refusals are recorded and return normally (the message is acked and dropped);
+        a storage failure raises, so the message stays unacked and comes back.
+        """
+        topic_store = protocol.store_of(self.prefix, message.topic, "events")
+        item: Incoming | Rejection
+        try:
+            if topic_store not in self.store_ids:
+                raise _Refuse("unknown_store", f"store {topic_store!r} is not in [[stores]]")
+            batch, events = protocol.decode_batch(message.payload)
+            if batch.store_id != topic_store:
+                raise _Refuse("store_mismatch",
+                              f"topic is for {topic_store!r}, payload for {batch.store_id!r}")
+            item = Incoming(topic_store, events)
+        except protocol.ProtocolError as exc:
+            item = Rejection(message.topic, topic_store, exc.reason, str(exc))
+        except _Refuse as exc:
+            item = Rejection(message.topic, topic_store, exc.reason, exc.detail)
+        if isinstance(item, Rejection):
+            self.counters[f"rejected_{item.reason}"] += 1
+            log.warning("hub: refused a message on %s (%s): %s", item.topic, item.reason, item.detail)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        await future
+
+    async def _writer(self) -> None:
+        limit = self.config.ingest.max_messages_per_commit
+        while True:
+            group = [await self._queue.get()]
+            while not self._queue.empty() and len(group) < limit:
+                group.append(self._queue.get_nowait())
+            await self._commit(group)
+
+    async def _commit(self, group: list) -> None:
+        try:
+            results = await self.store.write([item for item, _ in group], self._now())
+        except Exception as exc:
+            self.counters["storage_errors"] += 1
+            log.error("hub: %s; %d messages left unacked for redelivery", exc, len(group))
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            await asyncio.sleep(0.5)  # don't spin on a failing disk
+            return
+        touched: set[str] = set()
+        for (item, future), result in zip(group, results):
+            if result is not None:
+                touched.add(item.store_id)
+                self._count(item.store_id, result)
+            if not future.done():
+                future.set_result(None)
+        acked = {store_id: self.store.acked(store_id) for store_id in touched}
+        for store_id, seq in acked.items():
+            self.publish_ack(store_id, seq)
+        for fn in self._listeners:
+            try:
+                fn(acked)
+            except Exception:
+                log.exception("hub: commit listener failed")
+
+    def _count(self, store_id: str, result) -> None:
+        self.counters["events_stored"] += result.stored
+        self.counters["events_duplicate"] += result.duplicates
+        for seq, held, sent in result.conflicts:
+            self.counters["conflicts"] += 1
+            log.error("hub: ALARM conflict for %s seq %d: held event %s, received %s (kept out)",
+                      store_id, seq, held, sent)
+
+    # ------------------------------------------------------------------- acks
+
+    def publish_ack(self, store_id: str, acked_seq: int) -> None:
+        """Publish the store's retained ack (call only with a committed position)."""
+        payload = protocol.encode(protocol.Ack(store_id=store_id, acked_seq=acked_seq))
+        try:
+            future = self.mqtt.publish(protocol.ack_topic(self.prefix, store_id), payload, qos=1, retain=True)
+        except Exception as exc:
+            log.warning("hub: could not publish the ack for %s: %s", store_id, exc)
+            return
+        future.add_done_callback(_ignore_cancel)
+
+    def _connection_changed(self, up: bool) -> None:
+        if up:
+            # Re-state every ack: one may have been lost with a crash between commit and publish,
+            # and a restored (older) database must tell its stores to rewind.
+            for store_id in sorted(self.store_ids):
+                self.publish_ack(store_id, self.store.acked(store_id))
+
+    # -------------------------------------------------------------------- run
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the writer, MQTT and extra jobs until `stop` is set; then shut down cleanly."""
+        writer = asyncio.create_task(self._writer(), name="hub-writer")
+        tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "hub-job")) for job in self.jobs]
+        try:
+            await self.mqtt.start()
+            await stop.wait()
+        finally:
+            await self.mqtt.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # In-flight writes finish: wait for the queue to drain before stopping the writer.
+            while not self._queue.empty() and not writer.done():
+                await asyncio.sleep(0.01)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def close(self) -> None:
+        self.reader.close()
+        await self.store.close()
+
+
+class _Refuse(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _ignore_cancel(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("hub: ack publish failed: %s", future.exception())
+
+
+async def serve(config: HubConfig, stop: asyncio.Event) -> None:
+    """Open the hub, run it until `stop` is set, close it."""
+    service = await HubService.open(config)
+    try:
+        # Wiring point: extra hub jobs (e.g. the availability publisher) attach to `service` here.
+        await service.run(stop)
+    finally:
+        await service.close()

@@ -1,0 +1,278 @@
+"""The hub's SQLite: every store's events once each, conflicts, rejections, ack positions.
+
+One aiosqlite connection writes (WAL, synchronous=FULL by default); every write is one
+function run on its thread inside one transaction. Readers (export, stats, other hub
+jobs) use their own read-only connections.
+
+`events` holds each (store_id, seq) once, with the event's raw JSON body as the store
+sent it. `stores.acked_seq` is the contiguous prefix 1..acked_seq held for the store,
+written in the same transaction as the events that move it. Events after a gap are kept
+and count toward the ack once the gap fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import aiosqlite
+
+from agent.errors import StorageError, storage_error
+from sync.protocol import EventHead
+
+log = logging.getLogger("edge_hub.store")
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS events (
+    store_id    TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (store_id, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS stores (
+    store_id   TEXT PRIMARY KEY,
+    acked_seq  INTEGER NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Same (store_id, seq) as a held event but another event_id: kept out of `events`.
+CREATE TABLE IF NOT EXISTS conflicts (
+    store_id      TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    event_id      TEXT NOT NULL,
+    held_event_id TEXT NOT NULL,
+    body          BLOB NOT NULL,
+    received_at   TEXT NOT NULL,
+    PRIMARY KEY (store_id, seq, event_id)
+) WITHOUT ROWID;
+
+-- Messages refused before anything was stored (undecodable, store mismatch, unknown store).
+CREATE TABLE IF NOT EXISTS rejections (
+    id          INTEGER PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    store_id    TEXT,
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+"""
+
+_WALK_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One decoded, validated batch for a known store."""
+
+    store_id: str
+    events: list[tuple[EventHead, bytes]]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A message refused before storage, to be recorded and counted."""
+
+    topic: str
+    store_id: str | None
+    reason: str
+    detail: str
+
+
+@dataclass
+class IngestResult:
+    """What one batch did: new events stored, duplicates ignored, conflicts kept out."""
+
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: list[tuple[int, str, str]] = field(default_factory=list)  # (seq, held id, sent id)
+
+
+def _walk(conn: sqlite3.Connection, store_id: str, acked: int) -> int:
+    """Return the end of the contiguous run of seqs starting at acked + 1."""
+    while True:
+        rows = conn.execute("SELECT seq FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                            (store_id, acked, _WALK_CHUNK)).fetchall()
+        for (seq,) in rows:
+            if seq != acked + 1:
+                return acked
+            acked = seq
+        if len(rows) < _WALK_CHUNK:
+            return acked
+
+
+class HubStore:
+    """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
+
+    def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int]):
+        self.path = path
+        self._db = db
+        self._acked = acked
+
+    @classmethod
+    async def open(cls, path: str | Path, store_ids: set[str] | list[str],
+                   synchronous: str = "FULL") -> "HubStore":
+        """Open (creating) the database and compute each store's contiguous prefix.
+
+        Raises StorageError when SQLite cannot open or set it up.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sync = synchronous.upper()
+        if sync not in ("FULL", "NORMAL", "EXTRA"):
+            raise StorageError(f"storage.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise storage_error("open hub database", exc) from exc
+
+        def setup(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA_SQL)
+            known = set(store_ids) | {r[0] for r in conn.execute("SELECT store_id FROM stores")}
+            return {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}
+
+        try:
+            acked = await db._execute(setup, db._conn)  # noqa: SLF001 - one hop for the whole setup
+        except sqlite3.Error as exc:
+            await db.close()
+            raise storage_error("set up hub database", exc) from exc
+        return cls(path, db, acked)
+
+    def acked(self, store_id: str) -> int:
+        """Return the store's contiguous prefix (0 when nothing is held)."""
+        return self._acked.get(store_id, 0)
+
+    def acked_all(self) -> dict[str, int]:
+        return dict(self._acked)
+
+    async def write(self, items: list[Incoming | Rejection], now: str) -> list[IngestResult | None]:
+        """Store a group of batches and rejections in one transaction; return one result each.
+
+        Idempotent: a batch stored again only counts duplicates. The in-memory ack
+        positions move only after the commit. Raises StorageError (nothing stored).
+        """
+        def run(conn: sqlite3.Connection):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results, acked = self._write(conn, items, now)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return results, acked
+
+        try:
+            results, acked = await self._db._execute(run, self._db._conn)  # noqa: SLF001
+        except sqlite3.Error as exc:
+            raise storage_error("store events", exc) from exc
+        self._acked.update(acked)
+        return results
+
+    def _write(self, conn: sqlite3.Connection, items, now: str):
+        results: list[IngestResult | None] = []
+        touched: dict[str, int] = {}
+        for item in items:
+            if isinstance(item, Rejection):
+                conn.execute("INSERT INTO rejections(received_at, topic, store_id, reason, detail)"
+                             " VALUES (?,?,?,?,?)", (now, item.topic, item.store_id, item.reason,
+                                                     item.detail[:500]))
+                results.append(None)
+                continue
+            results.append(self._ingest(conn, item, now))
+            touched.setdefault(item.store_id, self._acked.get(item.store_id, 0))
+        acked = {}
+        for store_id, before in touched.items():
+            after = _walk(conn, store_id, before)
+            conn.execute("INSERT INTO stores(store_id, acked_seq, updated_at) VALUES (?,?,?)"
+                         " ON CONFLICT(store_id) DO UPDATE SET acked_seq = excluded.acked_seq,"
+                         " updated_at = excluded.updated_at", (store_id, after, now))
+            acked[store_id] = after
+        return results, acked
+
+    @staticmethod
+    def _ingest(conn: sqlite3.Connection, item: Incoming, now: str) -> IngestResult:
+        result = IngestResult()
+        first, last = item.events[0][0].seq, item.events[-1][0].seq
+        held = dict(conn.execute("SELECT seq, event_id FROM events WHERE store_id = ? AND seq BETWEEN ? AND ?",
+                                 (item.store_id, first, last)))
+        rows = []
+        for head, body in item.events:
+            known = held.get(head.seq)
+            if known is None:
+                rows.append((item.store_id, head.seq, head.event_id, body, now))
+            elif known == head.event_id:
+                result.duplicates += 1
+            else:
+                result.conflicts.append((head.seq, known, head.event_id))
+                conn.execute("INSERT OR IGNORE INTO conflicts(store_id, seq, event_id, held_event_id, body,"
+                             " received_at) VALUES (?,?,?,?,?,?)",
+                             (item.store_id, head.seq, head.event_id, known, body, now))
+        if rows:
+            conn.executemany("INSERT INTO events(store_id, seq, event_id, body, received_at) VALUES (?,?,?,?,?)",
+                             rows)
+        result.stored = len(rows)
+        return result
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+class HubReader:
+    """Read-only queries on the hub's database (export, stats, other hub jobs)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise StorageError(f"storage: no hub database at {path} (run `edge-hub run` first)")
+        try:
+            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise storage_error("open hub database read-only", exc) from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error("read hub database", exc) from exc
+
+    def events_after(self, store_id: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Return up to `limit` (seq, raw body) of a store after `after_seq`, in seq order."""
+        return self._all("SELECT seq, body FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                         (store_id, after_seq, limit))
+
+    def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> Iterator[bytes]:
+        """Yield every held event body of a store in seq order (gaps and all)."""
+        while True:
+            rows = self.events_after(store_id, after_seq, chunk)
+            if not rows:
+                return
+            for _, body in rows:
+                yield body
+            after_seq = rows[-1][0]
+
+    def stats(self) -> dict:
+        """Return per-store counts (held, max seq, acked, conflicts) and rejections by reason."""
+        stores: dict[str, dict] = {}
+        for store_id, held, max_seq in self._all(
+                "SELECT store_id, COUNT(*), MAX(seq) FROM events GROUP BY store_id"):
+            stores[store_id] = {"events": held, "max_seq": max_seq, "acked_seq": 0, "conflicts": 0}
+        for store_id, acked in self._all("SELECT store_id, acked_seq FROM stores"):
+            stores.setdefault(store_id, {"events": 0, "max_seq": 0, "conflicts": 0})["acked_seq"] = acked
+        for store_id, n in self._all("SELECT store_id, COUNT(*) FROM conflicts GROUP BY store_id"):
+            stores.setdefault(store_id, {"events": 0, "max_seq": 0, "acked_seq": 0})["conflicts"] = n
+        rejected = dict(self._all("SELECT reason, COUNT(*) FROM rejections GROUP BY reason"))
+        return {"stores": stores, "rejected": rejected}
