@@ -187,7 +187,9 @@ class Api:
 
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
-            self._openapi = msgspec.json.encode(openapi_document(ROUTES))
+            routes = [(r.method, r.resource.canonical) for r in request.app.router.routes()
+                      if r.resource is not None]
+            self._openapi = msgspec.json.encode(openapi_document(routes))
         return web.Response(body=self._openapi, content_type=_JSON)
 
 
@@ -222,7 +224,9 @@ async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str,
     when the address cannot be bound.
     """
     # shutdown_timeout bounds how long SIGTERM waits for in-flight requests.
-    runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=10.0)
+    app = build_app(ctx)
+    ctx.extras["api_app"] = app
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
     await runner.setup()
     site = web.TCPSite(runner, ctx.config.api.host, ctx.config.api.port, backlog=1024)
     try:

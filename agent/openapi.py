@@ -128,52 +128,83 @@ def _errors(*statuses: int) -> dict:
     return {str(s): _json("Error", "refused: nothing was changed") for s in statuses}
 
 
-# Per handler name: summary, parameters, request body, responses.
-_OPERATIONS: dict[str, dict[str, Any]] = {
-    "healthz": {"summary": "Liveness: 200 while the process is alive.",
+# Per (method, path): summary, parameters, request body, responses. A route added to the
+# app must be documented here (or with `document`) or be listed in PAGES.
+_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("GET", "/healthz"): {"summary": "Liveness: 200 while the process is alive.",
                 "responses": {"200": _json("Health", "alive")}},
-    "readyz": {"summary": "Readiness: 200 once the log is open and projections are current.",
+    ("GET", "/readyz"): {"summary": "Readiness: 200 once the log is open and projections are current.",
                "responses": {"200": _json("Ready", "ready"), "503": _json("Ready", "not ready")}},
-    "post_events": {
+    ("POST", "/v1/events"): {
         "summary": "Append a command's events (1 to 1000, all or none); idempotent by command_id.",
         "security": [{"writeToken": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("AppendCommand")}}},
         "responses": {"201": _json("AppendAnswer", "appended"),
                       "200": _json("AppendAnswer", "a repeat of a command already appended: nothing appended"),
                       **_errors(400, 401, 403, 409, 413, 422, 503, 507)}},
-    "get_events": {
+    ("GET", "/v1/events"): {
         "summary": "The log in seq order (audit, export).",
         "parameters": [_query("after_seq", 0, None, "return events with seq > after_seq (default 0)"),
                        _query("limit", 1, 1000, "page size (default 100)")],
         "responses": {"200": _json("EventsPage", "a page of events"), **_errors(400)}},
-    "get_stock": {
+    ("GET", "/v1/stock/{sku}"): {
         "summary": "A SKU's stock; ?as_of_seq=N answers the stock after events 1..N.",
         "parameters": [_SKU_PARAM, _query("as_of_seq", 0, None, "time travel: stock after events 1..N")],
         "responses": {"200": _json("Stock", "the SKU's stock"), **_errors(400, 404)}},
-    "get_availability": {
+    ("GET", "/v1/availability/{sku}"): {
         "summary": "The kiosk answer: local stock plus nearby stores and online from the latest snapshot.",
         "parameters": [_SKU_PARAM],
         "responses": {"200": _json("Availability", "availability"), **_errors(400, 404)}},
-    "get_sync": {"summary": "Sync progress toward the hub.",
+    ("GET", "/v1/sync"): {"summary": "Sync progress toward the hub.",
                  "responses": {"200": _json("SyncStatus", "sync status")}},
-    "metrics_text": {"summary": "Prometheus metrics.",
+    ("GET", "/metrics"): {"summary": "Prometheus metrics.",
                      "responses": {"200": {"description": "Prometheus text format",
                                            "content": {"text/plain": {"schema": {"type": "string"}}}}}},
-    "openapi": {"summary": "This document.",
+    ("GET", "/openapi.json"): {"summary": "This document.",
                 "responses": {"200": {"description": "OpenAPI 3.1",
                                       "content": {"application/json": {"schema": {"type": "object"}}}}}},
 }
+# The kiosk's endpoints (agent/kiosk.py).
+_OPERATIONS[("GET", "/v1/search")] = {
+    "summary": "Products whose SKU or catalog name matches q, exact SKU first.",
+    "parameters": [{"name": "q", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200}},
+                   _query("limit", 1, 50, "how many items (default 20)")],
+    "responses": {"200": {"description": "matches", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["query", "items"],
+        "properties": {"query": {"type": "string"}, "items": {"type": "array", "items": {"type": "object"}}}}}}},
+        **_errors(400)}}
+_OPERATIONS[("GET", "/v1/stream")] = {
+    "summary": "Server-sent events: hello, then stock {last_seq, skus} after every commit (never ends).",
+    "responses": {"200": {"description": "an event stream",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}}
+
+# Routes that serve HTML pages and their assets, not the JSON API.
+PAGES = {("GET", "/"), ("GET", "/kiosk/{name}")}
 
 
-def openapi_document(routes: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
-    """Return the OpenAPI 3.1 document for `routes` ((method, path, handler name) each).
+def document(method: str, path: str, operation: dict[str, Any]) -> None:
+    """Document a route another module adds to the API app (summary, parameters, responses)."""
+    _OPERATIONS[(method.upper(), path)] = operation
 
-    Raises KeyError naming a handler that has no documented operation.
+
+def _operation_id(method: str, path: str) -> str:
+    words = "".join(c if c.isalnum() else "_" for c in path).strip("_")
+    return f"{method.lower()}_{words}".replace("__", "_")
+
+
+def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document for `routes` ((method, path) each; PAGES are left out).
+
+    Raises KeyError naming a route that has no documented operation.
     """
     _, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, name in routes:
-        operation = {"operationId": name, **copy.deepcopy(_OPERATIONS[name])}
+    for method, path in routes:
+        if (method, path) in PAGES or method == "HEAD":
+            continue
+        if (method, path) not in _OPERATIONS:
+            raise KeyError(f"openapi: {method} {path} is served but not documented (agent/openapi.py)")
+        operation = {"operationId": _operation_id(method, path), **copy.deepcopy(_OPERATIONS[(method, path)])}
         if "{sku}" in path or "parameters" in operation:
             # Any path can miss the router (e.g. a SKU with a slash): 404 in the error shape.
             operation["responses"].setdefault("404", _json("Error", "no such endpoint or SKU"))
