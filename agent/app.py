@@ -64,6 +64,10 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     event_log.add_listener(ctx.metrics.count_events)
     # Wiring point: build ctx.uplink / ctx.snapshots here, before the API answers.
+    if config.sync.enabled:
+        from sync.uplink import Uplink  # the downlink subscribes on ctx.uplink.mqtt
+
+        ctx.uplink = await Uplink.open(config, event_log, metrics=ctx.metrics)
     runner = None
     try:
         runner, ctx.api_addresses = await start_api(ctx)

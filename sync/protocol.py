@@ -123,7 +123,7 @@ class Ack(msgspec.Struct, frozen=True):
     v: Literal[1] = VERSION
 
 
-class Status(msgspec.Struct, frozen=True, omit_defaults=True):
+class Status(msgspec.Struct, frozen=True):
     """`P/stores/{id}/status`: retained; the will publishes state "offline"."""
 
     store_id: StoreId
