@@ -1,0 +1,92 @@
+"""A test client plays the hub against a real `edge-agent run`: resend, rewind, alarm."""
+
+import asyncio
+
+import pytest
+
+from sync import protocol
+from sync.mqtt import Message
+from tests.sync.agents import post_events, sync_agent, sync_status
+from tests.sync.helpers import PREFIX, STORE, eventually, mqtt_client
+
+ACK = protocol.ack_topic(PREFIX, STORE)
+
+
+class FakeHub:
+    """Records every batch the agent sends; acks only when told to."""
+
+    def __init__(self, broker):
+        self.batches: list[tuple[int, int]] = []
+        self.client = mqtt_client(broker, "fake-hub")
+        self.client.subscribe(protocol.events_topic(PREFIX, STORE), self._on_batch)
+
+    async def _on_batch(self, message: Message) -> None:
+        batch, _ = protocol.decode_batch(message.payload)
+        self.batches.append((batch.first_seq, batch.last_seq))
+
+    async def ack(self, seq: int) -> None:
+        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq))
+        await asyncio.wait_for(self.client.publish(ACK, payload, retain=True), 5)
+
+
+@pytest.fixture
+async def fake_hub(broker):
+    hub = FakeHub(broker)
+    await hub.client.start()
+    await hub.client.wait_connected(10)
+    yield hub
+    await hub.client.stop()
+
+
+@pytest.fixture
+def agent(tmp_path, broker, fake_hub):
+    with sync_agent(tmp_path, broker, ack_timeout_s=1.0, batch_max_events=50) as running:
+        yield running
+
+
+async def status(agent) -> dict:
+    return await asyncio.to_thread(sync_status, agent)
+
+
+async def test_no_ack_means_resend_from_acked_seq_plus_one(agent, fake_hub):
+    await asyncio.to_thread(post_events, agent, 120)
+    await eventually(lambda: (1, 50) in fake_hub.batches, what="the first batch")
+    await fake_hub.ack(50)
+    await eventually(lambda: fake_hub.batches.count((51, 100)) >= 2, what="a resend of 51..100")
+    s = await status(agent)
+    assert s["acked_seq"] == 50 and s["resends"] >= 1 and s["backlog"] == 70
+    await fake_hub.ack(120)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["backlog"] == 0, what="backlog 0")
+
+
+async def test_lower_ack_rewinds_the_cursor_and_resends(agent, fake_hub):
+    await asyncio.to_thread(post_events, agent, 100)
+    await eventually(lambda: (51, 100) in fake_hub.batches, what="both batches")
+    await fake_hub.ack(100)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["acked_seq"] == 100, what="acked 100")
+    sent_before = len(fake_hub.batches)
+    await fake_hub.ack(30)  # the hub restored an older database
+    await eventually(lambda: (31, 80) in fake_hub.batches[sent_before:], what="a resend from 31")
+    s = await status(agent)
+    assert s["acked_seq"] == 30 and s["rewinds"] == 1 and s["backlog"] == 70
+    await fake_hub.ack(100)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["backlog"] == 0, what="backlog 0")
+
+
+async def test_ack_above_last_seq_is_an_alarm_and_never_trusted(agent, fake_hub):
+    await asyncio.to_thread(post_events, agent, 40)
+    await eventually(lambda: (1, 40) in fake_hub.batches, what="the batch")
+    await fake_hub.ack(20)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["acked_seq"] == 20, what="acked 20")
+    await fake_hub.ack(5000)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["ack_alarms"] == 1, what="the alarm")
+    s = await status(agent)
+    assert s["acked_seq"] == 20 and s["backlog"] == 20
+    assert "says 5000 but the log ends at 40" in s["alarm"]
+    assert "edge_agent_sync_ack_alarms_total 1.0" in agent.request("GET", "/metrics")[1]
+    # The cursor persisted is the trusted one: after a restart the agent still says 20.
+    agent.kill()
+    await fake_hub.ack(20)
+    await asyncio.to_thread(agent.start)
+    s = await status(agent)
+    assert s["acked_seq"] == 20
