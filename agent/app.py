@@ -18,6 +18,7 @@ from agent.api import start_api
 from agent.log import SqliteEventLog
 from agent.metrics import Metrics
 from agent.settings import AgentConfig
+from agent.snapshots import SnapshotStore
 
 log = logging.getLogger("edge_agent.app")
 
@@ -68,6 +69,14 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         from sync.uplink import Uplink  # the downlink subscribes on ctx.uplink.mqtt
 
         ctx.uplink = await Uplink.open(config, event_log, metrics=ctx.metrics)
+    ctx.snapshots = await SnapshotStore.open(event_log, max_age_s=config.availability.max_age_s)
+    ctx.extras["catalog"] = ctx.snapshots.catalog
+    if ctx.uplink is not None:
+        from sync.downlink import Downlink
+
+        Downlink(ctx.uplink.mqtt, config.mqtt.topic_prefix, config.store.id, ctx.snapshots,
+                 metrics=ctx.metrics).attach()
+        ctx.uplink.snapshot_version = lambda: ctx.snapshots.version
     runner = None
     try:
         runner, ctx.api_addresses = await start_api(ctx)
@@ -97,6 +106,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         ctx.ready = False
         if runner is not None:
             await runner.cleanup()
+        if ctx.snapshots is not None:
+            ctx.snapshots.close()
         await event_log.close()
         log.info("app: log closed at seq %d", event_log.last_seq)
 

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable
 
 from agent import clock
 from sync import protocol
+from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.settings import HubConfig
 from sync.hub.store import HubReader, HubStore, Incoming, Rejection
 from sync.mqtt import Message, MqttClient
@@ -192,6 +193,7 @@ async def serve(config: HubConfig, stop: asyncio.Event) -> None:
     service = await HubService.open(config)
     try:
         # Wiring point: extra hub jobs (e.g. the availability publisher) attach to `service` here.
+        await AvailabilityPublisher.attach(service)
         await service.run(stop)
     finally:
         await service.close()

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import aiosqlite
 
@@ -24,6 +24,7 @@ from agent.errors import StorageError, storage_error
 from sync.protocol import EventHead
 
 log = logging.getLogger("edge_hub.store")
+T = TypeVar("T")
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS events (
@@ -91,6 +92,7 @@ class IngestResult:
     stored: int = 0
     duplicates: int = 0
     conflicts: list[tuple[int, str, str]] = field(default_factory=list)  # (seq, held id, sent id)
+    new_bodies: list[bytes] = field(default_factory=list, repr=False)  # the bodies stored now
 
 
 def _walk(conn: sqlite3.Connection, store_id: str, acked: int) -> int:
@@ -113,6 +115,9 @@ class HubStore:
         self.path = path
         self._db = db
         self._acked = acked
+        # fn(conn, store_id, new event bodies) inside the ingest transaction (the availability
+        # projection, sync/hub/projection.py); a raise rolls the whole group back.
+        self.ingest_hooks: list[Callable[[sqlite3.Connection, str, list[bytes]], None]] = []
 
     @classmethod
     async def open(cls, path: str | Path, store_ids: set[str] | list[str],
@@ -188,6 +193,8 @@ class HubStore:
                 results.append(None)
                 continue
             results.append(self._ingest(conn, item, now))
+            for hook in self.ingest_hooks:
+                hook(conn, item.store_id, results[-1].new_bodies)
             touched.setdefault(item.store_id, self._acked.get(item.store_id, 0))
         acked = {}
         for store_id, before in touched.items():
@@ -220,7 +227,29 @@ class HubStore:
             conn.executemany("INSERT INTO events(store_id, seq, event_id, body, received_at) VALUES (?,?,?,?,?)",
                              rows)
         result.stored = len(rows)
+        result.new_bodies = [row[3] for row in rows]
         return result
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in its own write transaction on the writer; return its result.
+
+        For other hub modules' durable state. Raises StorageError (rolled back) on SQLite errors.
+        """
+        def run(conn: sqlite3.Connection):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        try:
+            return await self._db._execute(run, self._db._conn)  # noqa: SLF001
+        except sqlite3.Error as exc:
+            raise storage_error("hub write", exc) from exc
 
     async def close(self) -> None:
         await self._db.close()
