@@ -1,0 +1,246 @@
+"""Benchmark the local API as kiosks and tills use it (a script, not a test).
+
+    .venv/bin/python bench/kiosk.py [reads|writes|all] [--duration 10] [--skus 100000]
+
+(a) reads: GET /v1/availability/{sku} over `--skus` SKUs from 16 concurrent keep-alive
+    clients, against a bare aiohttp handler returning a constant, measured in the same run.
+(b) writes: single-event POST /v1/events from 32 concurrent clients at synchronous=FULL,
+    against plain sqlite3 inserts at the same durability (one row per commit, and 32 rows
+    per commit, the group-commit ceiling).
+
+The server under test runs as a real `edge-agent run` subprocess; the load generator
+runs in another process (an aiohttp client with keep-alive), so neither distorts the
+other beyond sharing the machine's cores. Prints one JSON object per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.agentproc import AgentProcess, free_port  # noqa: E402
+
+
+# ------------------------------------------------------------------ load client
+
+
+async def _load(url: str, kind: str, clients: int, duration: float, skus: int, warmup: float) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + warmup + duration
+    measure_from = time.perf_counter() + warmup
+    counted = 0
+    pid = os.getpid()
+
+    async def worker(w: int, http: aiohttp.ClientSession) -> None:
+        nonlocal errors, counted
+        rnd = random.Random(w)
+        n = 0
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            if kind in ("read", "bare"):
+                async with http.get(f"{url}/v1/availability/SKU-{rnd.randrange(skus):06d}") as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            else:
+                n += 1
+                body = {"command_id": f"bench-{pid}-{w}-{n}",
+                        "events": [{"type": "sold", "sku": f"SKU-{rnd.randrange(skus):06d}", "qty": 1}]}
+                async with http.post(f"{url}/v1/events", json=body) as resp:
+                    await resp.read()
+                    ok = resp.status == 201
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                latencies.append(t1 - t0)
+                counted += 1
+                if not ok:
+                    errors += 1
+
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(worker(w, http) for w in range(clients)))
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 3)
+
+    return {"requests": counted, "errors": errors, "per_s": round(counted / duration, 1),
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "clients": clients, "duration_s": duration}
+
+
+def run_load(url: str, kind: str, clients: int, duration: float, skus: int, warmup: float = 1.0) -> dict:
+    """Run the load generator in its own process; return its measurements."""
+    out = subprocess.run(
+        [sys.executable, __file__, "load", "--url", url, "--kind", kind, "--clients", str(clients),
+         "--duration", str(duration), "--skus", str(skus), "--warmup", str(warmup)],
+        check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ bare server
+
+
+def bare_server(port: int) -> None:
+    """A bare aiohttp handler returning a constant availability answer (the ceiling)."""
+    from aiohttp import web
+
+    body = json.dumps({"sku": "SKU-000000", "here": {"floor": 3, "backroom": 7, "reserved": 0, "available": 10},
+                       "nearby": [], "online": None, "snapshot": None}).encode()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/availability/{sku}", handler)
+    app.router.add_get("/readyz", handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def seed(db: Path, skus: int) -> None:
+    """Create a log with `skus` SKUs (1000 received events per command)."""
+    from agent import events as ev
+    from agent.log import SqliteEventLog
+
+    async def run() -> None:
+        log = await SqliteEventLog.open(db, "store-bench", synchronous="NORMAL")
+        try:
+            for start in range(0, skus, 1000):
+                intents = [ev.Receive(sku=f"SKU-{i:06d}", qty=10 + i % 7, location="floor")
+                           for i in range(start, min(skus, start + 1000))]
+                await log.append(ev.AppendCommand(command_id=f"seed-{start}", events=intents))
+        finally:
+            await log.close()
+
+    asyncio.run(run())
+
+
+def bench_reads(work: Path, args: argparse.Namespace) -> list[dict]:
+    db = work / "reads.db"
+    t0 = time.perf_counter()
+    seed(db, args.skus)
+    print(f"seeded {args.skus} SKUs in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    results = []
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "bare", "--port", str(port)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz")
+        r = run_load(f"http://127.0.0.1:{port}", "bare", 16, args.duration, args.skus)
+        results.append({"bench": "reads", "server": "bare aiohttp handler (constant)", **r})
+    finally:
+        bare.terminate()
+        bare.wait()
+    agent = AgentProcess(work / "reads-agent", store_id="store-bench", db_path=db)
+    agent.dir.mkdir(exist_ok=True)
+    agent.start()
+    try:
+        r = run_load(agent.url, "read", 16, args.duration, args.skus)
+        results.append({"bench": "reads", "server": "edge-agent GET /v1/availability/{sku}", **r})
+    finally:
+        agent.terminate()
+    results.append({"bench": "reads", "ratio_vs_bare": round(results[1]["per_s"] / results[0]["per_s"], 3)})
+    return results
+
+
+def sqlite_baseline(work: Path, rows_per_commit: int, duration: float) -> dict:
+    """Plain sqlite3 inserts (WAL, synchronous=FULL) of event-sized rows."""
+    path = work / f"plain-{rows_per_commit}.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE, body BLOB)")
+    body = b'{"type":"sold","sku":"SKU-000001","qty":1,"location":"floor"}' + b" " * 200
+    seq, commits = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < duration:
+        conn.execute("BEGIN")
+        for _ in range(rows_per_commit):
+            seq += 1
+            conn.execute("INSERT INTO events VALUES (?, ?, ?)", (seq, f"id-{seq}", body))
+        conn.execute("COMMIT")
+        commits += 1
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return {"bench": "writes", "server": f"plain sqlite3, {rows_per_commit} row(s) per commit, synchronous=FULL",
+            "per_s": round(seq / elapsed, 1), "commit_ms": round(elapsed / commits * 1000, 3)}
+
+
+def bench_writes(work: Path, args: argparse.Namespace) -> list[dict]:
+    results = [sqlite_baseline(work, 1, min(args.duration, 5)), sqlite_baseline(work, 32, min(args.duration, 5))]
+    agent = AgentProcess(work / "writes-agent", store_id="store-bench", synchronous="FULL")
+    agent.dir.mkdir(exist_ok=True)
+    agent.start()
+    try:
+        r = run_load(agent.url, "write", 32, args.duration, args.skus)
+        results.append({"bench": "writes", "server": "edge-agent POST /v1/events (1 event each), synchronous=FULL",
+                        **r})
+    finally:
+        assert agent.terminate() == 0
+    from agent.verify import verify_log
+    report = verify_log(agent.db_path)
+    results.append({"bench": "writes", "verify_ok": report.ok, "events_in_log": report.last_seq})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["reads", "writes", "all", "load", "bare"], nargs="?", default="all")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--skus", type=int, default=100_000)
+    parser.add_argument("--url")
+    parser.add_argument("--kind", choices=["read", "bare", "write"])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    if args.what == "load":
+        print(json.dumps(asyncio.run(_load(args.url, args.kind, args.clients, args.duration, args.skus,
+                                           args.warmup))))
+        return
+    if args.what == "bare":
+        bare_server(args.port)
+        return
+    with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
+        work = Path(tmp)
+        results = []
+        if args.what in ("reads", "all"):
+            results += bench_reads(work, args)
+        if args.what in ("writes", "all"):
+            results += bench_writes(work, args)
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
