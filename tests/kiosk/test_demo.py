@@ -1,0 +1,91 @@
+"""The one-command demo: starts, sends traffic that reaches the hub, pulls a link, stops on SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import require_binary
+from tests.kiosk.conftest import poll
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=3) as resp:
+        body = resp.read()
+        return json.loads(body) if "json" in resp.headers.get("Content-Type", "") else body.decode()
+
+
+def demo_cli(state: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "demo", "--state-dir", str(state), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def processes_under(state: Path) -> list[int]:
+    """Pids whose command line names the demo's state directory (its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(state).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint(tmp_path):
+    require_binary("mosquitto")
+    state = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "demo", "--state-dir", str(state), "--rate", "20", "--products", "60",
+             "--port-base", "0", "--status-every", "0"],
+            stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        text = poll(lambda: out.read_text() if "Ctrl-C stops" in out.read_text() or proc.poll() is not None else "",
+                    timeout=60, what="the demo's banner")
+        assert proc.poll() is None, text
+        urls = dict(re.findall(r"(store-\d+) kiosk: (http://127\.0\.0\.1:\d+)/", text))
+        assert sorted(urls) == ["store-1", "store-2", "store-3"], text
+        assert "<title>Stock check" in get(urls["store-1"] + "/")
+
+        # Opening stock is 120 events per store; traffic beyond that is acked by the hub.
+        for store, url in urls.items():
+            poll(lambda: get(url + "/v1/sync")["acked_seq"] > 125, timeout=60, what=f"hub acks for {store}")
+        assert get(urls["store-1"] + "/v1/search?q=kettle")["items"], "the catalog reached store-1"
+
+        down = demo_cli(state, "link", "store-2", "down")
+        assert down.returncode == 0 and "DOWN" in down.stdout, down
+        poll(lambda: get(urls["store-2"] + "/v1/sync")["connected"] is False, what="store-2 offline")
+        cut = get(urls["store-2"] + "/v1/sync")
+        # Offline, the store keeps taking traffic; the hub hears none of it.
+        offline = poll(lambda: (s := get(urls["store-2"] + "/v1/sync"))["last_seq"] > cut["last_seq"] + 10 and s,
+                       what="store-2 recording while offline")
+        assert offline["acked_seq"] == cut["acked_seq"]
+
+        up = demo_cli(state, "link", "store-2", "up")
+        assert up.returncode == 0 and "UP" in up.stdout, up
+        poll(lambda: get(urls["store-2"] + "/v1/sync")["acked_seq"] >= offline["last_seq"], timeout=30,
+             what="store-2 catching up")
+        assert demo_cli(state, "link", "store-9", "down").returncode == 1
+
+        children = processes_under(state)
+        assert len(children) >= 5, children   # mosquitto, hub, three agents
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()[-3000:]
+        assert "demo: stopped" in out.read_text()
+        assert [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and b"Z" not in (Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1][:3])] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            for pid in processes_under(state):
+                os.kill(pid, signal.SIGKILL)
