@@ -211,13 +211,13 @@
     let mode, message;
     if (!state.agentUp) {
       mode = "down";
-      message = "Cannot reach this store's stock service. Figures shown may be out of date.";
+      message = "Cannot reach the stock service · figures may be out of date";
     } else if (state.sync && state.sync.connected === false) {
       mode = "offline";
-      message = "Offline: this store's figures are live; nearby and online figures may be stale.";
+      message = "Offline · this store's figures are live";
     } else if (a && a.snapshot && a.snapshot.stale) {
       mode = "stale";
-      message = "Stale: no recent update from head office; this store's figures are live.";
+      message = "Stale · no recent head-office update";
     } else if (state.sync) {
       mode = "online";
       message = state.streamUp ? "Live" : "Online";
