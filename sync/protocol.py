@@ -212,35 +212,35 @@ def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[byte
     return head + b",".join(bodies) + b"]}"
 
 
+class _BatchHeads(msgspec.Struct, frozen=True):
+    events: list[EventHead]
+
+
+_heads_decoder = msgspec.json.Decoder(_BatchHeads)
+
+
 def decode_batch(payload: bytes) -> tuple[EventBatch, list[tuple[EventHead, bytes]]]:
     """Decode an events payload and the head of each event; return (batch, [(head, raw body)]).
 
     Raises ProtocolError when the payload is not a v1 batch, when its events are not
-    exactly first_seq..last_seq in order, or when an event's store_id differs from the
-    batch's. The raw bodies are returned as sent, for the hub to store unchanged.
+    exactly first_seq..last_seq in order, and StoreMismatch when an event's store_id
+    differs from the batch's. The raw bodies (bytes-like msgspec.Raw) are returned as
+    sent, for the hub to store unchanged.
     """
     try:
         batch = _batch_decoder.decode(payload)
+        heads = _heads_decoder.decode(payload).events
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"events payload: {exc}") from None
-    if batch.last_seq < batch.first_seq:
-        raise ProtocolError(f"events payload: last_seq {batch.last_seq} < first_seq {batch.first_seq}")
-    if len(batch.events) != batch.last_seq - batch.first_seq + 1:
-        raise ProtocolError(
-            f"events payload: {len(batch.events)} events for seqs {batch.first_seq}..{batch.last_seq}")
-    out: list[tuple[EventHead, bytes]] = []
-    for index, raw in enumerate(batch.events):
-        body = bytes(raw)
-        try:
-            head = _head_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(f"events payload: event {index}: {exc}") from None
-        if head.seq != batch.first_seq + index:
-            raise ProtocolError(
-                f"events payload: event {index} has seq {head.seq}, expected {batch.first_seq + index}")
+    first, last = batch.first_seq, batch.last_seq
+    if last < first:
+        raise ProtocolError(f"events payload: last_seq {last} < first_seq {first}")
+    if len(heads) != last - first + 1:
+        raise ProtocolError(f"events payload: {len(heads)} events for seqs {first}..{last}")
+    if [h.seq for h in heads] != list(range(first, last + 1)):
+        raise ProtocolError(f"events payload: the events are not seqs {first}..{last} in order")
+    for head in heads:
         if head.store_id != batch.store_id:
-            raise StoreMismatch(
-                f"events payload: event seq {head.seq} is for store {head.store_id!r},"
-                f" the batch for {batch.store_id!r}")
-        out.append((head, body))
-    return batch, out
+            raise StoreMismatch(f"events payload: event seq {head.seq} is for store {head.store_id!r},"
+                                f" the batch for {batch.store_id!r}")
+    return batch, list(zip(heads, batch.events))

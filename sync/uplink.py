@@ -149,6 +149,11 @@ class Uplink:
             log.error("%s", self.alarm)
             return
         at = self._now()
+        if seq > self.acked_seq:
+            # Slide the send window at once; the cursor itself moves after the write below.
+            self._inflight = [s for s in self._inflight if s > seq]
+            self._progress_at = self._monotonic()
+            self._wake.set()
         if seq != self.acked_seq:
             await self.log.write(lambda conn: conn.execute(
                 "INSERT INTO sync_cursor(id, acked_seq, last_ack_at) VALUES (1, ?, ?)"

@@ -1,0 +1,329 @@
+"""Benchmark: drain a backlog from the agent's log into the hub, against the raw stages.
+
+    .venv/bin/python bench/sync.py [--events 200000] [--batch 500] [--workdir DIR]
+
+Steps, all in one run, on one private mosquitto on a free loopback port:
+1. Build an agent log of N events (not timed).
+2. Kiosk idle: `edge-agent run` with sync disabled; p50/p99 of GET /v1/availability/{sku}
+   at a steady 100 requests/s.
+3. End to end: `edge-hub run` (synchronous=FULL) and `edge-agent run` with sync on; the
+   time from the agent being ready until the hub's retained ack reaches N (every event
+   committed at the hub and acked), with the kiosk load running throughout the drain.
+4. Raw MQTT: plain paho publishing the same payload bytes at QoS 1 to the same broker
+   (same in-flight window), until every PUBACK is in.
+5. Raw SQLite: plain sqlite3 inserting the same rows in the same batch sizes into the
+   hub's table layout, WAL, synchronous=FULL, one commit per batch.
+Prints a JSON summary and the verdict against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as paho  # noqa: E402  (the benchmark's raw stage uses paho directly)
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from agent import events as ev  # noqa: E402
+from agent.log import SqliteEventLog  # noqa: E402
+from agent.reader import LogReader  # noqa: E402
+from sync import protocol  # noqa: E402
+from sync.hub.store import SCHEMA_SQL as HUB_SCHEMA  # noqa: E402
+
+STORE = "store-0042"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+async def build_log(path: Path, n: int) -> None:
+    log = await SqliteEventLog.open(path, STORE, synchronous="NORMAL")
+    try:
+        done = log.last_seq
+        while done < n:
+            size = min(1000, n - done)
+            intents = [ev.Receive(sku=f"SKU-{(done + i) % 5000}", qty=1 + i % 9) for i in range(size)]
+            await log.append(ev.AppendCommand(command_id=str(uuid.uuid4()), events=intents))
+            done += size
+    finally:
+        await log.close()
+
+
+def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]:
+    reader = LogReader(db)
+    out, after = [], 0
+    try:
+        while True:
+            rows = reader.events_after(after, size)
+            if not rows:
+                return out
+            total, keep = 0, len(rows)
+            for i, (_, body) in enumerate(rows):
+                total += len(body) + 1
+                if total > cap - 128 and i > 0:
+                    keep = i
+                    break
+            rows = rows[:keep]
+            out.append((rows[0][0], rows[-1][0], [b for _, b in rows]))
+            after = rows[-1][0]
+    finally:
+        reader.close()
+
+
+class Kiosk:
+    """GET /v1/availability/{sku} at a steady rate from a thread; records latencies."""
+
+    def __init__(self, port: int, rate: float = 100.0):
+        self.port, self.rate, self.lat = port, rate, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        i, next_at = 0, time.perf_counter()
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            conn.request("GET", f"/v1/availability/SKU-{i % 5000}")
+            conn.getresponse().read()
+            self.lat.append(time.perf_counter() - t0)
+            i += 1
+            next_at += 1 / self.rate
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+        conn.close()
+
+    def start(self) -> "Kiosk":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(10)
+        lat = sorted(self.lat)
+        return {"requests": len(lat), "p50_ms": round(1000 * lat[len(lat) // 2], 3),
+                "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 3)}
+
+
+def write_agent_config(path: Path, db: Path, api_port: int, mqtt_port: int, sync: bool, batch: int,
+                       inflight: int) -> None:
+    path.write_text(
+        f'[store]\nid = "{STORE}"\n[storage]\npath = "{db}"\n[api]\nport = {api_port}\n'
+        f'[mqtt]\nport = {mqtt_port}\nreconnect_min_s = 0.1\n'
+        f'[sync]\nenabled = {"true" if sync else "false"}\nbatch_max_events = {batch}\n'
+        f'max_inflight = {inflight}\n'
+        '[service]\nbackup_interval_s = 0\n[log]\nformat = "text"\n')
+
+
+def start_agent(config: Path, api_port: int, out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "--config", str(config), "run"],
+                            stdout=open(out, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=1)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError("edge-agent not ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+class AckWatch:
+    def __init__(self, port: int, target: int):
+        self.target, self.done = target, threading.Event()
+        self.acked = 0
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{uuid.uuid4().hex[:6]}")
+        self.client.on_connect = lambda c, *a: c.subscribe(protocol.ack_topic("retail", STORE), 1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.payload:
+            self.acked = json.loads(msg.payload)["acked_seq"]
+            if self.acked >= self.target:
+                self.done.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def raw_mqtt(port: int, payloads: list[bytes], inflight: int) -> float:
+    """Publish every payload at QoS 1, `inflight` at a time; return the seconds until all PUBACKs."""
+    done = threading.Event()
+    acked = [0]
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(inflight)
+
+    def on_publish(c, userdata, mid, rc, props):
+        acked[0] += 1
+        if acked[0] == len(payloads):
+            done.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    t0 = time.perf_counter()
+    for payload in payloads:
+        client.publish("bench/raw/events", payload, qos=1)
+    done.wait(300)
+    elapsed = time.perf_counter() - t0
+    client.disconnect()
+    client.loop_stop()
+    return elapsed
+
+
+def raw_sqlite(path: Path, batches_: list[tuple[int, int, list[bytes]]]) -> float:
+    """Insert the same rows in the same batches, WAL + synchronous=FULL, one commit per batch."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(HUB_SCHEMA)
+    now = "2026-11-27T00:00:00.000Z"
+    t0 = time.perf_counter()
+    for first, _, bodies in batches_:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO events(store_id, seq, event_id, body, received_at) VALUES (?,?,?,?,?)",
+                         [(STORE, first + i, str(first + i), b, now) for i, b in enumerate(bodies)])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--inflight", type=int, default=8)
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sync-"))
+    work.mkdir(parents=True, exist_ok=True)
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    mqtt_port = free_port()
+    (work / "mosquitto.conf").write_text(
+        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nmax_inflight_messages 64\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(work / "mosquitto.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs: list[subprocess.Popen] = []
+    result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight}
+    try:
+        wait_port(mqtt_port)
+        db = work / "agent" / "events.db"
+        print(f"building a log of {args.events} events in {db} ...", flush=True)
+        asyncio.run(build_log(db, args.events))
+        plan = batches(db, args.batch, 256 * 1024)
+        payloads = [protocol.encode_batch(STORE, f, l, b) for f, l, b in plan]
+        result["batches"] = len(plan)
+        result["payload_bytes"] = sum(map(len, payloads))
+
+        api_port = free_port()
+        config = work / "agent.toml"
+        write_agent_config(config, db, api_port, mqtt_port, sync=False, batch=args.batch, inflight=args.inflight)
+        agent = start_agent(config, api_port, work / "agent.out")
+        kiosk = Kiosk(api_port).start()
+        time.sleep(5)
+        result["kiosk_idle"] = kiosk.stop()
+        stop(agent)
+
+        hub_db = work / "hub" / "hub.db"
+        (work / "hub.toml").write_text(
+            f'[[stores]]\nid = "{STORE}"\n[storage]\npath = "{hub_db}"\nsynchronous = "FULL"\n'
+            f'[mqtt]\nport = {mqtt_port}\n[log]\nformat = "text"\n')
+        hub = subprocess.Popen([str(BIN / "edge-hub"), "run", "--config", str(work / "hub.toml")],
+                               stdout=open(work / "hub.out", "ab"), stderr=subprocess.STDOUT)
+        procs.append(hub)
+        watch = AckWatch(mqtt_port, args.events)
+        deadline = time.monotonic() + 20
+        while "connected to" not in (work / "hub.out").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        write_agent_config(config, db, api_port, mqtt_port, sync=True, batch=args.batch, inflight=args.inflight)
+        t0 = time.perf_counter()
+        agent = start_agent(config, api_port, work / "agent.out")
+        procs.append(agent)
+        t_ready = time.perf_counter()
+        kiosk = Kiosk(api_port).start()
+        if not watch.done.wait(600):
+            raise RuntimeError(f"the hub's ack stopped at {watch.acked}")
+        t_end = time.perf_counter()
+        result["kiosk_drain"] = kiosk.stop()
+        watch.close()
+        drain = t_end - t_ready
+        result["e2e_seconds"] = round(drain, 3)
+        result["e2e_events_per_s"] = round(args.events / drain)
+        result["agent_start_seconds"] = round(t_ready - t0, 3)
+        stop(agent)
+        stop(hub)
+        procs.clear()
+        held = sqlite3.connect(hub_db).execute(
+            "SELECT COUNT(*), COUNT(DISTINCT seq), MAX(seq) FROM events WHERE store_id = ?", (STORE,)).fetchone()
+        result["hub_holds"] = {"rows": held[0], "distinct": held[1], "max_seq": held[2]}
+
+        mqtt_s = raw_mqtt(mqtt_port, payloads, args.inflight)
+        result["raw_mqtt_events_per_s"] = round(args.events / mqtt_s)
+        sql_s = raw_sqlite(work / "raw.db", plan)
+        result["raw_sqlite_events_per_s"] = round(args.events / sql_s)
+        slower = min(result["raw_mqtt_events_per_s"], result["raw_sqlite_events_per_s"])
+        result["e2e_vs_slower_raw"] = round(result["e2e_events_per_s"] / slower, 3)
+        result["kiosk_p99_ratio"] = round(result["kiosk_drain"]["p99_ms"] / result["kiosk_idle"]["p99_ms"], 3)
+        result["targets"] = {
+            "e2e >= 20000/s": result["e2e_events_per_s"] >= 20_000,
+            "e2e >= 0.5x slower raw": result["e2e_vs_slower_raw"] >= 0.5,
+            "kiosk p99 < 2x idle": result["kiosk_p99_ratio"] < 2,
+            "hub holds 1..N once": held == (args.events, args.events, args.events),
+        }
+        print(json.dumps(result, indent=2))
+        return 0 if all(result["targets"].values()) else 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        broker.kill()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
