@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS availability_snapshot (
 );
 CREATE TABLE IF NOT EXISTS availability_items (
     sku    TEXT PRIMARY KEY,
-    nearby BLOB NOT NULL,      -- compact JSON: [{"store_id": ..., "available": ...}, ...]
+    item   BLOB NOT NULL,      -- the item's JSON as received: {"sku", "nearby": [...], "online"}
     online INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS catalog_meta (
@@ -52,11 +52,15 @@ CREATE TABLE IF NOT EXISTS catalog_items (
 ) WITHOUT ROWID;
 """
 
-# A row as stored: (sku, nearby as compact JSON bytes, online or None).
+# A row as stored: (sku, the item's JSON bytes, online or None).
 Row = tuple[str, bytes, "int | None"]
 
 _encoder = msgspec.json.Encoder()
-_nearby_decoder = msgspec.json.Decoder(list[dict])
+class _StoredItem(msgspec.Struct):
+    nearby: list[dict]
+
+
+_item_decoder = msgspec.json.Decoder(_StoredItem)
 
 
 class NearbyStock(msgspec.Struct, frozen=True, gc=False):
@@ -75,16 +79,22 @@ class SnapshotItem(msgspec.Struct, frozen=True, gc=False):
 
 
 def rows_of(items: Iterable[SnapshotItem]) -> list[Row]:
-    """Return the stored rows for `items` (nearby encoded once, as compact JSON)."""
-    return [(item.sku, _encoder.encode(item.nearby), item.online) for item in items]
+    """Return the stored rows for `items` (each item encoded as compact JSON)."""
+    return [(item.sku, _encoder.encode(item), item.online) for item in items]
 
 
 def digest_of(rows: Sequence[Row]) -> bytes:
     """Return a digest of a snapshot's rows, order included (equal digests: same content)."""
     h = hashlib.sha256()
-    for sku, nearby, online in rows:
-        h.update(b"%s\x00%s\x00%s\x01" % (sku.encode(), nearby, b"-" if online is None else b"%d" % online))
+    update_digest(h, rows)
     return h.digest()
+
+
+def update_digest(h, rows: Iterable[Row]) -> None:
+    """Feed rows into a running sha256 (so a caller can digest a snapshot chunk by chunk)."""
+    rows = list(rows)
+    if rows:  # each item's JSON is unique to its content, so the JSON alone is digested
+        h.update(b"\n".join(row[1] for row in rows) + b"\n")
 
 
 @dataclass(frozen=True)
@@ -137,12 +147,12 @@ class SnapshotStore:
         """Return (nearby, online) for a SKU from the held snapshot; ([], None) when it has none."""
         try:
             row = self._conn.execute(
-                "SELECT nearby, online FROM availability_items WHERE sku = ?", (sku,)).fetchone()
+                "SELECT item, online FROM availability_items WHERE sku = ?", (sku,)).fetchone()
         except sqlite3.Error as exc:
             raise storage_error("availability lookup", exc) from exc
         if row is None:
             return [], None
-        return _nearby_decoder.decode(row[0]), row[1]
+        return _item_decoder.decode(row[0]).nearby, row[1]
 
     def meta(self) -> dict | None:
         """Return {version, generated_at, age_s, stale} of the held snapshot, or None.
@@ -205,22 +215,30 @@ def _apply_in_txn(conn: sqlite3.Connection, version: int, generated_at: str, app
     if held is None or held[1] != digest:
         before = conn.total_changes
         conn.executemany(
-            "INSERT INTO availability_items(sku, nearby, online) VALUES (?, ?, ?)"
-            " ON CONFLICT(sku) DO UPDATE SET nearby = excluded.nearby, online = excluded.online"
-            " WHERE nearby IS NOT excluded.nearby OR online IS NOT excluded.online", rows)
+            "INSERT INTO availability_items(sku, item, online) VALUES (?, ?, ?)"
+            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online"
+            " WHERE item IS NOT excluded.item", rows)
         changed = conn.total_changes - before
+        # Every new SKU is in the table now; as many rows as SKUs means none is left over.
+        if conn.execute("SELECT COUNT(*) FROM availability_items").fetchone()[0] == len(rows):
+            return _set_meta(conn, version, generated_at, applied_at, digest, len(rows), held, changed, 0)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_skus (sku TEXT PRIMARY KEY) WITHOUT ROWID")
         conn.execute("DELETE FROM temp.snapshot_skus")
         conn.executemany("INSERT OR IGNORE INTO temp.snapshot_skus(sku) VALUES (?)", ((r[0],) for r in rows))
         removed = conn.execute(
             "DELETE FROM availability_items WHERE sku NOT IN (SELECT sku FROM temp.snapshot_skus)").rowcount
         conn.execute("DELETE FROM temp.snapshot_skus")
+    return _set_meta(conn, version, generated_at, applied_at, digest, len(rows), held, changed, removed)
+
+
+def _set_meta(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str, digest: bytes,
+              count: int, held, changed: int, removed: int) -> ApplyOutcome:
     conn.execute(
         "INSERT INTO availability_snapshot(id, version, generated_at, applied_at, digest, items)"
         " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version,"
         " generated_at = excluded.generated_at, applied_at = excluded.applied_at,"
         " digest = excluded.digest, items = excluded.items",
-        (version, generated_at, applied_at, digest, len(rows)))
+        (version, generated_at, applied_at, digest, count))
     return ApplyOutcome(True, held[0] if held else None, changed, removed)
 
 

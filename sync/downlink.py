@@ -18,7 +18,10 @@ acknowledged: redelivering it would not make it valid. The held snapshot stays.
 from __future__ import annotations
 
 import asyncio
+import gc
+import hashlib
 import logging
+import re
 import time
 import zlib
 from typing import Annotated, Literal
@@ -27,7 +30,7 @@ import msgspec
 
 from agent.errors import StorageError
 from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
-from agent.snapshots import Row, SnapshotStore, digest_of
+from agent.snapshots import Row, SnapshotStore, update_digest
 from sync import protocol
 
 log = logging.getLogger("edge_sync.downlink")
@@ -38,24 +41,23 @@ CHUNK_ITEMS = 1000
 ZLIB_JSON = "application/json+zlib"
 
 _Sku = Annotated[str, msgspec.Meta(pattern=SKU_PATTERN)]
-_StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class _Nearby(msgspec.Struct, frozen=True, gc=False):
-    store_id: _StoreId
+    store_id: str          # checked per distinct value (a few per snapshot), see _check_ids
     available: _Count
 
 
 class _Item(msgspec.Struct, frozen=True, gc=False):
-    sku: _Sku
+    sku: str               # checked a chunk at a time, see _check_ids
     nearby: list[_Nearby]
     online: _Count | None = None
 
 
 class _SnapshotHead(msgspec.Struct, frozen=True):
     v: Literal[1]
-    store_id: _StoreId
+    store_id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
     version: _Count
     generated_at: Annotated[str, msgspec.Meta(pattern=TIME_PATTERN)]
     items: msgspec.Raw
@@ -76,7 +78,6 @@ _head_decoder = msgspec.json.Decoder(_SnapshotHead)
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _items_decoder = msgspec.json.Decoder(list[_Item])
 _catalog_decoder = msgspec.json.Decoder(_Catalog)
-_encoder = msgspec.json.Encoder()
 
 
 class Malformed(ValueError):
@@ -110,27 +111,62 @@ def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
     return head
 
 
-async def prepare_rows(raw_items: bytes, chunk: int = CHUNK_ITEMS) -> list[Row]:
-    """Decode and validate a snapshot's `items` into stored rows, yielding to the loop per chunk.
+async def prepare_rows(raw_items: bytes, chunk: int = CHUNK_ITEMS) -> tuple[list[Row], bytes]:
+    """Decode and validate a snapshot's `items` into stored rows and their digest (`digest_of`).
 
-    Raises Malformed naming the first bad item; a SKU listed twice is malformed too.
+    Works in chunks with a yield to the loop after each, so no step holds the loop for
+    long. Raises Malformed naming the first bad item; a SKU listed twice is malformed too.
     """
     try:
         slices = _raw_list_decoder.decode(raw_items)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise Malformed("shape", f"availability: items: {exc}") from None
+    await asyncio.sleep(0)
     rows: list[Row] = []
+    seen: set[str] = set()
+    digest = hashlib.sha256()
     for start in range(0, len(slices), chunk):
         part = slices[start:start + chunk]
         try:
-            items = _items_decoder.decode(b"[" + b",".join(part) + b"]")
+            items = _decode_items(b"[" + b",".join(part) + b"]")
         except msgspec.ValidationError as exc:
             raise Malformed("item", f"availability: items (from item {start}): {exc}") from None
-        rows.extend((item.sku, _encoder.encode(item.nearby), item.online) for item in items)
+        _check_ids(items, start)
+        # The item's JSON is stored as received: valid, and nothing to re-encode.
+        new = [(item.sku, raw, item.online) for item, raw in zip(items, part)]
+        seen.update(row[0] for row in new)
+        rows.extend(new)
+        if len(seen) != len(rows):
+            raise Malformed("item", f"availability: a SKU is listed twice (items {start}..{start + len(part) - 1})")
+        update_digest(digest, new)
         await asyncio.sleep(0)
-    if len({row[0] for row in rows}) != len(rows):
-        raise Malformed("item", "availability: a SKU is listed twice")
-    return rows
+    return rows, digest.digest()
+
+
+def _decode_items(chunk: bytes) -> list[_Item]:
+    # Thousands of new lists per chunk would trigger the cyclic GC over the whole heap
+    # again and again; none of them can form a cycle, so the collector pauses meanwhile.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _items_decoder.decode(chunk)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_SKUS = re.compile(r"(?:[A-Za-z0-9._:-]{1,64}\n)*")
+_STORE_ID = re.compile(STORE_ID_PATTERN)
+
+
+def _check_ids(items: list[_Item], start: int) -> None:
+    """Check every SKU (one regex over the chunk) and every distinct nearby store id."""
+    if not _SKUS.fullmatch("".join(item.sku + "\n" for item in items)):
+        bad = next(i for i, item in enumerate(items) if not _SKUS.fullmatch(item.sku + "\n"))
+        raise Malformed("item", f"availability: item {start + bad}: invalid sku {items[bad].sku!r}")
+    for store_id in {n.store_id for item in items for n in item.nearby}:
+        if not _STORE_ID.match(store_id):
+            raise Malformed("item", f"availability: invalid nearby store_id {store_id!r}")
 
 
 class Downlink:
@@ -165,8 +201,8 @@ class Downlink:
             if held is not None and head.version <= held:
                 self._ignore(head.version, held)
                 return
-            rows = await prepare_rows(bytes(head.items), self.chunk)
-            outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest_of(rows))
+            rows, digest = await prepare_rows(bytes(head.items), self.chunk)
+            outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest)
         except Malformed as bad:
             self._drop(bad.reason, str(bad), len(message.payload))
             return
