@@ -111,10 +111,14 @@ def _walk(conn: sqlite3.Connection, store_id: str, acked: int) -> int:
 class HubStore:
     """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
 
-    def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int]):
+    def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int],
+                 max_held: dict[str, int]):
         self.path = path
         self._db = db
         self._acked = acked
+        # The highest seq held per store. While it equals the ack (nothing held beyond a
+        # gap), a batch that continues the prefix moves the ack without a walk or a lookup.
+        self._max = max_held
         # fn(conn, store_id, new event bodies) inside the ingest transaction (the availability
         # projection, sync/hub/projection.py); a raise rolls the whole group back.
         self.ingest_hooks: list[Callable[[sqlite3.Connection, str, list[bytes]], None]] = []
@@ -136,20 +140,21 @@ class HubStore:
         except sqlite3.Error as exc:
             raise storage_error("open hub database", exc) from exc
 
-        def setup(conn: sqlite3.Connection) -> dict[str, int]:
+        def setup(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA_SQL)
             known = set(store_ids) | {r[0] for r in conn.execute("SELECT store_id FROM stores")}
-            return {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}
+            max_held = dict(conn.execute("SELECT store_id, MAX(seq) FROM events GROUP BY store_id"))
+            return {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}, max_held
 
         try:
-            acked = await db._execute(setup, db._conn)  # noqa: SLF001 - one hop for the whole setup
+            acked, max_held = await db._execute(setup, db._conn)  # noqa: SLF001 - one hop for the setup
         except sqlite3.Error as exc:
             await db.close()
             raise storage_error("set up hub database", exc) from exc
-        return cls(path, db, acked)
+        return cls(path, db, acked, max_held)
 
     def acked(self, store_id: str) -> int:
         """Return the store's contiguous prefix (0 when nothing is held)."""
@@ -167,24 +172,27 @@ class HubStore:
         def run(conn: sqlite3.Connection):
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results, acked = self._write(conn, items, now)
+                out = self._write(conn, items, now)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            return results, acked
+            return out
 
         try:
-            results, acked = await self._db._execute(run, self._db._conn)  # noqa: SLF001
+            results, acked, max_held = await self._db._execute(run, self._db._conn)  # noqa: SLF001
         except sqlite3.Error as exc:
             raise storage_error("store events", exc) from exc
         self._acked.update(acked)
+        self._max.update(max_held)
         return results
 
     def _write(self, conn: sqlite3.Connection, items, now: str):
         results: list[IngestResult | None] = []
-        touched: dict[str, int] = {}
+        acked: dict[str, int] = {}
+        max_held: dict[str, int] = {}
+        walk: set[str] = set()
         for item in items:
             if isinstance(item, Rejection):
                 conn.execute("INSERT INTO rejections(received_at, topic, store_id, reason, detail)"
@@ -192,25 +200,33 @@ class HubStore:
                                                      item.detail[:500]))
                 results.append(None)
                 continue
-            results.append(self._ingest(conn, item, now))
+            store_id = item.store_id
+            ack = acked.setdefault(store_id, self._acked.get(store_id, 0))
+            top = max_held.setdefault(store_id, self._max.get(store_id, 0))
+            first, last = item.events[0][0].seq, item.events[-1][0].seq
+            results.append(self._ingest(conn, item, now, fresh=first > top))
             for hook in self.ingest_hooks:
-                hook(conn, item.store_id, results[-1].new_bodies)
-            touched.setdefault(item.store_id, self._acked.get(item.store_id, 0))
-        acked = {}
-        for store_id, before in touched.items():
-            after = _walk(conn, store_id, before)
+                hook(conn, store_id, results[-1].new_bodies)
+            max_held[store_id] = max(top, last)
+            if top == ack and first <= ack + 1 and store_id not in walk:
+                acked[store_id] = max(ack, last)
+            else:
+                walk.add(store_id)
+        for store_id in walk:
+            acked[store_id] = _walk(conn, store_id, acked[store_id])
+        for store_id, seq in acked.items():
             conn.execute("INSERT INTO stores(store_id, acked_seq, updated_at) VALUES (?,?,?)"
                          " ON CONFLICT(store_id) DO UPDATE SET acked_seq = excluded.acked_seq,"
-                         " updated_at = excluded.updated_at", (store_id, after, now))
-            acked[store_id] = after
-        return results, acked
+                         " updated_at = excluded.updated_at", (store_id, seq, now))
+        return results, acked, max_held
 
     @staticmethod
-    def _ingest(conn: sqlite3.Connection, item: Incoming, now: str) -> IngestResult:
+    def _ingest(conn: sqlite3.Connection, item: Incoming, now: str, fresh: bool) -> IngestResult:
         result = IngestResult()
         first, last = item.events[0][0].seq, item.events[-1][0].seq
-        held = dict(conn.execute("SELECT seq, event_id FROM events WHERE store_id = ? AND seq BETWEEN ? AND ?",
-                                 (item.store_id, first, last)))
+        held = {} if fresh else dict(conn.execute(
+            "SELECT seq, event_id FROM events WHERE store_id = ? AND seq BETWEEN ? AND ?",
+            (item.store_id, first, last)))
         rows = []
         for head, body in item.events:
             known = held.get(head.seq)
@@ -227,7 +243,7 @@ class HubStore:
             conn.executemany("INSERT INTO events(store_id, seq, event_id, body, received_at) VALUES (?,?,?,?,?)",
                              rows)
         result.stored = len(rows)
-        result.new_bodies = [row[3] for row in rows]
+        result.new_bodies = [bytes(row[3]) for row in rows]
         return result
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
