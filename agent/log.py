@@ -55,6 +55,9 @@ class _Append:
 class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future
+    # WAL checkpoints and backups must run outside a transaction: inside one SQLite
+    # refuses the checkpoint ("table is locked") and backup_step never gets the lock.
+    transaction: bool = True
 
 
 _STOP = object()
@@ -188,7 +191,10 @@ class SqliteEventLog:
 
     async def _run_write(self, job: _Write) -> None:
         try:
-            result = await self._db._execute(_in_transaction, self._db._conn, job.fn)
+            if job.transaction:
+                result = await self._db._execute(_in_transaction, self._db._conn, job.fn)
+            else:
+                result = await self._db._execute(job.fn, self._db._conn)
         except BaseException as exc:  # delivered to the caller, the writer keeps going
             if not job.future.done():
                 job.future.set_exception(_map_error("write", exc))
@@ -304,7 +310,7 @@ class SqliteEventLog:
         def run(conn: sqlite3.Connection):
             return tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
 
-        self._queue.put_nowait(_Write(lambda conn: run(conn), future))
+        self._queue.put_nowait(_Write(run, future, transaction=False))
         return await future
 
     async def backup_to(self, target: str | os.PathLike) -> int:
@@ -318,7 +324,7 @@ class SqliteEventLog:
                 dest.close()
 
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(run, future))
+        self._queue.put_nowait(_Write(run, future, transaction=False))
         return await future
 
     async def close(self) -> None:
