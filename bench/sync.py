@@ -237,6 +237,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--hub-nice", type=int, default=0,
+                        help="run edge-hub (and so its CPU use) at this nice level; the hub is"
+                             " normally on another machine than the store's agent")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sync-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -245,7 +248,8 @@ def main() -> int:
     (work / "mosquitto.conf").write_text(
         f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "max_queued_messages 100000\nmax_inflight_messages 64\n")
-    broker = subprocess.Popen([mosquitto, "-c", str(work / "mosquitto.conf")],
+    broker = subprocess.Popen([*(["nice", "-n", str(args.hub_nice)] if args.hub_nice else []),
+                               mosquitto, "-c", str(work / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[subprocess.Popen] = []
     result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight}
@@ -272,7 +276,8 @@ def main() -> int:
         (work / "hub.toml").write_text(
             f'[[stores]]\nid = "{STORE}"\n[storage]\npath = "{hub_db}"\nsynchronous = "FULL"\n'
             f'[mqtt]\nport = {mqtt_port}\n[log]\nformat = "text"\n')
-        hub = subprocess.Popen([str(BIN / "edge-hub"), "run", "--config", str(work / "hub.toml")],
+        hub = subprocess.Popen([*(["nice", "-n", str(args.hub_nice)] if args.hub_nice else []),
+                                str(BIN / "edge-hub"), "run", "--config", str(work / "hub.toml")],
                                stdout=open(work / "hub.out", "ab"), stderr=subprocess.STDOUT)
         procs.append(hub)
         watch = AckWatch(mqtt_port, args.events)

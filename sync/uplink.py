@@ -53,7 +53,9 @@ def agent_mqtt(config: AgentConfig) -> MqttClient:
     prefix, store_id = config.mqtt.topic_prefix, config.store.id
     client_id = config.mqtt.client_id or f"edge-agent-{store_id}"
     topic = protocol.status_topic(prefix, store_id)
-    online = protocol.encode(protocol.Status(store_id=store_id, state="online", client_id=client_id))
+    accept = [protocol.ZLIB_JSON] if config.mqtt.protocol == 5 else []  # sync/downlink.py reads it
+    online = protocol.encode(protocol.Status(store_id=store_id, state="online", client_id=client_id,
+                                             accept=accept))
     offline = protocol.encode(protocol.Status(store_id=store_id, state="offline", client_id=client_id))
     return MqttClient.from_settings(config.mqtt, client_id, birth=LastWill(topic, online),
                                     will=LastWill(topic, offline),
