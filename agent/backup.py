@@ -108,6 +108,8 @@ async def take_backup(event_log, directory: str | os.PathLike, keep: int,
     if st.f_bavail * st.f_frsize - size < min_free_bytes:
         raise StorageFull(f"backup: {directory} has {st.f_bavail * st.f_frsize // MIB} MiB free; a"
                           f" {size // MIB} MiB copy would go below the {min_free_bytes // MIB} MiB floor")
+    for stale in directory.glob("events-*.partial*"):  # left by a backup cut short at shutdown
+        stale.unlink(missing_ok=True)
     partial = directory / f"events-{_stamp()}.partial"
     try:
         seq = await event_log.backup_to(partial)
@@ -191,25 +193,26 @@ def restore(backup: str | os.PathLike, db_path: str | os.PathLike) -> int:
         os.close(lock_fd)
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
+def cmd_restore(args: argparse.Namespace, cfg=None) -> int:
     """`edge-agent restore --from BACKUP`: restore the configured log; exit 0, 1 (check) or 2 (locked)."""
-    from agent.settings import AgentConfig, ConfigError, load_config
+    if cfg is None:
+        from agent.settings import AgentConfig, ConfigError, load_config
 
+        try:
+            cfg = load_config(getattr(args, "config", None), AgentConfig, "EDGE_AGENT")
+        except ConfigError as exc:
+            print(f"edge-agent restore: {exc}", file=sys.stderr)
+            return 2
+    source = args.from_path
     try:
-        config = load_config(getattr(args, "config", None), AgentConfig, "EDGE_AGENT")
-    except ConfigError as exc:
-        print(f"edge-agent restore: {exc}", file=sys.stderr)
-        return 2
-    source = getattr(args, "from_path", None) or getattr(args, "from_", None) or getattr(args, "backup", None)
-    try:
-        seq = restore(source, config.storage.path)
+        seq = restore(source, cfg.storage.path)
     except LogLocked as exc:
         print(f"edge-agent restore: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:
         print(f"edge-agent restore: {exc}", file=sys.stderr)
         return 1
-    print(f"restored {config.storage.path} from {source}: events 1..{seq}, verify OK")
+    print(f"restored {cfg.storage.path} from {source}: events 1..{seq}, verify OK")
     return 0
 
 
@@ -218,5 +221,5 @@ def add_restore_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("restore", help="restore the log from a backup file (service stopped)")
     parser.add_argument("--from", dest="from_path", required=True, metavar="BACKUP",
                         help="a backup file, e.g. /var/lib/edge-agent/backups/events-...-seq812.db")
-    parser.set_defaults(func=cmd_restore)
+    parser.set_defaults(fn=cmd_restore)
     return parser

@@ -1,0 +1,188 @@
+"""Running as a store service: systemd notify/watchdog and the scheduled maintenance jobs.
+
+`run_service(ctx, stop)` is one background task of the composition root. It
+- sends READY=1 once the agent is ready (log open, projections current, API bound);
+- pings WATCHDOG=1 from the event loop every WATCHDOG_USEC/2, so a blocked loop stops
+  the pings and systemd restarts us;
+- runs the jobs below on an APScheduler AsyncIOScheduler (coalesced, one instance each,
+  misfire grace `service.misfire_grace_s` because a busy till PC can be late);
+- sends STOPPING=1 the moment `stop` is set.
+
+Each job is a plain `async def job(ctx)` that tests call directly; the scheduler only
+decides when. A failing job is logged once per distinct reason, and once when it recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import msgspec
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from agent import backup, clock
+from agent.disk import MIB, DiskGuard
+from agent.notify import Notifier, watchdog_interval
+
+log = logging.getLogger("edge_agent.service")
+
+WAL_TRUNCATE_BYTES = 32 * MIB
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+async def checkpoint_projections(ctx) -> int:
+    """Take a projection checkpoint (fast time travel); return its seq."""
+    return await ctx.log.checkpoint_projection()
+
+
+async def checkpoint_wal(ctx) -> tuple[int, int, int]:
+    """Checkpoint the WAL from the writer; truncate it when it has grown past 32 MiB."""
+    wal = Path(f"{ctx.log.path}-wal")
+    big = wal.exists() and wal.stat().st_size > WAL_TRUNCATE_BYTES
+    return await ctx.log.wal_checkpoint("TRUNCATE" if big else "PASSIVE")
+
+
+async def backup_log(ctx) -> backup.BackupResult:
+    """Take a checked backup into storage.backup_dir and keep the newest storage.backup_keep."""
+    storage = ctx.config.storage
+    return await backup.take_backup(ctx.log, backup.backup_dir(storage.path, storage.backup_dir),
+                                    storage.backup_keep, min_free_bytes=storage.min_free_mb * MIB)
+
+
+async def check_disk(ctx) -> bool:
+    """Re-read free space now (logging a transition once); return True when writes are allowed."""
+    guard: DiskGuard | None = ctx.extras.get("disk")
+    return True if guard is None else guard.refresh()
+
+
+def status_line(ctx) -> str:
+    """Return the one-line STATUS= text: seq, sync backlog and last ack, disk state."""
+    parts = [f"seq {ctx.log.last_seq}"]
+    if ctx.uplink is not None:
+        sync = ctx.uplink.status()
+        parts.append(f"backlog {sync['backlog']}")
+        parts.append(f"last ack {sync['last_ack_at'] or 'never'}")
+        parts.append("hub connected" if sync["connected"] else "hub disconnected")
+    else:
+        parts.append("sync disabled")
+    guard: DiskGuard | None = ctx.extras.get("disk")
+    if guard is not None and guard.full:
+        parts.append("DISK FULL: writes refused")
+    return ", ".join(parts)
+
+
+async def heartbeat(ctx) -> bool:
+    """Send STATUS= to systemd and publish the retained online status; return True if published.
+
+    Publishing needs the sync engineer's MQTT client (`ctx.uplink.mqtt`) and a live
+    connection; with sync disabled or offline it is skipped (the will covers offline).
+    """
+    notifier: Notifier | None = ctx.extras.get("notifier")
+    if notifier is not None:
+        notifier.send(f"STATUS={status_line(ctx)}")
+    uplink = ctx.uplink
+    mqtt = getattr(uplink, "mqtt", None)
+    if mqtt is None or not getattr(mqtt, "connected", False):
+        return False
+    from sync import protocol
+
+    config = ctx.config
+    sync = uplink.status()
+    # The same fields as the uplink's birth message (accept drives the hub's compression).
+    status = protocol.Status(
+        store_id=config.store.id, state="online", at=clock.utc_now(),
+        client_id=config.mqtt.client_id or f"edge-agent-{config.store.id}",
+        accept=[protocol.ZLIB_JSON] if config.mqtt.protocol == 5 else [])
+    payload = msgspec.structs.asdict(status) | {
+        "last_seq": sync["last_seq"], "acked_seq": sync["acked_seq"], "backlog": sync["backlog"]}
+    await mqtt.publish(protocol.status_topic(config.mqtt.topic_prefix, config.store.id),
+                       msgspec.json.encode(payload), qos=1, retain=True)
+    return True
+
+
+# ----------------------------------------------------------------- scheduler
+
+
+def _once(name: str, job: Callable[[Any], Awaitable[Any]], ctx) -> Callable[[], Awaitable[None]]:
+    """Wrap a job so a failure is logged once per distinct reason, and its recovery once."""
+    last_error: list[str | None] = [None]
+
+    async def run() -> None:
+        try:
+            await job(ctx)
+        except Exception as exc:  # a failed job must not stop the others or the agent
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != last_error[0]:
+                log.error("service: job %s failed: %s", name, reason)
+                last_error[0] = reason
+        else:
+            if last_error[0] is not None:
+                log.warning("service: job %s works again", name)
+                last_error[0] = None
+
+    run.__name__ = f"job_{name}"
+    return run
+
+
+def build_scheduler(ctx) -> AsyncIOScheduler:
+    """Return a scheduler (not started) with every maintenance job the settings enable."""
+    service = ctx.config.service
+    scheduler = AsyncIOScheduler(job_defaults={
+        "coalesce": True, "max_instances": 1, "misfire_grace_time": service.misfire_grace_s})
+    jobs: list[tuple[str, Callable, float]] = [
+        ("projection_checkpoint", checkpoint_projections, service.projection_checkpoint_interval_s),
+        ("wal_checkpoint", checkpoint_wal, service.wal_checkpoint_interval_s),
+        ("heartbeat", heartbeat, service.heartbeat_interval_s),
+        ("disk_check", check_disk, service.disk_check_interval_s),
+    ]
+    if service.backup_interval_s > 0:
+        jobs.append(("backup", backup_log, service.backup_interval_s))
+    for name, job, interval in jobs:
+        scheduler.add_job(_once(name, job, ctx), "interval", seconds=interval, id=name, name=name)
+    return scheduler
+
+
+# ------------------------------------------------------------------- service
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    # On the event loop on purpose: if the loop blocks, the pings stop.
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def run_service(ctx, stop: asyncio.Event | None = None, *,
+                      notifier: Notifier | None = None, environ: dict | None = None) -> None:
+    """Notify systemd and run the scheduled jobs until cancelled (see the module docstring)."""
+    notifier = notifier or Notifier.from_environ(environ)
+    ctx.extras["notifier"] = notifier
+    while not ctx.ready:
+        await asyncio.sleep(0.02)
+    scheduler = build_scheduler(ctx)
+    scheduler.start()
+    notifier.send("READY=1", f"STATUS={status_line(ctx)}", f"MAINPID={os.getpid()}")
+    log.info("service: ready at seq %d%s", ctx.log.last_seq,
+             " (systemd notified)" if notifier.enabled else "")
+    interval = watchdog_interval(environ) if ctx.config.service.watchdog else None
+    pinger = asyncio.create_task(_watchdog(notifier, interval), name="watchdog") if interval else None
+    stopping = False
+    try:
+        if stop is not None:
+            await stop.wait()
+            # Tell systemd at once; the composition root then drains HTTP and closes the log.
+            notifier.send("STOPPING=1", "STATUS=stopping")
+            stopping = True
+            scheduler.pause()
+        await asyncio.Event().wait()  # until cancelled by the composition root
+    finally:
+        if not stopping:
+            notifier.send("STOPPING=1", "STATUS=stopping")
+        if pinger is not None:
+            pinger.cancel()
+        scheduler.shutdown(wait=False)
