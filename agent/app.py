@@ -14,8 +14,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine
 
+from agent import service
 from agent.api import start_api
+from agent.disk import DiskGuard
 from agent.log import SqliteEventLog
+from agent.logsetup import setup_logging
 from agent.metrics import Metrics
 from agent.settings import AgentConfig
 from agent.snapshots import SnapshotStore
@@ -58,10 +61,13 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     shuts the agent down and propagates (in an ExceptionGroup).
     """
     stop = stop or asyncio.Event()
+    disk = DiskGuard.for_storage(config.storage.path, config.storage.min_free_mb)
     event_log = await SqliteEventLog.open(
         config.storage.path, config.store.id,
-        synchronous=config.storage.synchronous, checkpoint_every=config.storage.checkpoint_every)
+        synchronous=config.storage.synchronous, checkpoint_every=config.storage.checkpoint_every,
+        disk_guard=disk)
     ctx = AgentContext(config=config, log=event_log, metrics=Metrics())
+    ctx.extras["disk"] = disk
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     event_log.add_listener(ctx.metrics.count_events)
     # Wiring point: build ctx.uplink / ctx.snapshots here, before the API answers.
@@ -91,6 +97,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
             # uplink, downlink, scheduler, notifier.
             if ctx.uplink is not None:
                 start("uplink", ctx.uplink.run())
+            start("service", service.run_service(ctx, stop))  # scheduler, sd_notify, watchdog
 
             ctx.ready = True
             if started is not None:
@@ -114,8 +121,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
 
 def main(config: AgentConfig) -> int:
     """Run `serve` under asyncio with SIGTERM/SIGINT wired to a clean stop; return the exit code."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=config.log.level, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log.level, config.log.format)
 
     async def runner() -> None:
         stop = asyncio.Event()
