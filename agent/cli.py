@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_verify)
     sub.add_parser("rebuild", help="rebuild the projections from the log (service stopped)").set_defaults(
         fn=cmd_rebuild)
+    from agent.backup import add_restore_parser
+
+    add_restore_parser(sub)
     return parser
 
 
