@@ -36,9 +36,8 @@ from sync import protocol
 log = logging.getLogger("edge_sync.downlink")
 
 CHUNK_ITEMS = 1000
-# MQTT 5 content type of a zlib-compressed (RFC 1950) JSON payload (docs/availability.md).
-# Without it, or under MQTT 3.1.1, a payload is plain JSON.
-ZLIB_JSON = "application/json+zlib"
+ZLIB_JSON = protocol.ZLIB_JSON
+MAX_INFLATED = 512 * 1024 * 1024   # a compressed payload may not inflate past this
 
 _Sku = Annotated[str, msgspec.Meta(pattern=SKU_PATTERN)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -92,10 +91,14 @@ def plain(payload: bytes, content_type: str | None) -> bytes:
     """Return the JSON bytes of a payload: inflated when its content type says zlib; raises Malformed."""
     if content_type != ZLIB_JSON:
         return payload
+    inflater = zlib.decompressobj()
     try:
-        return zlib.decompress(payload)
+        out = inflater.decompress(payload, MAX_INFLATED)
     except zlib.error as exc:
         raise Malformed("decode", f"not valid zlib under content type {ZLIB_JSON}: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise Malformed("decode", f"zlib payload truncated or inflating past {MAX_INFLATED} bytes")
+    return out
 
 
 def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:

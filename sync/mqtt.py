@@ -65,6 +65,7 @@ class Message:
     qos: int
     retain: bool
     dup: bool = False
+    content_type: str | None = None   # MQTT 5 Content Type property, when the publisher set one
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,24 @@ class MqttClient:
         if self.connected:
             self._client.subscribe(topic_filter, qos)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                content_type: str | None = None) -> asyncio.Future:
         """Publish; return a future resolved on PUBACK (QoS 1) or once handed to paho (QoS 0).
 
         Must be called on the event loop. Raises MqttError at once when paho refuses the
-        message outright (too large, queue full, bad topic).
+        message outright (too large, queue full, bad topic), or for a `content_type`
+        (an MQTT 5 property) on an MQTT 3.1.1 connection.
         """
         loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
+        props = None
+        if content_type is not None:
+            if self.protocol != 5:
+                raise MqttError(f"mqtt: publish to {topic}: a content type needs MQTT 5")
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type
         try:
-            info = self._client.publish(topic, payload, qos, retain)
+            info = self._client.publish(topic, payload, qos, retain, properties=props)
         except ValueError as exc:
             raise MqttError(f"mqtt: publish to {topic}: {exc}") from None
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -297,7 +306,9 @@ class MqttClient:
         self._call(self._puback, mid, reason_code.is_failure, str(reason_code))
 
     def _on_message(self, client, userdata, msg) -> None:
-        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup))
+        content_type = getattr(getattr(msg, "properties", None), "ContentType", None)
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup),
+                          content_type or None)
         self._call(self._dispatch, message, msg.mid)
 
     # -------------------------------------------------------------- on the loop

@@ -124,13 +124,23 @@ class Ack(msgspec.Struct, frozen=True):
 
 
 class Status(msgspec.Struct, frozen=True):
-    """`P/stores/{id}/status`: retained; the will publishes state "offline"."""
+    """`P/stores/{id}/status`: retained; the will publishes state "offline".
+
+    `accept` lists the MQTT 5 content types the agent can read besides plain JSON
+    (`ZLIB_JSON`); the hub compresses a store's snapshots only when it is listed.
+    """
 
     store_id: StoreId
     state: Literal["online", "offline"]
     v: Literal[1] = VERSION
     at: str | None = None
     client_id: str | None = None
+    accept: list[str] = []
+
+
+# MQTT 5 content type of a zlib-compressed (RFC 1950) JSON payload (docs/availability.md).
+# A message without it (and every message under MQTT 3.1.1) is plain JSON.
+ZLIB_JSON = "application/json+zlib"
 
 
 class NearbyStore(msgspec.Struct, frozen=True):

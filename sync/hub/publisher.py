@@ -25,6 +25,7 @@ import logging
 import re
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +75,8 @@ class AvailabilityPublisher:
         self._force: set[str] = set(self.service.store_ids)
         self._lock = asyncio.Lock()
         self.last: dict[str, av.Snapshot] = {}
+        self.sent_bytes: dict[str, int] = {}        # payload bytes of the last publish per store
+        self._accept: dict[str, bool] = {}           # store_id -> reads zlib (its status says so)
         self.catalog_version: int | None = None
         self._catalog_payload: bytes | None = None
 
@@ -86,6 +89,7 @@ class AvailabilityPublisher:
             log.info("hub: built the availability projection from %d held events", folded)
         self.store.ingest_hooks.append(projection.apply_events)
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.on_warehouse)
+        self.mqtt.subscribe(protocol.all_status_filter(self.prefix), self.on_status)
         self.mqtt.on_connection_change(self._connection_changed)
         await self.load_catalog()
         service.jobs.append(self.run)
@@ -111,6 +115,26 @@ class AvailabilityPublisher:
         if await self.store.run(lambda conn: projection.replace_warehouse(conn, feed.warehouse_id, feed.version, items)):
             self.counters["warehouse_applied"] += 1
             log.info("hub: warehouse %s feed %d (%d items)", feed.warehouse_id, feed.version, len(items))
+
+    async def on_status(self, message) -> None:
+        """The handler for `P/stores/+/status`: learn whether the store's agent reads zlib snapshots."""
+        store_id = protocol.store_of(self.prefix, message.topic, "status")
+        if store_id not in self.service.store_ids:
+            return
+        try:
+            status = protocol.decode(message.payload, protocol.Status)
+        except protocol.ProtocolError as exc:
+            self.counters["status_dropped"] += 1
+            log.warning("hub: dropped status on %s: %s", message.topic, str(exc)[:300])
+            return
+        zlib_ok = protocol.ZLIB_JSON in status.accept
+        if self._accept.get(store_id, False) != zlib_ok:
+            self._accept[store_id] = zlib_ok
+            self._force.add(store_id)  # republish in the encoding the agent now reads
+
+    def compresses(self, store_id: str) -> bool:
+        """Whether the store's snapshots go out zlib-compressed (MQTT 5 and the agent accepts it)."""
+        return self.mqtt.protocol == 5 and self._accept.get(store_id, False)
 
     async def load_catalog(self) -> None:
         """Read `[catalog] path` (CSV sku,name); its version grows when the file's content changes."""
@@ -157,20 +181,26 @@ class AvailabilityPublisher:
             for snap in snapshots:
                 await self.store.run(lambda conn, s=snap: projection.record_published(
                     conn, s.store_id, s.version, s.digest, s.generated_at_ms))
+                payload, content_type = snap.payload, None
+                if self.compresses(snap.store_id):
+                    payload = await asyncio.to_thread(zlib.compress, snap.payload, 6)
+                    content_type = protocol.ZLIB_JSON
                 try:
                     await asyncio.wait_for(self.mqtt.publish(
-                        protocol.availability_topic(self.prefix, snap.store_id), snap.payload,
-                        qos=1, retain=True), PUBLISH_TIMEOUT_S)
+                        protocol.availability_topic(self.prefix, snap.store_id), payload,
+                        qos=1, retain=True, content_type=content_type), PUBLISH_TIMEOUT_S)
                 except Exception as exc:  # a publish failure must not stop the job for other stores
                     self._force.add(snap.store_id)
                     self.counters["availability_publish_failed"] += 1
                     log.warning("hub: availability %d for %s not published: %s", snap.version, snap.store_id, exc)
                     continue
                 self.last[snap.store_id] = snap
+                self.sent_bytes[snap.store_id] = len(payload)
                 self.counters["availability_published"] += 1
                 out.append(snap)
-                log.info("hub: published availability %d for %s (%d items, %d bytes)",
-                         snap.version, snap.store_id, snap.items, len(snap.payload))
+                log.info("hub: published availability %d for %s (%d items, %d bytes%s)",
+                         snap.version, snap.store_id, snap.items, len(payload),
+                         f", zlib of {len(snap.payload)}" if content_type else "")
             return out
 
     async def run(self) -> None:
