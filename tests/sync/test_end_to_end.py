@@ -20,3 +20,22 @@ async def test_events_reach_the_hub_exactly_once_and_the_ack_reaches_last_seq(tm
         assert "edge_agent_sync_backlog 0.0" in metrics
         assert agent.terminate() == 0
         assert hub.terminate() == 0
+
+
+def test_mqtt_311_end_to_end(tmp_path, broker):
+    agent = sync_agent(tmp_path, broker)
+    agent.sections["mqtt"]["protocol"] = 4
+    with HubProcess(tmp_path / "hub", broker, protocol=4) as hub, agent:
+        post_events(agent, 300)
+        assert assert_healed(agent, hub, verify=False) == 300
+
+
+def test_rate_cap_spreads_the_drain(tmp_path, broker):
+    import time
+
+    with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker, rate_limit_eps=500,
+                                                                  ack_timeout_s=10) as agent:
+        started = time.monotonic()
+        post_events(agent, 1000)
+        assert assert_healed(agent, hub, verify=False) == 1000
+        assert time.monotonic() - started >= 1.5, "1000 events at 500/s take about 2 s"
