@@ -18,10 +18,12 @@ acknowledged: redelivering it would not make it valid. The held snapshot stays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
 import re
+import sys
 import time
 import zlib
 from typing import Annotated, Literal
@@ -35,7 +37,7 @@ from sync import protocol
 
 log = logging.getLogger("edge_sync.downlink")
 
-CHUNK_ITEMS = 1000
+CHUNK_ITEMS = 250   # about a millisecond of decoding between yields to the loop
 ZLIB_JSON = protocol.ZLIB_JSON
 MAX_INFLATED = 512 * 1024 * 1024   # a compressed payload may not inflate past this
 
@@ -59,7 +61,7 @@ class _SnapshotHead(msgspec.Struct, frozen=True):
     store_id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
     version: _Count
     generated_at: Annotated[str, msgspec.Meta(pattern=TIME_PATTERN)]
-    items: msgspec.Raw
+    items: list[msgspec.Raw]   # each item's JSON, decoded and checked later in chunks
 
 
 class _CatalogItem(msgspec.Struct, frozen=True, gc=False):
@@ -74,7 +76,6 @@ class _Catalog(msgspec.Struct, frozen=True):
 
 
 _head_decoder = msgspec.json.Decoder(_SnapshotHead)
-_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _items_decoder = msgspec.json.Decoder(list[_Item])
 _catalog_decoder = msgspec.json.Decoder(_Catalog)
 
@@ -102,9 +103,10 @@ def plain(payload: bytes, content_type: str | None) -> bytes:
 
 
 def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
-    """Decode a snapshot's envelope (items left raw); raises Malformed."""
+    """Decode a snapshot's envelope, each item left as its raw JSON; raises Malformed."""
     try:
-        head = _head_decoder.decode(payload)
+        with _gc_paused():
+            head = _head_decoder.decode(payload)
     except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
         raise Malformed("shape", f"availability: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -114,17 +116,13 @@ def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
     return head
 
 
-async def prepare_rows(raw_items: bytes, chunk: int = CHUNK_ITEMS) -> tuple[list[Row], bytes]:
-    """Decode and validate a snapshot's `items` into stored rows and their digest (`digest_of`).
+async def prepare_rows(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list[Row], bytes]:
+    """Decode and validate a snapshot's raw items into stored rows and their digest.
 
     Works in chunks with a yield to the loop after each, so no step holds the loop for
-    long. Raises Malformed naming the first bad item; a SKU listed twice is malformed too.
+    long; empties `slices` as it goes. Raises Malformed naming the first bad item; a SKU
+    listed twice is malformed too.
     """
-    try:
-        slices = _raw_list_decoder.decode(raw_items)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise Malformed("shape", f"availability: items: {exc}") from None
-    await asyncio.sleep(0)
     rows: list[Row] = []
     seen: set[str] = set()
     digest = hashlib.sha256()
@@ -143,16 +141,53 @@ async def prepare_rows(raw_items: bytes, chunk: int = CHUNK_ITEMS) -> tuple[list
             raise Malformed("item", f"availability: a SKU is listed twice (items {start}..{start + len(part) - 1})")
         update_digest(digest, new)
         await asyncio.sleep(0)
+    await release(slices)
+    await release(seen)
     return rows, digest.digest()
 
 
+async def release(container: list | set, step: int = 5000) -> None:
+    """Empty a large list or set a slice at a time, yielding between slices: freeing
+    100,000 objects at once would hold the loop for tens of milliseconds."""
+    while container:
+        if isinstance(container, list):
+            del container[-step:]
+        else:
+            for _ in range(min(step, len(container))):
+                container.pop()
+        await asyncio.sleep(0)
+
+
 def _decode_items(chunk: bytes) -> list[_Item]:
-    # Thousands of new lists per chunk would trigger the cyclic GC over the whole heap
-    # again and again; none of them can form a cycle, so the collector pauses meanwhile.
+    with _gc_paused():
+        return _items_decoder.decode(chunk)
+
+
+@contextlib.contextmanager
+def _prompt_switching(interval_s: float = 0.0005):
+    """Shorten the GIL switch interval while the writer thread runs a large apply.
+
+    The writer's executemany releases the GIL only inside each SQLite step and takes it
+    straight back, so the loop thread would wait out the full default interval (5 ms)
+    for a turn; kiosk reads would see that as latency.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic GC: while a snapshot's 100,000s of rows are alive, each full
+    collection would walk them all on the loop (tens of ms). None of them can form a
+    cycle; refcounting frees them as soon as the apply is done."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _items_decoder.decode(chunk)
+        yield
     finally:
         if enabled:
             gc.enable()
@@ -204,8 +239,11 @@ class Downlink:
             if held is not None and head.version <= held:
                 self._ignore(head.version, held)
                 return
-            rows, digest = await prepare_rows(bytes(head.items), self.chunk)
-            outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest)
+            with _gc_paused(), _prompt_switching():
+                rows, digest = await prepare_rows(head.items, self.chunk)
+                outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest)
+                count = len(rows)
+                await release(rows)
         except Malformed as bad:
             self._drop(bad.reason, str(bad), len(message.payload))
             return
@@ -222,7 +260,7 @@ class Downlink:
             self._metrics.version.set(head.version)
             self._metrics.apply_seconds.observe(self.last_apply_s)
         log.info("downlink: applied availability snapshot %d for %s (%d items, %d changed, %d removed,"
-                 " %d bytes, %.3f s)", head.version, self.store_id, len(rows), outcome.changed,
+                 " %d bytes, %.3f s)", head.version, self.store_id, count, outcome.changed,
                  outcome.removed, len(message.payload), self.last_apply_s)
 
     async def on_catalog(self, message) -> None:

@@ -17,10 +17,11 @@ from tests.sync.hubproc import HubProcess
 PREFIX = "retail"
 
 
-def store_agent(tmp_path, broker, store_id: str, **availability) -> AgentProcess:
+def store_agent(tmp_path, broker, store_id: str, protocol_version: int = 5, **availability) -> AgentProcess:
     (tmp_path / store_id).mkdir(exist_ok=True)
     sections = {
-        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
+        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
+                 "protocol": protocol_version},
         "sync": {"ack_timeout_s": 2.0},
         "service": {"backup_interval_s": 0},
     }
@@ -79,7 +80,8 @@ async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_se
     with ExitStack() as stack:
         stack.enter_context(hub)
         a = stack.enter_context(store_agent(tmp_path, broker, "store-a"))
-        b = stack.enter_context(store_agent(tmp_path, broker, "store-b"))
+        # B speaks MQTT 3.1.1: no content types, so its snapshots must stay plain JSON.
+        b = stack.enter_context(store_agent(tmp_path, broker, "store-b", protocol_version=4))
         record(a, {"type": "received", "sku": "SKU-1", "qty": 5, "location": "floor"})
         record(b, {"type": "received", "sku": "SKU-1", "qty": 2})
 
@@ -104,6 +106,9 @@ async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_se
                           30, "store A to see store B")
         sync = b.request("GET", "/v1/sync")[1]
         assert sync["snapshot_version"] == availability(b, "SKU-1")["snapshot"]["version"]
+        published = [line for line in hub.output().splitlines() if "published availability" in line]
+        assert any("for store-a" in line and "zlib of" in line for line in published), published
+        assert all("zlib" not in line for line in published if "for store-b" in line), published
         assert b.terminate() == 0 and a.terminate() == 0 and hub.terminate() == 0
 
 

@@ -145,9 +145,9 @@ def test_decode_head_refuses_bad_envelopes(payload, reason):
     {"sku": "A"},
 ])
 async def test_prepare_rows_refuses_bad_items(items):
-    head = decode_head(snapshot_payload(items=items), "store-a")
     with pytest.raises(Malformed):
-        await prepare_rows(bytes(head.items), chunk=1)
+        head = decode_head(snapshot_payload(items=items), "store-a")
+        await prepare_rows(head.items, chunk=1)
 
 
 async def test_downlink_drops_malformed_and_keeps_previous(log):
@@ -162,6 +162,24 @@ async def test_downlink_drops_malformed_and_keeps_previous(log):
     assert (downlink.applied, downlink.ignored) == (1, 1)
     assert store.version == 2
     assert store.lookup("A") == ([{"store_id": "store-b", "available": 2}], 5)
+
+
+async def test_downlink_reads_zlib_only_under_its_content_type(log):
+    import zlib
+
+    from sync.protocol import ZLIB_JSON
+    store = await SnapshotStore.open(log, now=Clock(T0))
+    downlink = Downlink(mqtt=None, prefix="retail", store_id="store-a", snapshots=store)
+    good = [{"sku": "A", "nearby": [], "online": 5}]
+    packed = zlib.compress(snapshot_payload(version=2, items=good))
+    await downlink.on_availability(Message("t", packed, 1, True))  # no content type: not JSON
+    assert downlink.drops == {"decode": 1} and store.version is None
+    await downlink.on_availability(Message("t", packed[:-5], 1, True, content_type=ZLIB_JSON))
+    assert downlink.drops == {"decode": 2}
+    await downlink.on_availability(Message("t", packed, 1, True, content_type=ZLIB_JSON))
+    assert store.version == 2 and store.lookup("A") == ([], 5)
+    await downlink.on_availability(Message("t", snapshot_payload(version=3, items=good), 1, True))
+    assert store.version == 3  # plain JSON keeps working
 
 
 async def test_downlink_storage_failure_raises_so_the_message_is_not_acked(log, tmp_path):
