@@ -92,8 +92,8 @@ def seed(conn, stores: list[str], skus: int, round_: int, changed_every: int) ->
             bump = rnd.randrange(1, 40) if round_ and i % changed_every == 0 else 0
             rows.append((s, f"SKU-{i:07d}", base + bump, 3, 0))
     conn.executemany("INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved) VALUES (?,?,?,?,?)", rows)
-    projection.replace_warehouse(conn, "wh-1", round_ + 1, [(f"SKU-{i:07d}", (i * 13 + round_) % 500)
-                                                            for i in range(skus)])
+    projection.replace_warehouse(conn, "wh-1", round_ + 1, [
+        (f"SKU-{i:07d}", (i * 13 + (round_ if i % changed_every == 0 else 0)) % 500) for i in range(skus)])
 
 
 async def one_round(label: str, service, publisher, agent_port: int, stores, skus, round_,
@@ -113,7 +113,8 @@ async def one_round(label: str, service, publisher, agent_port: int, stores, sku
             raise SystemExit(f"{label}: the agent never applied snapshot {snap.version}")
         await asyncio.sleep(0.01)
     applied = time.perf_counter()
-    apply_s = metric(agent_port, "edge_agent_snapshot_apply_seconds_sum") - before
+    while (apply_s := metric(agent_port, "edge_agent_snapshot_apply_seconds_sum") - before) <= 0:
+        await asyncio.sleep(0.01)  # the metric is recorded a moment after the commit
     return {
         "round": label, "json_bytes": len(snap.payload), "sent_bytes": publisher.sent_bytes[TARGET],
         "zlib_bytes": len(zlib.compress(snap.payload, 6)),

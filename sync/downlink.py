@@ -242,6 +242,7 @@ class Downlink:
             with _gc_paused(), _prompt_switching():
                 rows, digest = await prepare_rows(head.items, self.chunk)
                 outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest)
+                took = time.perf_counter() - started   # receive to commit
                 count = len(rows)
                 await release(rows)
         except Malformed as bad:
@@ -254,7 +255,7 @@ class Downlink:
             self._ignore(head.version, outcome.held_version)
             return
         self.applied += 1
-        self.last_apply_s = time.perf_counter() - started
+        self.last_apply_s = took
         if self._metrics:
             self._metrics.applied.inc()
             self._metrics.version.set(head.version)
