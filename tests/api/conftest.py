@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from agent.app import AgentContext, serve
-from agent.settings import AgentConfig, ApiSection, StorageSection, StoreSection
+from agent.settings import AgentConfig, ApiSection, StorageSection, StoreSection, SyncSection
 
 STORE = "store-0042"
 
@@ -49,7 +49,9 @@ def agent_config(tmp_path: Path, write_token: str = "", **storage: Any) -> Agent
     return AgentConfig(
         store=StoreSection(id=STORE),
         storage=StorageSection(path=str(tmp_path / "events.db"), **storage),
-        api=ApiSection(host="127.0.0.1", port=0, write_token=write_token))
+        api=ApiSection(host="127.0.0.1", port=0, write_token=write_token),
+        # The API's own tests need no broker; sync has its own suite.
+        sync=SyncSection(enabled=False))
 
 
 @pytest.fixture

@@ -289,7 +289,7 @@ async def test_availability_of_a_sku_not_stocked_here_is_zero_here(agent):
     assert body["here"] == {"floor": 0, "backroom": 0, "reserved": 0, "available": 0}
 
 
-async def test_availability_uses_the_snapshot_store_when_wired(agent):
+async def test_availability_uses_the_snapshot_store_when_wired(agent, monkeypatch):
     class Snapshots:
         def lookup(self, sku):
             return ([{"store_id": "store-0043", "available": 9}], 120) if sku == "A1" else ([], None)
@@ -297,7 +297,7 @@ async def test_availability_uses_the_snapshot_store_when_wired(agent):
         def meta(self):
             return {"version": 7, "generated_at": "2026-11-27T13:00:00.000Z", "age_s": 4.5, "stale": False}
 
-    agent.ctx.snapshots = Snapshots()
+    monkeypatch.setattr(agent.ctx, "snapshots", Snapshots())
     status, body = await agent.get("/v1/availability/A1")
     assert status == 200
     assert body["nearby"] == [{"store_id": "store-0043", "available": 9}] and body["online"] == 120
@@ -329,7 +329,7 @@ async def test_bad_events_query_is_400_naming_it(agent, query, field):
     assert_error(body, "invalid", field)
 
 
-async def test_sync_reports_unsynced_until_an_uplink_is_wired(agent):
+async def test_sync_reports_unsynced_until_an_uplink_is_wired(agent, monkeypatch):
     await agent.post(cmd("c1", receive()))
     assert await agent.get("/v1/sync") == (200, {
         "last_seq": 1, "acked_seq": 0, "backlog": 1, "connected": False, "last_ack_at": None,
@@ -340,7 +340,7 @@ async def test_sync_reports_unsynced_until_an_uplink_is_wired(agent):
             return {"last_seq": 1, "acked_seq": 1, "backlog": 0, "connected": True,
                     "last_ack_at": "2026-11-27T13:00:00.000Z", "snapshot_version": None}
 
-    agent.ctx.uplink = Uplink()
+    monkeypatch.setattr(agent.ctx, "uplink", Uplink())
     assert (await agent.get("/v1/sync"))[1]["acked_seq"] == 1
 
 
