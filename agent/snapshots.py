@@ -1,10 +1,14 @@
 """The agent's durable copy of the hub's latest availability snapshot and product catalog.
 
-Both live in the agent's own database, beside the log, and are written only through
-`SqliteEventLog.write` (the single writer). Kiosk reads go through a separate read-only
-connection on the event loop: a point read is a few microseconds, and WAL lets it see the
-last committed snapshot while a new one is being written, so readers keep seeing the
-previous snapshot until the new one commits, never a mix.
+The snapshot lives in its own SQLite file beside the log (`events.snapshots.db`), whose
+only writer is this store (one apply at a time, in a thread or in a worker process), so
+a 100,000-row apply never queues behind, or holds up, the log's single writer and never
+holds this process's GIL. The catalog is small and lives in the log's database, written
+through `SqliteEventLog.write`. Kiosk reads go through read-only connections on the
+event loop: a point read is a few microseconds, and WAL lets it see the last committed
+snapshot while a new one is being written, so readers keep seeing the previous snapshot
+until the new one commits, never a mix. The snapshot is derived data: losing the file
+loses nothing the hub's retained message cannot bring back.
 
 Applying is idempotent by version: a snapshot whose version is not newer than the one
 held is ignored (`apply` returns False), checked inside the write transaction. An apply
@@ -15,16 +19,21 @@ lookups, not page writes; one whose items digest equals the held one writes only
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
+import multiprocessing
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import msgspec
 
 from agent import clock
-from agent.errors import storage_error
+from agent.errors import StorageError, storage_error
 from agent.reader import open_readonly
 
 SNAPSHOT_SQL = """
@@ -41,6 +50,9 @@ CREATE TABLE IF NOT EXISTS availability_items (
     item   BLOB NOT NULL,      -- the item's JSON as received: {"sku", "nearby": [...], "online"}
     online INTEGER
 ) WITHOUT ROWID;
+"""
+
+CATALOG_SQL = """
 CREATE TABLE IF NOT EXISTS catalog_meta (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -108,33 +120,48 @@ class ApplyOutcome:
 
 
 class SnapshotStore:
-    """The latest availability snapshot, durable in the agent's database.
+    """The latest availability snapshot, durable in its own SQLite file beside the log.
 
     Create with `await SnapshotStore.open(log, max_age_s=...)`. `lookup` and `meta` are
     synchronous point reads for the kiosk path: they never wait on the network or on a
-    snapshot being applied.
+    snapshot being applied. Writes are serialized by this store: `apply`/`apply_rows` in a
+    thread, `apply_in_worker` in a worker process (so decoding 100,000 items never holds
+    this process's GIL); each is one transaction, committed before the call returns.
     """
 
-    def __init__(self, log, conn: sqlite3.Connection, max_age_s: float, now: Callable[[], float]):
+    def __init__(self, log, path: Path, conn: sqlite3.Connection, max_age_s: float,
+                 now: Callable[[], float]):
         self._log = log
+        self.path = path
         self._conn = conn
         self.max_age_s = max_age_s
         self._now = now
         self._meta: dict | None = None
-        self.catalog = CatalogStore(log, conn)
+        self._lock = asyncio.Lock()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.catalog = CatalogStore(log, open_readonly(log.path))
 
     @classmethod
-    async def open(cls, log, *, max_age_s: float = 120.0,
+    async def open(cls, log, *, path: str | Path | None = None, max_age_s: float = 120.0,
                    now: Callable[[], float] = time.time) -> "SnapshotStore":
-        """Create the tables if needed (through the log's writer) and load the held version."""
-        await log.write(create_tables)
-        self = cls(log, open_readonly(log.path), max_age_s, now)
+        """Create the snapshot file (default `<log>.snapshots.db`) and the catalog tables; load both."""
+        path = Path(path) if path else snapshot_path(log.path)
+        try:
+            await asyncio.to_thread(lambda: open_writer(path).close())
+        except sqlite3.Error as exc:
+            raise storage_error(f"open snapshots {path}", exc) from exc
+        await log.write(create_catalog_tables)
+        self = cls(log, path, open_readonly(path), max_age_s, now)
         self._meta = self._read_meta()
         await self.catalog.load()
         return self
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self._conn.close()
+        self.catalog.close()
 
     # ------------------------------------------------------------------- reads
 
@@ -192,17 +219,80 @@ class SnapshotStore:
 
     async def apply_rows(self, version: int, generated_at: str, rows: Sequence[Row],
                          digest: bytes) -> ApplyOutcome:
-        """`apply` for rows already encoded by `rows_of` (the downlink prepares them in chunks)."""
-        held = self._meta
-        if held is not None and version <= held["version"]:
-            return ApplyOutcome(False, held["version"])
-        applied_at = clock.rfc3339(self._now())
-        outcome = await self._log.write(
-            lambda conn: _apply_in_txn(conn, version, generated_at, applied_at, rows, digest))
-        if outcome.applied:
-            self._meta = {"version": version, "generated_at": generated_at, "applied_at": applied_at,
-                          "digest": digest, "items": len(rows)}
+        """`apply` for rows already encoded by `rows_of`."""
+        async with self._lock:
+            held = self._meta
+            if held is not None and version <= held["version"]:
+                return ApplyOutcome(False, held["version"])
+            applied_at = clock.rfc3339(self._now())
+            outcome = await asyncio.to_thread(write_rows, self.path, version, generated_at, applied_at,
+                                              rows, digest)
+            self._meta = self._read_meta()
+            return outcome
+
+    async def apply_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(path, applied_at, *args)` in this store's worker process; return its result.
+
+        `fn` (a module-level function) writes the snapshot file with `write_rows`; the held
+        meta is reloaded after it returns. A dead worker is replaced on the next call.
+        Raises what `fn` raises (StorageError for SQLite failures).
+        """
+        async with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            applied_at = clock.rfc3339(self._now())
+            try:
+                return await asyncio.wrap_future(self._pool.submit(fn, str(self.path), applied_at, *args))
+            except concurrent.futures.process.BrokenProcessPool as exc:
+                self._pool = None
+                raise StorageError(f"snapshots: the apply worker died: {exc}") from exc
+            finally:
+                self._meta = self._read_meta()
+
+
+def snapshot_path(log_path: str | Path) -> Path:
+    """Where a log's snapshot file lives: `events.db` -> `events.snapshots.db`."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.stem + ".snapshots.db")
+
+
+def open_writer(path: str | Path) -> sqlite3.Connection:
+    """Open the snapshot file for writing (WAL, synchronous=FULL), creating its tables."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        for statement in SNAPSHOT_SQL.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def write_rows(path: str | Path, version: int, generated_at: str, applied_at: str, rows: Sequence[Row],
+               digest: bytes) -> ApplyOutcome:
+    """Apply a snapshot to the file at `path` in one transaction (any thread or process).
+
+    Raises StorageError when SQLite cannot commit (nothing changed).
+    """
+    try:
+        conn = open_writer(path)
+    except sqlite3.Error as exc:
+        raise storage_error("open snapshots", exc) from exc
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        outcome = _apply_in_txn(conn, version, generated_at, applied_at, rows, digest)
+        conn.execute("COMMIT")
         return outcome
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise storage_error("apply snapshot", exc) from exc
+    finally:
+        conn.close()
 
 
 def _apply_in_txn(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str,
@@ -254,6 +344,9 @@ class CatalogStore:
         self._conn = conn
         self.version: int | None = None
 
+    def close(self) -> None:
+        self._conn.close()
+
     async def load(self) -> None:
         row = self._conn.execute("SELECT version FROM catalog_meta WHERE id = 1").fetchone()
         self.version = row[0] if row else None
@@ -301,8 +394,8 @@ class CatalogStore:
         return done
 
 
-def create_tables(conn: sqlite3.Connection) -> None:
-    """Create the snapshot and catalog tables inside the caller's transaction."""
-    for statement in SNAPSHOT_SQL.split(";"):
+def create_catalog_tables(conn: sqlite3.Connection) -> None:
+    """Create the catalog tables (in the log's database) inside the caller's transaction."""
+    for statement in CATALOG_SQL.split(";"):
         if statement.strip():
             conn.execute(statement)

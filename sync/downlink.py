@@ -5,10 +5,10 @@ Subscribes (on the agent's one MqttClient) to `P/stores/{store_id}/availability`
 a snapshot is acked after it committed; a retained snapshot published while the agent
 was offline arrives again on (re)connect and is applied then if it is newer.
 
-A snapshot is decoded in steps so a 100,000-SKU payload never holds the event loop for
-long: the envelope first (cheap, with `items` kept raw; an old version stops here), then
-the items split into raw slices, then decoded and validated in chunks with a yield to the
-loop between chunks, so kiosk reads keep being answered while a large snapshot applies.
+A snapshot is inflated, decoded, validated and written by `apply_payload` in the
+snapshot store's worker process (`SnapshotStore.apply_in_worker`), so a 100,000-SKU
+payload never holds this process's event loop or GIL: kiosk reads keep being answered
+from the previous snapshot until the new one commits. The handler only awaits it.
 
 Bad input (not JSON, wrong shape, another store's id, a SKU or count that breaks the
 contract) is logged, counted (`drops[reason]`, `edge_agent_downlink_dropped`) and
@@ -17,13 +17,10 @@ acknowledged: redelivering it would not make it valid. The held snapshot stays.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import hashlib
 import logging
 import re
-import sys
 import time
 import zlib
 from typing import Annotated, Literal
@@ -32,12 +29,12 @@ import msgspec
 
 from agent.errors import StorageError
 from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
-from agent.snapshots import Row, SnapshotStore, update_digest
+from agent.snapshots import Row, SnapshotStore, update_digest, write_rows
 from sync import protocol
 
 log = logging.getLogger("edge_sync.downlink")
 
-CHUNK_ITEMS = 250   # about a millisecond of decoding between yields to the loop
+CHUNK_ITEMS = 1000
 ZLIB_JSON = protocol.ZLIB_JSON
 MAX_INFLATED = 512 * 1024 * 1024   # a compressed payload may not inflate past this
 
@@ -105,8 +102,7 @@ def plain(payload: bytes, content_type: str | None) -> bytes:
 def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
     """Decode a snapshot's envelope, each item left as its raw JSON; raises Malformed."""
     try:
-        with _gc_paused():
-            head = _head_decoder.decode(payload)
+        head = _head_decoder.decode(payload)
     except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
         raise Malformed("shape", f"availability: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -116,12 +112,10 @@ def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
     return head
 
 
-async def prepare_rows(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list[Row], bytes]:
+def rows_from(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list[Row], bytes]:
     """Decode and validate a snapshot's raw items into stored rows and their digest.
 
-    Works in chunks with a yield to the loop after each, so no step holds the loop for
-    long; empties `slices` as it goes. Raises Malformed naming the first bad item; a SKU
-    listed twice is malformed too.
+    Raises Malformed naming the first bad item; a SKU listed twice is malformed too.
     """
     rows: list[Row] = []
     seen: set[str] = set()
@@ -129,7 +123,7 @@ async def prepare_rows(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> t
     for start in range(0, len(slices), chunk):
         part = slices[start:start + chunk]
         try:
-            items = _decode_items(b"[" + b",".join(part) + b"]")
+            items = _items_decoder.decode(b"[" + b",".join(part) + b"]")
         except msgspec.ValidationError as exc:
             raise Malformed("item", f"availability: items (from item {start}): {exc}") from None
         _check_ids(items, start)
@@ -140,57 +134,26 @@ async def prepare_rows(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> t
         if len(seen) != len(rows):
             raise Malformed("item", f"availability: a SKU is listed twice (items {start}..{start + len(part) - 1})")
         update_digest(digest, new)
-        await asyncio.sleep(0)
-    await release(slices)
-    await release(seen)
     return rows, digest.digest()
 
 
-async def release(container: list | set, step: int = 5000) -> None:
-    """Empty a large list or set a slice at a time, yielding between slices: freeing
-    100,000 objects at once would hold the loop for tens of milliseconds."""
-    while container:
-        if isinstance(container, list):
-            del container[-step:]
-        else:
-            for _ in range(min(step, len(container))):
-                container.pop()
-        await asyncio.sleep(0)
+def apply_payload(path: str, applied_at: str, payload: bytes, content_type: str | None,
+                  store_id: str) -> tuple:
+    """Decode, check and store one snapshot message (runs in the snapshot worker process).
 
-
-def _decode_items(chunk: bytes) -> list[_Item]:
-    with _gc_paused():
-        return _items_decoder.decode(chunk)
-
-
-@contextlib.contextmanager
-def _prompt_switching(interval_s: float = 0.0005):
-    """Shorten the GIL switch interval while the writer thread runs a large apply.
-
-    The writer's executemany releases the GIL only inside each SQLite step and takes it
-    straight back, so the loop thread would wait out the full default interval (5 ms)
-    for a turn; kiosk reads would see that as latency.
+    Returns ("malformed", reason, text) or ("done", ApplyOutcome, version, items).
+    Raises StorageError when the snapshot file cannot commit.
     """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, interval_s))
+    gc.disable()  # 100,000s of acyclic objects: full collections would only cost time
     try:
-        yield
+        head = decode_head(plain(payload, content_type), store_id)
+        rows, digest = rows_from(head.items)
+    except Malformed as bad:
+        return ("malformed", bad.reason, str(bad))
     finally:
-        sys.setswitchinterval(previous)
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the cyclic GC: while a snapshot's 100,000s of rows are alive, each full
-    collection would walk them all on the loop (tens of ms). None of them can form a
-    cycle; refcounting frees them as soon as the apply is done."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+        gc.enable()
+    return ("done", write_rows(path, head.version, head.generated_at, applied_at, rows, digest),
+            head.version, len(rows))
 
 
 _SKUS = re.compile(r"(?:[A-Za-z0-9._:-]{1,64}\n)*")
@@ -211,12 +174,11 @@ class Downlink:
     """Applies the hub's snapshots and catalog for one store; attach it to the agent's MqttClient."""
 
     def __init__(self, mqtt, prefix: str, store_id: str, snapshots: SnapshotStore,
-                 metrics=None, chunk: int = CHUNK_ITEMS):
+                 metrics=None):
         self.mqtt = mqtt
         self.prefix = prefix
         self.store_id = store_id
         self.snapshots = snapshots
-        self.chunk = chunk
         self.applied = 0
         self.ignored = 0
         self.drops: dict[str, int] = {}
@@ -232,36 +194,27 @@ class Downlink:
         """Apply one snapshot message; returns normally (so it is acked) unless storage failed."""
         started = time.perf_counter()
         try:
-            # zlib releases the GIL while it inflates, so a thread keeps the loop free.
-            payload = await asyncio.to_thread(plain, message.payload, getattr(message, "content_type", None))
-            head = decode_head(payload, self.store_id)
-            held = self.snapshots.version
-            if held is not None and head.version <= held:
-                self._ignore(head.version, held)
-                return
-            with _gc_paused(), _prompt_switching():
-                rows, digest = await prepare_rows(head.items, self.chunk)
-                outcome = await self.snapshots.apply_rows(head.version, head.generated_at, rows, digest)
-                took = time.perf_counter() - started   # receive to commit
-                count = len(rows)
-                await release(rows)
-        except Malformed as bad:
-            self._drop(bad.reason, str(bad), len(message.payload))
-            return
+            result = await self.snapshots.apply_in_worker(
+                apply_payload, message.payload, getattr(message, "content_type", None), self.store_id)
         except StorageError:
             log.exception("downlink: could not store snapshot for %s; left unacknowledged", self.store_id)
             raise
+        took = time.perf_counter() - started   # receive to commit
+        if result[0] == "malformed":
+            self._drop(result[1], result[2], len(message.payload))
+            return
+        _, outcome, version, count = result
         if not outcome.applied:
-            self._ignore(head.version, outcome.held_version)
+            self._ignore(version, outcome.held_version)
             return
         self.applied += 1
         self.last_apply_s = took
         if self._metrics:
             self._metrics.applied.inc()
-            self._metrics.version.set(head.version)
+            self._metrics.version.set(version)
             self._metrics.apply_seconds.observe(self.last_apply_s)
         log.info("downlink: applied availability snapshot %d for %s (%d items, %d changed, %d removed,"
-                 " %d bytes, %.3f s)", head.version, self.store_id, count, outcome.changed,
+                 " %d bytes, %.3f s)", version, self.store_id, count, outcome.changed,
                  outcome.removed, len(message.payload), self.last_apply_s)
 
     async def on_catalog(self, message) -> None:

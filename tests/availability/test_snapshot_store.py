@@ -10,7 +10,7 @@ import pytest
 
 from agent.log import SqliteEventLog
 from agent.snapshots import NearbyStock, SnapshotItem, SnapshotStore
-from sync.downlink import Downlink, Malformed, decode_head, prepare_rows
+from sync.downlink import Downlink, Malformed, decode_head, rows_from
 from sync.mqtt import Message
 
 
@@ -30,16 +30,27 @@ def item(sku: str, online: int | None = None, **nearby: int) -> SnapshotItem:
     return SnapshotItem(sku, [NearbyStock(s, n) for s, n in nearby.items()], online)
 
 
+_opened: list[SnapshotStore] = []
+
+
+async def open_store(event_log, **kwargs) -> SnapshotStore:
+    store = await SnapshotStore.open(event_log, **kwargs)
+    _opened.append(store)
+    return store
+
+
 @pytest.fixture
 async def log(tmp_path):
     event_log = await SqliteEventLog.open(tmp_path / "events.db", "store-a")
     yield event_log
+    while _opened:  # also stops their apply worker processes
+        _opened.pop().close()
     await event_log.close()
 
 
 async def test_apply_then_lookup_and_meta(log):
     clock = Clock(T0 + 30)
-    store = await SnapshotStore.open(log, max_age_s=60, now=clock)
+    store = await open_store(log, max_age_s=60, now=clock)
     assert store.meta() is None
     assert store.lookup("SKU-1") == ([], None)
     outcome = await store.apply(5, T0_TEXT, [item("SKU-1", 7, **{"store-b": 3}), item("SKU-2")])
@@ -52,7 +63,7 @@ async def test_apply_then_lookup_and_meta(log):
 
 
 async def test_older_or_equal_version_is_ignored(log):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     await store.apply(5, T0_TEXT, [item("SKU-1", 1)])
     for version in (5, 4):
         outcome = await store.apply(version, T0_TEXT, [item("SKU-1", 99)])
@@ -61,7 +72,7 @@ async def test_older_or_equal_version_is_ignored(log):
 
 
 async def test_new_snapshot_replaces_rows_and_removes_missing_skus(log):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     await store.apply(1, T0_TEXT, [item("A", 1), item("B", 2), item("C", 3)])
     outcome = await store.apply(2, T0_TEXT, [item("A", 1), item("B", 20)])
     assert (outcome.changed, outcome.removed) == (1, 1)
@@ -87,7 +98,7 @@ async def test_snapshot_survives_reopen(tmp_path):
 
 
 async def test_readers_see_previous_snapshot_until_commit(log):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     await store.apply(1, T0_TEXT, [item(f"S{i}", 1) for i in range(2000)])
     seen: set[int | None] = set()
     apply = asyncio.create_task(store.apply(2, T0_TEXT, [item(f"S{i}", 2) for i in range(2000)]))
@@ -104,7 +115,7 @@ async def test_readers_see_previous_snapshot_until_commit(log):
 
 
 async def test_catalog_search_and_version(log):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     catalog = store.catalog
     assert await catalog.apply(1, [("MUG-1", "Blue mug"), ("MUG-2", "Red mug"), ("TEA-1", "Green tea 100%")])
     assert [r["sku"] for r in catalog.search("mug")] == ["MUG-1", "MUG-2"]
@@ -144,14 +155,14 @@ def test_decode_head_refuses_bad_envelopes(payload, reason):
     [{"sku": "A", "nearby": []}, {"sku": "A", "nearby": []}],
     {"sku": "A"},
 ])
-async def test_prepare_rows_refuses_bad_items(items):
+def test_rows_from_refuses_bad_items(items):
     with pytest.raises(Malformed):
         head = decode_head(snapshot_payload(items=items), "store-a")
-        await prepare_rows(head.items, chunk=1)
+        rows_from(head.items, chunk=1)
 
 
 async def test_downlink_drops_malformed_and_keeps_previous(log):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     downlink = Downlink(mqtt=None, prefix="retail", store_id="store-a", snapshots=store)
     good = [{"sku": "A", "nearby": [{"store_id": "store-b", "available": 2}], "online": 5}]
     await downlink.on_availability(Message("t", snapshot_payload(version=2, items=good), 1, True))
@@ -168,7 +179,7 @@ async def test_downlink_reads_zlib_only_under_its_content_type(log):
     import zlib
 
     from sync.protocol import ZLIB_JSON
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     downlink = Downlink(mqtt=None, prefix="retail", store_id="store-a", snapshots=store)
     good = [{"sku": "A", "nearby": [], "online": 5}]
     packed = zlib.compress(snapshot_payload(version=2, items=good))
@@ -183,10 +194,10 @@ async def test_downlink_reads_zlib_only_under_its_content_type(log):
 
 
 async def test_downlink_storage_failure_raises_so_the_message_is_not_acked(log, tmp_path):
-    store = await SnapshotStore.open(log, now=Clock(T0))
+    store = await open_store(log, now=Clock(T0))
     downlink = Downlink(mqtt=None, prefix="retail", store_id="store-a", snapshots=store)
-    await log.write(lambda conn: conn.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON availability_items BEGIN SELECT RAISE(ABORT, 'full'); END"))
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON availability_items BEGIN SELECT RAISE(ABORT, 'full'); END")
     with pytest.raises(Exception):
         await downlink.on_availability(Message("t", snapshot_payload(version=2), 1, True))
     assert store.version is None
