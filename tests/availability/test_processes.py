@@ -75,8 +75,10 @@ def snapshot(store_id: str, version: int, generated_at: str | None = None, **onl
 
 async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_sets_online(tmp_path, broker):
     await publish(broker, protocol.warehouse_stock_topic(PREFIX, "wh-1"), warehouse(1, **{"SKU-1": 40}))
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,name\nSKU-1,Blue enamel mug\n")
     hub = HubProcess(tmp_path / "hub", broker, stores=("store-a", "store-b"),
-                     extra="[availability]\npublish_interval_s = 0.2\n")
+                     extra=f'[availability]\npublish_interval_s = 0.2\n[catalog]\npath = "{catalog}"\n')
     with ExitStack() as stack:
         stack.enter_context(hub)
         a = stack.enter_context(store_agent(tmp_path, broker, "store-a"))
@@ -106,6 +108,11 @@ async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_se
                           30, "store A to see store B")
         sync = b.request("GET", "/v1/sync")[1]
         assert sync["snapshot_version"] == availability(b, "SKU-1")["snapshot"]["version"]
+        # The catalog reached both kiosks (MQTT 5 and 3.1.1 alike) for name search.
+        for agent in (a, b):
+            wait_until(lambda: [(i["sku"], i["name"]) for i in agent.request(
+                "GET", "/v1/search?q=enamel")[1]["items"]] == [("SKU-1", "Blue enamel mug")],
+                20, "the catalog in the kiosk search")
         published = [line for line in hub.output().splitlines() if "published availability" in line]
         assert any("for store-a" in line and "zlib of" in line for line in published), published
         assert all("zlib" not in line for line in published if "for store-b" in line), published
