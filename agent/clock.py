@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
 
@@ -36,6 +36,8 @@ class Uuid7:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
+        # Uniqueness comes from the time and counter; the random bits need no crypto strength.
+        self._random = random.Random(os.urandom(16))
 
     def __call__(self) -> str:
         with self._lock:
@@ -47,12 +49,12 @@ class Uuid7:
                     ms += 1
                     self._counter = 0
             else:
-                self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+                self._counter = self._random.getrandbits(10)
             self._last_ms = ms
             counter = self._counter
-        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-        value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
-        return str(uuid.UUID(int=value))
+        rand = self._random.getrandbits(62) | (1 << 63)
+        h = "%012x7%03x%016x" % (ms, counter, rand)
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 new_event_id = Uuid7()

@@ -26,7 +26,7 @@ import aiosqlite
 from agent import clock
 from agent import events as ev
 from agent.errors import LogLocked, StorageError, StorageFull, storage_error
-from agent.inventory import Inventory, Refused, Reservation, Stock, decide, effect, evolve, skus_touched
+from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, effect, skus_touched
 from agent.reader import LogReader
 from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, take_checkpoint
 
@@ -259,12 +259,11 @@ class SqliteEventLog:
                 results.append(_repeat(cid, seen, job.body_hash))
                 continue
             try:
-                new_events = decide(state, job.command, now, self._new_id)
+                new_events = decide_and_apply(state, job.command, now, self._new_id)
             except Refused as refusal:
                 results.append(refusal)
                 continue
             for event in new_events:
-                evolve(state, event)
                 body = ev.encode(event)
                 last_hash = hashlib.sha256(last_hash + body).digest()
                 eff = effect(event)
