@@ -45,7 +45,9 @@ def post(agent: AgentProcess, *events: dict) -> dict:
     return body
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync_playwright marks an event loop as running in this thread
+# until it stops, which would break every asyncio test collected after this module.
+@pytest.fixture(scope="module")
 def browser():
     executable = require_binary("chromium")
     from playwright.sync_api import sync_playwright
