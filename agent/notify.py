@@ -8,6 +8,7 @@ runs the same under systemd, in a terminal and in tests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -66,3 +67,14 @@ def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None 
     if usec <= 0:
         return None
     return usec / 2 / 1_000_000
+
+
+async def watchdog_pings(notifier: Notifier, interval: float) -> None:
+    """Send WATCHDOG=1 every `interval` seconds until cancelled.
+
+    Runs on the event loop on purpose: if the loop blocks, the pings stop and systemd
+    restarts the service.
+    """
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)

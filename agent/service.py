@@ -25,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent import backup, clock
 from agent.disk import MIB, DiskGuard
-from agent.notify import Notifier, watchdog_interval
+from agent.notify import Notifier, watchdog_interval, watchdog_pings
 
 log = logging.getLogger("edge_agent.service")
 
@@ -150,13 +150,6 @@ def build_scheduler(ctx) -> AsyncIOScheduler:
 # ------------------------------------------------------------------- service
 
 
-async def _watchdog(notifier: Notifier, interval: float) -> None:
-    # On the event loop on purpose: if the loop blocks, the pings stop.
-    while True:
-        notifier.send("WATCHDOG=1")
-        await asyncio.sleep(interval)
-
-
 async def run_service(ctx, stop: asyncio.Event | None = None, *,
                       notifier: Notifier | None = None, environ: dict | None = None) -> None:
     """Notify systemd and run the scheduled jobs until cancelled (see the module docstring)."""
@@ -170,7 +163,7 @@ async def run_service(ctx, stop: asyncio.Event | None = None, *,
     log.info("service: ready at seq %d%s", ctx.log.last_seq,
              " (systemd notified)" if notifier.enabled else "")
     interval = watchdog_interval(environ) if ctx.config.service.watchdog else None
-    pinger = asyncio.create_task(_watchdog(notifier, interval), name="watchdog") if interval else None
+    pinger = asyncio.create_task(watchdog_pings(notifier, interval), name="watchdog") if interval else None
     stopping = False
     try:
         if stop is not None:

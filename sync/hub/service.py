@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 from typing import Awaitable, Callable
 
 from agent import clock
+from agent.notify import Notifier, watchdog_interval, watchdog_pings
 from sync import protocol
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.settings import HubConfig
@@ -158,10 +160,18 @@ class HubService:
         """Run the writer, MQTT and extra jobs until `stop` is set; then shut down cleanly."""
         writer = asyncio.create_task(self._writer(), name="hub-writer")
         tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "hub-job")) for job in self.jobs]
+        notifier = Notifier.from_environ()
+        interval = watchdog_interval()
+        if interval:
+            tasks.append(asyncio.create_task(watchdog_pings(notifier, interval), name="hub-watchdog"))
         try:
             await self.mqtt.start()
+            # Ready once the store is open and the writer runs: MQTT (re)connects on its own.
+            notifier.send("READY=1", f"STATUS=serving {len(self.store_ids)} stores", f"MAINPID={os.getpid()}")
+            log.info("hub: ready%s", " (systemd notified)" if notifier.enabled else "")
             await stop.wait()
         finally:
+            notifier.send("STOPPING=1", "STATUS=stopping")
             await self.mqtt.stop()
             for task in tasks:
                 task.cancel()

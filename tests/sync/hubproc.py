@@ -36,10 +36,11 @@ class HubProcess:
             "reconnect_min_s = 0.05\nreconnect_max_s = 0.5\n"
             f'[log]\nformat = "text"\nlevel = "INFO"\n{extra}{stores_toml}')
 
-    def start(self, timeout: float = 15.0) -> "HubProcess":
+    def start(self, timeout: float = 15.0, env: dict[str, str] | None = None) -> "HubProcess":
+        """Start `edge-hub run` (with `env` added to a clean environment); return once connected."""
         mark = len(self.output())
         out = open(self.output_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_HUB__")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGE_HUB__")}, **(env or {})}
         try:
             self.proc = subprocess.Popen([*hub_command(), "run", "--config", str(self.config_path)],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
