@@ -20,9 +20,13 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 import msgspec
 
-SKU_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-STORE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
+# `(?![\s\S])` is "end of string": msgspec matches with re.search, where `$` also matches
+# before a trailing newline ("A1\n" would pass); the lookahead means the same in ECMA
+# regex, so the OpenAPI document stays valid.
+END = r"(?![\s\S])"
+SKU_PATTERN = r"^[A-Za-z0-9._:-]{1,64}" + END
+STORE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}" + END
+TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z" + END
 
 Sku = Annotated[str, msgspec.Meta(pattern=SKU_PATTERN, description="SKU: 1-64 of A-Z a-z 0-9 . _ : -")]
 StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]

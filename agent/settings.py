@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Mapping, TypeVar
 
 import msgspec
 
-from agent.events import STORE_ID_PATTERN
+from agent.events import END, STORE_ID_PATTERN
 
 T = TypeVar("T")
 
@@ -53,7 +53,7 @@ class ApiSection(Section):
 class MqttSection(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
-    topic_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "retail"
+    topic_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*" + END)] = "retail"
     protocol: Literal[4, 5] = 5
     username: str = ""
     password: str = ""
