@@ -22,6 +22,8 @@ def body(*intents, command_id="c1"):
     ({"type": "received", "sku": "A", "qty": 0}, "events[0].qty"),
     ({"type": "received", "sku": "A", "qty": 1_000_001}, "events[0].qty"),
     ({"type": "received", "sku": "A b", "qty": 1}, "events[0].sku"),
+    ({"type": "received", "sku": "A1\n", "qty": 1}, "events[0].sku"),
+    ({"type": "received", "sku": "A" * 65, "qty": 1}, "events[0].sku"),
     ({"type": "received", "sku": "A", "qty": 1, "location": "roof"}, "events[0].location"),
     ({"type": "received", "sku": "A", "qty": 1, "colour": "red"}, "events[0].colour"),
     ({"type": "teleported", "sku": "A"}, "events[0].type"),
@@ -29,6 +31,7 @@ def body(*intents, command_id="c1"):
     ({"type": "counted", "sku": "A", "location": "floor", "counted": -1}, "events[0].counted"),
     ({"type": "adjusted", "sku": "A", "location": "floor", "delta": 1, "reason": "whim"}, "events[0].reason"),
     ({"type": "received", "sku": "A", "qty": 1, "occurred_at": "yesterday"}, "events[0].occurred_at"),
+    ({"type": "received", "sku": "A", "qty": 1, "occurred_at": "2026-11-27T13:05:00Z\n"}, "events[0].occurred_at"),
 ])
 def test_invalid_intents_name_the_field(bad, field):
     with pytest.raises(msgspec.ValidationError) as info:
