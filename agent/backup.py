@@ -193,16 +193,8 @@ def restore(backup: str | os.PathLike, db_path: str | os.PathLike) -> int:
         os.close(lock_fd)
 
 
-def cmd_restore(args: argparse.Namespace, cfg=None) -> int:
+def cmd_restore(args: argparse.Namespace, cfg) -> int:
     """`edge-agent restore --from BACKUP`: restore the configured log; exit 0, 1 (check) or 2 (locked)."""
-    if cfg is None:
-        from agent.settings import AgentConfig, ConfigError, load_config
-
-        try:
-            cfg = load_config(getattr(args, "config", None), AgentConfig, "EDGE_AGENT")
-        except ConfigError as exc:
-            print(f"edge-agent restore: {exc}", file=sys.stderr)
-            return 2
     source = args.from_path
     try:
         seq = restore(source, cfg.storage.path)

@@ -136,7 +136,7 @@ def cmd_events(args: argparse.Namespace, cfg: AgentConfig) -> int:
             event = ev.decode_event(body)
             fields = {k: v for k, v in msgspec.structs.asdict(event).items()
                       if k not in ("seq", "event_id", "store_id", "recorded_at", "command_id", "schema")
-                      and v is not None}
+                      and v is not None and v is not False}
             occurred = fields.pop("occurred_at")
             detail = " ".join(f"{k.rstrip('_')}={v}" for k, v in fields.items())
             print(f"{seq:>8}  {occurred}  {ev.type_of(event):<22} {detail}")

@@ -28,7 +28,7 @@ from agent import events as ev
 from agent.errors import LogLocked, StorageError, StorageFull, storage_error
 from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, effect, skus_touched
 from agent.reader import LogReader
-from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, take_checkpoint
+from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, in_write_transaction, take_checkpoint
 
 log = logging.getLogger("edge_agent.log")
 
@@ -192,7 +192,7 @@ class SqliteEventLog:
     async def _run_write(self, job: _Write) -> None:
         try:
             if job.transaction:
-                result = await self._db._execute(_in_transaction, self._db._conn, job.fn)
+                result = await self._db._execute(in_write_transaction, self._db._conn, job.fn)
             else:
                 result = await self._db._execute(job.fn, self._db._conn)
         except BaseException as exc:  # delivered to the caller, the writer keeps going
@@ -230,16 +230,7 @@ class SqliteEventLog:
 
     def _append_batch(self, conn: sqlite3.Connection, batch: list[_Append]):
         """Decide and store a batch in one transaction (runs on the writer thread)."""
-        now = self._now()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            outcome = self._decide_and_store(conn, batch, now)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return outcome
+        return in_write_transaction(conn, self._decide_and_store, batch, self._now())
 
     def _decide_and_store(self, conn: sqlite3.Connection, batch: list[_Append], now: str):
         ids = [job.command.command_id for job in batch]
@@ -358,18 +349,6 @@ def _tail(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
     cp = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints").fetchone()[0]
     return (row[0], row[1], cp) if row else (0, GENESIS, cp)
-
-
-def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
 
 
 def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:

@@ -10,6 +10,9 @@ SQLite rebuild and time-travel the projections with sums instead of a Python fol
 from __future__ import annotations
 
 import sqlite3
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 GENESIS = bytes(32)
 
@@ -97,6 +100,19 @@ def apply_pragmas(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute("PRAGMA busy_timeout=5000")
     # Checkpoints run from this connection only, on our schedule and at close.
     conn.execute("PRAGMA wal_autocheckpoint=1000")
+
+
+def in_write_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(conn, *args)` between BEGIN IMMEDIATE and COMMIT; roll back and re-raise on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 def take_checkpoint(conn: sqlite3.Connection, prev_seq: int, seq: int, taken_at: str) -> None:

@@ -26,7 +26,7 @@ from agent import events as ev
 from agent.errors import storage_error
 from agent.inventory import effect
 from agent.reader import open_readonly
-from agent.schema import GENESIS, take_checkpoint
+from agent.schema import GENESIS, in_write_transaction, take_checkpoint
 
 MAX_LISTED = 20
 
@@ -230,32 +230,29 @@ def rebuild_projections(conn: sqlite3.Connection, chunk: int,
     Runs inside one transaction on the caller's (writer) connection: either the old
     projections or the complete new ones are visible, never a half-built state.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for table in ("stock", "reservations", "stock_checkpoints", "checkpoints"):
-            conn.execute(f"DELETE FROM {table}")
-        last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        taken_at = conn.execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
-        done = 0
-        while done < last:
-            upto = min(done + chunk, last)
-            conn.execute(
-                "INSERT INTO stock(sku, floor, backroom, reserved, last_seq)"
-                " SELECT sku, SUM(d_floor), SUM(d_backroom), SUM(d_reserved), MAX(seq) FROM events"
-                " WHERE seq > ? AND seq <= ? GROUP BY sku"
-                " ON CONFLICT(sku) DO UPDATE SET floor = floor + excluded.floor,"
-                " backroom = backroom + excluded.backroom, reserved = reserved + excluded.reserved,"
-                " last_seq = excluded.last_seq", (done, upto))
-            if upto - done == chunk:
-                take_checkpoint(conn, done if done else 0, upto, taken_at)
-            if progress:
-                progress(upto - done)
-            done = upto
-        conn.execute("INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq) "
-                     + _REPLAY_RESERVATIONS)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    return in_write_transaction(conn, _rebuild, chunk, progress)
+
+
+def _rebuild(conn: sqlite3.Connection, chunk: int, progress: Callable[[int], None] | None) -> int:
+    for table in ("stock", "reservations", "stock_checkpoints", "checkpoints"):
+        conn.execute(f"DELETE FROM {table}")
+    last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+    taken_at = conn.execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
+    done = 0
+    while done < last:
+        upto = min(done + chunk, last)
+        conn.execute(
+            "INSERT INTO stock(sku, floor, backroom, reserved, last_seq)"
+            " SELECT sku, SUM(d_floor), SUM(d_backroom), SUM(d_reserved), MAX(seq) FROM events"
+            " WHERE seq > ? AND seq <= ? GROUP BY sku"
+            " ON CONFLICT(sku) DO UPDATE SET floor = floor + excluded.floor,"
+            " backroom = backroom + excluded.backroom, reserved = reserved + excluded.reserved,"
+            " last_seq = excluded.last_seq", (done, upto))
+        if upto - done == chunk:
+            take_checkpoint(conn, done, upto, taken_at)
+        if progress:
+            progress(upto - done)
+        done = upto
+    conn.execute("INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq) "
+                 + _REPLAY_RESERVATIONS)
     return last

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, TypeVar
 import aiosqlite
 
 from agent.errors import StorageError, storage_error
+from agent.schema import in_write_transaction
 from sync.protocol import EventHead
 
 log = logging.getLogger("edge_hub.store")
@@ -251,19 +252,8 @@ class HubStore:
 
         For other hub modules' durable state. Raises StorageError (rolled back) on SQLite errors.
         """
-        def run(conn: sqlite3.Connection):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-
         try:
-            return await self._db._execute(run, self._db._conn)  # noqa: SLF001
+            return await self._db._execute(in_write_transaction, self._db._conn, fn)  # noqa: SLF001
         except sqlite3.Error as exc:
             raise storage_error("hub write", exc) from exc
 
