@@ -185,7 +185,7 @@ def restore(backup: str | os.PathLike, db_path: str | os.PathLike) -> int:
             if kept is not None:
                 os.replace(db_path, db_path.with_name(db_path.name + ".failed-restore"))
                 os.replace(kept, db_path)
-            raise BackupError(f"restore: the restored log failed verify: " + "; ".join(problems[:5]))
+            raise BackupError("restore: the restored log failed verify: " + "; ".join(problems[:5]))
         log.warning("restore: %s now holds events 1..%d from %s%s", db_path, seq, backup.name,
                     f" (previous log kept as {kept.name})" if kept else "")
         return seq

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import sys
 import uuid
-from pathlib import Path
 
 import msgspec
 

@@ -25,7 +25,7 @@ import aiosqlite
 
 from agent import clock
 from agent import events as ev
-from agent.errors import LogLocked, StorageError, StorageFull, storage_error
+from agent.errors import LogLocked, StorageError, storage_error
 from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, effect, skus_touched
 from agent.reader import LogReader
 from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, in_write_transaction, take_checkpoint

@@ -24,7 +24,6 @@ import msgspec
 
 from agent import events as ev
 from agent.errors import storage_error
-from agent.inventory import effect
 from agent.reader import open_readonly
 from agent.schema import GENESIS, in_write_transaction, take_checkpoint
 

@@ -36,33 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import events as ev  # noqa: E402
-from agent.log import SqliteEventLog  # noqa: E402
+from bench.common import build_log, free_port  # noqa: E402
 
 STORE = "store-0042"
 BIN = Path(sys.executable).parent
 SKUS = 5000
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def build_log(path: Path, n: int) -> None:
-    log = await SqliteEventLog.open(path, STORE, synchronous="NORMAL")
-    try:
-        done = log.last_seq
-        while done < n:
-            size = min(1000, n - done)
-            intents = [ev.Receive(sku=f"SKU-{(done + i) % SKUS}", qty=1 + i % 9) for i in range(size)]
-            await log.append(ev.AppendCommand(command_id=str(uuid.uuid4()), events=intents))
-            done += size
-        await log.checkpoint_projection()
-        await log.wal_checkpoint("TRUNCATE")
-    finally:
-        await log.close()
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -166,7 +145,7 @@ def main() -> int:
             if not db.exists():
                 print(f"building a log of {n} events ...", flush=True)
                 t = time.perf_counter()
-                asyncio.run(build_log(db, n))
+                asyncio.run(build_log(db, STORE, n, SKUS))
                 print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
             logs[n] = db
 

@@ -22,12 +22,10 @@ import argparse
 import asyncio
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as paho  # noqa: E402  (the benchmark's raw stage uses paho directly)
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent import events as ev  # noqa: E402
-from agent.log import SqliteEventLog  # noqa: E402
+from bench.common import build_log, free_port  # noqa: E402
 from agent.reader import LogReader  # noqa: E402
 from sync import protocol  # noqa: E402
 from sync.hub.store import SCHEMA_SQL as HUB_SCHEMA  # noqa: E402
@@ -51,11 +48,6 @@ from sync.hub.store import SCHEMA_SQL as HUB_SCHEMA  # noqa: E402
 STORE = "store-0042"
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10) -> None:
@@ -67,19 +59,6 @@ def wait_port(port: int, timeout: float = 10) -> None:
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listens on {port}")
-
-
-async def build_log(path: Path, n: int) -> None:
-    log = await SqliteEventLog.open(path, STORE, synchronous="NORMAL")
-    try:
-        done = log.last_seq
-        while done < n:
-            size = min(1000, n - done)
-            intents = [ev.Receive(sku=f"SKU-{(done + i) % 5000}", qty=1 + i % 9) for i in range(size)]
-            await log.append(ev.AppendCommand(command_id=str(uuid.uuid4()), events=intents))
-            done += size
-    finally:
-        await log.close()
 
 
 def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]:
@@ -257,7 +236,7 @@ def main() -> int:
         wait_port(mqtt_port)
         db = work / "agent" / "events.db"
         print(f"building a log of {args.events} events in {db} ...", flush=True)
-        asyncio.run(build_log(db, args.events))
+        asyncio.run(build_log(db, STORE, args.events, 5000))
         plan = batches(db, args.batch, 256 * 1024)
         payloads = [protocol.encode_batch(STORE, f, l, b) for f, l, b in plan]
         result["batches"] = len(plan)

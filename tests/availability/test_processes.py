@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from agent.clock import rfc3339
 from sync import protocol
 from tests.support.agentproc import AgentProcess
-from tests.sync.helpers import eventually, mqtt_client, wait_until
+from tests.sync.helpers import mqtt_client, wait_until
 from tests.sync.hubproc import HubProcess
 
 PREFIX = "retail"

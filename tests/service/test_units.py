@@ -1,7 +1,6 @@
 """The systemd units pass `systemd-analyze verify` cleanly and score 2.0 or better on security."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
