@@ -75,6 +75,8 @@ class Api:
         except Exception as exc:  # a bug: answer in our shape, keep serving
             log.exception("api: %s %s failed", request.method, request.path)
             response = error_response(500, "internal", f"internal error: {type(exc).__name__}")
+        if 400 <= response.status < 500:
+            _log_refusal(request, response)
         if self.metrics is not None:
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "unmatched"
@@ -235,6 +237,20 @@ async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str,
         raise
     addresses = [tuple(addr[:2]) for addr in runner.addresses]
     return runner, addresses
+
+
+def _log_refusal(request: web.Request, response: web.StreamResponse) -> None:
+    """Log a refused request once, with its reason: writes at INFO, reads (a kiosk's 404) at DEBUG."""
+    level = logging.DEBUG if request.method in ("GET", "HEAD") else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    try:
+        error = msgspec.json.decode(response.body)["error"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        error = {}
+    field = f" ({error['field']})" if error.get("field") else ""
+    log.log(level, "api: refused %s %s: %d %s%s: %s", request.method, request.path, response.status,
+            error.get("code", "?"), field, error.get("message", ""))
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -378,3 +379,15 @@ async def test_process_keeps_serving_after_every_refusal(agent):
         await agent.post(None, raw=raw)
     assert (await agent.post(cmd("ok", receive())))[0] == 201
     assert await agent.get("/healthz") == (200, {"status": "ok"})
+
+
+async def test_every_refused_write_is_logged_once_with_its_reason(agent, caplog):
+    caplog.set_level(logging.INFO, logger="edge_agent.api")
+    status, _ = await agent.post(cmd("bad-qty", receive(qty="5")))
+    assert status == 422
+    status, _ = await agent.post(cmd("r1", {"type": "reserved", "sku": "NOPE", "qty": 1, "reservation_id": "x"}))
+    assert status == 409
+    refusals = [r.getMessage() for r in caplog.records if r.name == "edge_agent.api" and "refused" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert "422 invalid (events[0].qty)" in refusals[0] and "Expected `int`, got `str`" in refusals[0]
+    assert "409 insufficient_stock (events[0].qty)" in refusals[1]
