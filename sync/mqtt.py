@@ -111,6 +111,11 @@ class MqttClient:
         self._generation = 0
         self._started = False
         self._handler_tasks: set[asyncio.Task] = set()
+        # SUBACK bookkeeping, touched from paho's thread: a SUBACK may arrive before its mid
+        # is recorded, so "all acknowledged" is `sent <= acked`, not a set of pending mids.
+        self._subs_sent: set[int] = set()
+        self._subs_acked: set[int] = set()
+        self._subs_changed: asyncio.Event | None = None
         self.connected = False
         self.connects = 0
         self.reconnects = 0
@@ -134,6 +139,7 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._set_delay()
 
     @classmethod
@@ -162,7 +168,7 @@ class MqttClient:
         if self._loop is not None:
             self._start_worker(sub)
         if self.connected:
-            self._client.subscribe(topic_filter, qos)
+            self._subs_sent.add(self._client.subscribe(topic_filter, qos)[1])
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 content_type: str | None = None) -> asyncio.Future:
@@ -227,6 +233,26 @@ class MqttClient:
         finally:
             self._listeners.remove(seen)
 
+    @property
+    def subscribed(self) -> bool:
+        """True when connected and the broker acknowledged every subscription of this connection."""
+        return self.connected and self._subs_sent <= self._subs_acked
+
+    async def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Wait until connected with every subscription acknowledged (SUBACK).
+
+        Until then a message published by someone else may not reach our handlers.
+        Raises TimeoutError after `timeout` seconds.
+        """
+        async def settled() -> None:
+            while not self.subscribed:
+                if self._subs_changed is None:
+                    self._subs_changed = asyncio.Event()
+                self._subs_changed.clear()
+                await self._subs_changed.wait()
+
+        await asyncio.wait_for(settled(), timeout)
+
     async def stop(self, timeout: float = 2.0) -> None:
         """Publish the will as a clean goodbye (when connected), disconnect, stop the thread."""
         if not self._started:
@@ -286,8 +312,7 @@ class MqttClient:
             return
         self._attempt = 0
         self._set_delay()
-        for sub in self._subs:
-            client.subscribe(sub.topic_filter, sub.qos)
+        self._subs_sent = {client.subscribe(sub.topic_filter, sub.qos)[1] for sub in self._subs}
         if self._birth is not None:
             client.publish(self._birth.topic, self._birth.payload, self._birth.qos, self._birth.retain)
         self._call(self._connected_now, flags.session_present)
@@ -301,6 +326,13 @@ class MqttClient:
         self._call(self._set_connected, False)
         if self._started:
             self._call(self._note_error, f"disconnected: {reason_code}")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._subs_acked.add(mid)
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            self._call(self._note_error, f"subscription refused by the broker: {', '.join(refused)}")
+        self._call(self._note_subscriptions)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._call(self._puback, mid, reason_code.is_failure, str(reason_code))
@@ -318,6 +350,10 @@ class MqttClient:
             log.warning("mqtt %s: %s", self.client_id, text)
         self.last_error = text
 
+    def _note_subscriptions(self) -> None:
+        if self._subs_changed is not None:
+            self._subs_changed.set()
+
     def _connected_now(self, session_present: bool) -> None:
         self.connects += 1
         if self.connects > 1:
@@ -327,6 +363,7 @@ class MqttClient:
                  self.client_id, self.host, self.port, session_present)
         self._generation += 1
         self.connected = True
+        self._note_subscriptions()
         for fn in list(self._listeners):
             fn(True)
 

@@ -74,7 +74,7 @@ async def open_hub(config, clock) -> tuple[HubService, AvailabilityPublisher]:
     service = await HubService.open(config)
     publisher = await AvailabilityPublisher.attach(service, now=clock)
     await service.mqtt.start()
-    await service.mqtt.wait_connected(10)
+    await service.mqtt.wait_subscribed(10)
     return service, publisher
 
 

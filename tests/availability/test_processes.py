@@ -55,7 +55,7 @@ async def publish(broker, topic: str, payload: bytes, retain: bool = True) -> No
     client = mqtt_client(broker, f"test-pub-{uuid.uuid4().hex[:8]}")
     await client.start()
     try:
-        await client.wait_connected(10)
+        await client.wait_subscribed(10)
         await asyncio.wait_for(client.publish(topic, payload, qos=1, retain=retain), 10)
     finally:
         await client.stop()

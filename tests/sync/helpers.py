@@ -73,7 +73,7 @@ class AckWatcher:
 
     async def __aenter__(self) -> "AckWatcher":
         await self.client.start()
-        await self.client.wait_connected(10)
+        await self.client.wait_subscribed(10)
         if self.retained:  # the hub states every ack on connect, so one is retained already
             await eventually(lambda: self.seen, what="the retained ack")
         return self

@@ -36,8 +36,8 @@ async def test_store_may_publish_only_its_own_events_and_hub_reads_all(acl_broke
     await hub.start()
     await store.start()
     try:
-        await hub.wait_connected(5)
-        await store.wait_connected(5)
+        await hub.wait_subscribed(5)
+        await store.wait_subscribed(5)
         await asyncio.wait_for(store.publish(protocol.events_topic(PREFIX, "store-0042"), batch(1, 1)), 5)
         with pytest.raises(MqttError, match="refused"):
             await asyncio.wait_for(

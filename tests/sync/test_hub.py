@@ -21,7 +21,7 @@ def hub(tmp_path, broker):
 async def store(broker):
     client = mqtt_client(broker, "test-store")
     await client.start()
-    await client.wait_connected(10)
+    await client.wait_subscribed(10)
     yield client
     await client.stop()
 

@@ -30,8 +30,8 @@ async def test_publish_resolves_on_puback_and_handler_receives(broker):
     await sub.start()
     await pub.start()
     try:
-        await sub.wait_connected(5)
-        await pub.wait_connected(5)
+        await sub.wait_subscribed(5)
+        await pub.wait_subscribed(5)
         await asyncio.wait_for(asyncio.gather(*[pub.publish("t/a/x", b"%d" % i) for i in range(50)]), 5)
         await eventually(lambda: len(got) == 50, what="50 messages")
         assert [m.payload for m in got] == [b"%d" % i for i in range(50)]
@@ -54,8 +54,8 @@ async def test_adapter_reconnects_and_keeps_delivering_after_broker_crash(broker
     await sub.start()
     await pub.start()
     try:
-        await sub.wait_connected(5)
-        await pub.wait_connected(5)
+        await sub.wait_subscribed(5)
+        await pub.wait_subscribed(5)
         await asyncio.wait_for(pub.publish("t/y", b"one"), 5)
         await eventually(lambda: len(calls) == 1, what="first delivery")
         # The unacked message is redelivered on the next connection of the same session.
@@ -85,8 +85,8 @@ async def test_unacked_message_is_redelivered_after_client_reconnect(broker):
     await sub.start()
     await pub.start()
     try:
-        await sub.wait_connected(5)
-        await pub.wait_connected(5)
+        await sub.wait_subscribed(5)
+        await pub.wait_subscribed(5)
         await asyncio.wait_for(pub.publish("t/z", b"keep"), 5)
         await eventually(lambda: len(calls) == 1, what="first delivery")
         await sub.stop()
@@ -100,7 +100,7 @@ async def test_unacked_message_is_redelivered_after_client_reconnect(broker):
         sub3 = client(broker, "t-sub3")
         sub3.subscribe("t/z", handler)
         await sub3.start()
-        await sub3.wait_connected(5)
+        await sub3.wait_subscribed(5)
         await asyncio.wait_for(pub.publish("t/z", b"next"), 5)
         await eventually(lambda: b"next" in calls, what="next")
         assert calls.count(b"keep") == 2, "an acked message must not come back"
@@ -118,7 +118,7 @@ async def test_will_and_birth_are_retained_status(broker):
     agent = client(broker, "t-agent", birth=LastWill("s/status", b"online"),
                    will=LastWill("s/status", b"offline"))
     await agent.start()
-    await agent.wait_connected(5)
+    await agent.wait_subscribed(5)
     watcher = client(broker, "t-watch")
     watcher.subscribe("s/status", handler)
     await watcher.start()

@@ -33,7 +33,7 @@ class FakeHub:
 async def fake_hub(broker):
     hub = FakeHub(broker)
     await hub.client.start()
-    await hub.client.wait_connected(10)
+    await hub.client.wait_subscribed(10)
     yield hub
     await hub.client.stop()
 
