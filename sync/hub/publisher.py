@@ -41,7 +41,6 @@ log = logging.getLogger("edge_hub.availability")
 
 _SKU = re.compile(SKU_PATTERN)
 PUBLISH_TIMEOUT_S = 30.0
-REFRESH_S = 60.0   # republish an unchanged snapshot this often, so kiosks don't call it stale
 
 
 class _WarehouseItem(msgspec.Struct, frozen=True, gc=False):
@@ -62,14 +61,14 @@ _warehouse_decoder = msgspec.json.Decoder(_WarehouseStock)
 class AvailabilityPublisher:
     """Publishes each store's availability snapshot and the catalog for one HubService."""
 
-    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float = REFRESH_S):
+    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float | None = None):
         self.service = service
         self.store = service.store
         self.mqtt = service.mqtt
         self.prefix = service.prefix
         self.config = service.config
         self.counters = service.counters
-        self.refresh_s = refresh_s
+        self.refresh_s = refresh_s if refresh_s is not None else self.config.availability.refresh_s
         self._now = now
         self._regions = av.regions_of((s.id, s.region) for s in self.config.stores)
         self._force: set[str] = set(self.service.store_ids)

@@ -32,6 +32,9 @@ class StoreEntry(Section):
 
 class HubAvailabilitySection(Section):
     publish_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5
+    # Republish an unchanged snapshot this often, so kiosks of a quiet store do not show it
+    # as stale; keep it below the agents' availability.max_age_s.
+    refresh_s: Annotated[float, msgspec.Meta(gt=0)] = 60
 
 
 class CatalogSection(Section):

@@ -78,6 +78,26 @@ async def open_hub(config, clock) -> tuple[HubService, AvailabilityPublisher]:
     return service, publisher
 
 
+async def test_unchanged_snapshot_is_republished_after_the_configured_refresh(tmp_path, broker):
+    hub_config(tmp_path, broker)
+    config = load_hub_config(tmp_path / "hub.toml", environ={"EDGE_HUB__AVAILABILITY__REFRESH_S": "30"})
+    t = [NOW_MS / 1000]
+    service, publisher = await open_hub(config, lambda: t[0])
+    try:
+        await service.store.write([Incoming("store-a", [event(1, "store-a", "received", "A", 5)])], "x")
+        first = {s.store_id: s for s in await publisher.publish_changed()}
+        assert "store-b" in first
+        t[0] += 29
+        assert await publisher.publish_changed() == []  # unchanged and not yet due
+        t[0] += 2
+        again = {s.store_id: s for s in await publisher.publish_changed()}
+        assert again["store-b"].digest == first["store-b"].digest
+        assert again["store-b"].version > first["store-b"].version
+    finally:
+        await service.mqtt.stop()
+        await service.close()
+
+
 async def test_publish_job_projects_ingested_events_and_persists_versions(tmp_path, broker):
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("sku,name\nA,Blue mug\nB,Red mug\nbad sku,x\n")

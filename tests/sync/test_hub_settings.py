@@ -21,6 +21,14 @@ def test_environment_overrides_a_key():
     assert config.mqtt.port == 1884
 
 
+def test_snapshot_refresh_interval_is_configurable():
+    assert load_hub_config(EXAMPLE, environ={}).availability.refresh_s == 60
+    config = load_hub_config(EXAMPLE, environ={"EDGE_HUB__AVAILABILITY__REFRESH_S": "10"})
+    assert config.availability.refresh_s == 10
+    with pytest.raises(ConfigError, match="availability.refresh_s"):
+        load_hub_config(EXAMPLE, environ={"EDGE_HUB__AVAILABILITY__REFRESH_S": "0"})
+
+
 def test_unknown_key_and_missing_stores_and_duplicates_are_errors(tmp_path):
     path = tmp_path / "hub.toml"
     path.write_text('[hub]\nid = "h"\ncolour = "red"\n[[stores]]\nid = "s1"\n')
