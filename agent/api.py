@@ -146,8 +146,7 @@ class Api:
         if snapshots is None:
             nearby, online, snapshot = [], None, None
         else:
-            nearby, online = snapshots.lookup(sku)
-            snapshot = snapshots.meta()
+            nearby, online, snapshot = snapshots.answer(sku)
         return _json({"sku": sku, "here": here, "nearby": nearby, "online": online, "snapshot": snapshot})
 
     async def get_events(self, request: web.Request) -> web.Response:

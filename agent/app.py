@@ -31,8 +31,8 @@ class AgentContext:
     """What handlers, sync and scheduled jobs share. Optional parts are None until wired.
 
     `uplink`: an object with `status() -> dict` (the GET /v1/sync answer) and `async run()`.
-    `snapshots`: an object with `lookup(sku) -> (nearby list, online int | None)` and
-    `meta() -> dict | None` (the availability answer's `snapshot` field).
+    `snapshots`: an object with `answer(sku) -> (nearby list, online int | None, meta | None)`,
+    all read from one snapshot, and `meta() -> dict | None` (the held snapshot's version and age).
     """
 
     config: AgentConfig

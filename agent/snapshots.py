@@ -181,6 +181,25 @@ class SnapshotStore:
             return [], None
         return _item_decoder.decode(row[0]).nearby, row[1]
 
+    def answer(self, sku: str) -> tuple[list[dict], int | None, dict | None]:
+        """Return (nearby, online, meta) for a SKU, all from the same committed snapshot.
+
+        One read transaction: an apply committing in between cannot pair the new items
+        with the previous snapshot's version (as separate `lookup` and `meta` calls can).
+        """
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute("SELECT item, online FROM availability_items WHERE sku = ?", (sku,)).fetchone()
+                head = conn.execute("SELECT version, generated_at FROM availability_snapshot WHERE id = 1").fetchone()
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise storage_error("availability lookup", exc) from exc
+        nearby, online = (_item_decoder.decode(row[0]).nearby, row[1]) if row else ([], None)
+        return nearby, online, self._describe(*head) if head else None
+
     def meta(self) -> dict | None:
         """Return {version, generated_at, age_s, stale} of the held snapshot, or None.
 
@@ -188,13 +207,14 @@ class SnapshotStore:
         negative); `stale` is true when it exceeds `max_age_s`.
         """
         held = self._meta
-        if held is None:
-            return None
+        return self._describe(held["version"], held["generated_at"]) if held else None
+
+    def _describe(self, version: int, generated_at: str) -> dict:
         try:
-            age = max(0.0, self._now() - clock.parse_rfc3339(held["generated_at"]))
+            age = max(0.0, self._now() - clock.parse_rfc3339(generated_at))
         except ValueError:
             age = float("inf")
-        return {"version": held["version"], "generated_at": held["generated_at"],
+        return {"version": version, "generated_at": generated_at,
                 "age_s": round(age, 3) if age != float("inf") else None,
                 "stale": age > self.max_age_s}
 

@@ -292,8 +292,9 @@ async def test_availability_of_a_sku_not_stocked_here_is_zero_here(agent):
 
 async def test_availability_uses_the_snapshot_store_when_wired(agent, monkeypatch):
     class Snapshots:
-        def lookup(self, sku):
-            return ([{"store_id": "store-0043", "available": 9}], 120) if sku == "A1" else ([], None)
+        def answer(self, sku):
+            found = ([{"store_id": "store-0043", "available": 9}], 120) if sku == "A1" else ([], None)
+            return (*found, self.meta())
 
         def meta(self):
             return {"version": 7, "generated_at": "2026-11-27T13:00:00.000Z", "age_s": 4.5, "stale": False}

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from agent.log import SqliteEventLog
-from agent.snapshots import NearbyStock, SnapshotItem, SnapshotStore
+from agent.snapshots import NearbyStock, SnapshotItem, SnapshotStore, digest_of, rows_of, write_rows
 from sync.downlink import Downlink, Malformed, decode_head, rows_from
 from sync.mqtt import Message
 
@@ -46,6 +46,19 @@ async def log(tmp_path):
     while _opened:  # also stops their apply worker processes
         _opened.pop().close()
     await event_log.close()
+
+
+async def test_answer_pairs_items_with_the_version_of_the_same_snapshot(log):
+    store = await open_store(log, max_age_s=60, now=Clock(T0 + 1))
+    await store.apply(5, T0_TEXT, [item("SKU-1", 7, **{"store-b": 3})])
+    # A newer snapshot commits while the store's cached meta still holds version 5 (the
+    # window between an apply's commit and its meta reload).
+    rows = rows_of([item("SKU-1", 7, **{"store-b": 0})])
+    write_rows(store.path, 6, T0_TEXT, T0_TEXT, rows, digest_of(rows))
+    assert store.meta()["version"] == 5
+    nearby, online, meta = store.answer("SKU-1")
+    assert (nearby, online, meta["version"]) == ([{"store_id": "store-b", "available": 0}], 7, 6)
+    assert store.answer("NOPE") == ([], None, meta)
 
 
 async def test_apply_then_lookup_and_meta(log):
