@@ -22,8 +22,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import ctypes
+import ctypes.util
 import hashlib
 import multiprocessing
+import os
+import signal
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -157,8 +161,9 @@ class SnapshotStore:
         return self
 
     def close(self) -> None:
+        """Stop the apply worker (waiting for it to exit: it must not outlive the agent)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._conn.close()
         self.catalog.close()
@@ -260,7 +265,8 @@ class SnapshotStore:
         async with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_die_with_parent, initargs=(os.getpid(),))
             applied_at = clock.rfc3339(self._now())
             try:
                 return await asyncio.wrap_future(self._pool.submit(fn, str(self.path), applied_at, *args))
@@ -269,6 +275,21 @@ class SnapshotStore:
                 raise StorageError(f"snapshots: the apply worker died: {exc}") from exc
             finally:
                 self._meta = self._read_meta()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the apply worker: ask Linux for SIGTERM when the agent dies, even by SIGKILL.
+
+    The pool is created from the event loop's (main) thread, which lives as long as the
+    agent, so the signal fires when the agent process ends, not earlier.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the agent's clean stop still waits for us
+        return
+    if os.getppid() != parent_pid:  # the agent died before prctl took effect
+        os._exit(0)
 
 
 def snapshot_path(log_path: str | Path) -> Path:

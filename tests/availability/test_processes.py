@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from contextlib import ExitStack
@@ -173,3 +174,50 @@ async def test_stale_flips_when_the_snapshot_gets_older_than_max_age(tmp_path, b
                            10, "stale to flip")
         assert stale["snapshot"]["age_s"] > 2
         assert stale["here"]["available"] == 3 and stale["online"] == 2
+
+
+def _children(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (read from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.add(int(entry))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
+async def test_the_apply_worker_does_not_outlive_the_agent(tmp_path, broker):
+    agent = store_agent(tmp_path, broker, "store-a")
+    with agent:
+        wait_until(lambda: agent.request("GET", "/v1/sync")[1]["connected"], 20, "the agent to connect")
+        for version, stop in ((1, "kill"), (2, "terminate")):
+            await publish(broker, protocol.availability_topic(PREFIX, "store-a"),
+                          snapshot("store-a", version, **{"SKU-9": 3}))
+            wait_until(lambda: (availability(agent, "SKU-9")["snapshot"] or {}).get("version") == version,
+                       20, f"snapshot {version} to be applied (the worker process starts)")
+            workers = _children(agent.proc.pid)
+            assert workers, "the apply worker should be a child of the agent"
+            if stop == "kill":
+                agent.kill()
+            else:
+                assert agent.terminate() == 0
+            wait_until(lambda: not _alive(workers), 10, f"the apply worker to exit after the agent's {stop}")
+            agent.start()
