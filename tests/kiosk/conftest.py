@@ -8,7 +8,6 @@ The browser is Debian's `chromium` driven by Playwright (never a downloaded brow
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from tests.conftest import require_binary
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Broker
+from tests.sync.helpers import wait_until
 from tests.sync.hubproc import HubProcess
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -26,17 +26,6 @@ CATALOG = [("SKU-KET-17", "Electric kettle 1.7 l"), ("SKU-KET-10", "Electric ket
            ("CHURN-1", "Test churn item")]
 MAX_AGE_S = 3
 
-
-def poll(fn, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
-    """Call `fn` until it returns something truthy; return that, or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def post(agent: AgentProcess, *events: dict) -> dict:
@@ -117,10 +106,10 @@ def stack(tmp_path_factory):
              {"type": "received", "sku": "CHURN-1", "qty": 5})
         built._churn.start()
         # The hub's catalog and a snapshot naming store-b's stock reach store-a.
-        poll(lambda: any(i["name"] for i in built.a.request("GET", "/v1/search?q=kettle")[1]["items"]),
-             what="the catalog at store-a")
-        poll(lambda: {"store_id": "store-b", "available": 7} in built.a.request(
-            "GET", "/v1/availability/SKU-KET-17")[1]["nearby"], what="store-b in store-a's snapshot")
+        wait_until(lambda: any(i["name"] for i in built.a.request("GET", "/v1/search?q=kettle")[1]["items"]),
+                   timeout=20, what="the catalog at store-a")
+        wait_until(lambda: {"store_id": "store-b", "available": 7} in built.a.request(
+            "GET", "/v1/availability/SKU-KET-17")[1]["nearby"], timeout=20, what="store-b in store-a's snapshot")
         yield built
     finally:
         built.close()

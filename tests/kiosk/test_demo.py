@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import require_binary
-from tests.kiosk.conftest import poll
+from tests.sync.helpers import wait_until
 
 
 def get(url: str):
@@ -49,8 +49,8 @@ def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint
              "--port-base", "0", "--status-every", "0"],
             stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        text = poll(lambda: out.read_text() if "Ctrl-C stops" in out.read_text() or proc.poll() is not None else "",
-                    timeout=60, what="the demo's banner")
+        text = wait_until(lambda: out.read_text() if "Ctrl-C stops" in out.read_text() or proc.poll() is not None else "",
+                          timeout=60, what="the demo's banner")
         assert proc.poll() is None, text
         urls = dict(re.findall(r"(store-\d+) kiosk: (http://127\.0\.0\.1:\d+)/", text))
         assert sorted(urls) == ["store-1", "store-2", "store-3"], text
@@ -58,22 +58,23 @@ def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint
 
         # Opening stock is 120 events per store; traffic beyond that is acked by the hub.
         for store, url in urls.items():
-            poll(lambda: get(url + "/v1/sync")["acked_seq"] > 125, timeout=60, what=f"hub acks for {store}")
+            wait_until(lambda: get(url + "/v1/sync")["acked_seq"] > 125, timeout=60, what=f"hub acks for {store}")
         assert get(urls["store-1"] + "/v1/search?q=kettle")["items"], "the catalog reached store-1"
 
         down = demo_cli(state, "link", "store-2", "down")
         assert down.returncode == 0 and "DOWN" in down.stdout, down
-        poll(lambda: get(urls["store-2"] + "/v1/sync")["connected"] is False, what="store-2 offline")
+        wait_until(lambda: get(urls["store-2"] + "/v1/sync")["connected"] is False, timeout=20,
+                   what="store-2 offline")
         cut = get(urls["store-2"] + "/v1/sync")
         # Offline, the store keeps taking traffic; the hub hears none of it.
-        offline = poll(lambda: (s := get(urls["store-2"] + "/v1/sync"))["last_seq"] > cut["last_seq"] + 10 and s,
-                       what="store-2 recording while offline")
+        offline = wait_until(lambda: (s := get(urls["store-2"] + "/v1/sync"))["last_seq"] > cut["last_seq"] + 10 and s,
+                             timeout=20, what="store-2 recording while offline")
         assert offline["acked_seq"] == cut["acked_seq"]
 
         up = demo_cli(state, "link", "store-2", "up")
         assert up.returncode == 0 and "UP" in up.stdout, up
-        poll(lambda: get(urls["store-2"] + "/v1/sync")["acked_seq"] >= offline["last_seq"], timeout=30,
-             what="store-2 catching up")
+        wait_until(lambda: get(urls["store-2"] + "/v1/sync")["acked_seq"] >= offline["last_seq"], timeout=30,
+                   what="store-2 catching up")
         assert demo_cli(state, "link", "store-9", "down").returncode == 1
 
         children = processes_under(state)

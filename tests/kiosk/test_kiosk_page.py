@@ -6,7 +6,8 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.kiosk.conftest import poll, post
+from tests.kiosk.conftest import post
+from tests.sync.helpers import wait_until
 
 
 def show(page, url: str, query: str, pick: str | None = None) -> None:
@@ -97,6 +98,6 @@ def test_stopping_the_hub_turns_the_page_stale(stack, page):
         expect(page.locator("#here-available")).to_have_text(str(before["here"]["available"] + 5))
     finally:
         stack.hub.start()
-    poll(lambda: not stack.a.request("GET", "/v1/availability/SKU-KET-17")[1]["snapshot"]["stale"],
-         what="a fresh snapshot after the hub restarted")
+    wait_until(lambda: not stack.a.request("GET", "/v1/availability/SKU-KET-17")[1]["snapshot"]["stale"],
+               timeout=20, what="a fresh snapshot after the hub restarted")
     expect(snapshot).to_have_attribute("data-state", "fresh", timeout=20_000)

@@ -43,14 +43,14 @@ async def eventually(predicate, timeout: float = 15.0, what: str = "condition", 
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
-    """The synchronous `eventually`, for tests that drive processes."""
+    """The synchronous `eventually`, for tests that drive processes; the failure shows the last value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
         time.sleep(interval)
 
 
