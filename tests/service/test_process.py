@@ -8,7 +8,8 @@ import urllib.request
 
 import pytest
 
-from tests.support.agentproc import AgentProcess, free_port
+from tests.support.agentproc import AgentProcess
+from tests.support.net import free_port
 
 WATCHDOG_USEC = 400_000   # pings every 0.2 s
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,17 +35,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
+from tests.support.net import free_port
 
 
 class AgentStartError(RuntimeError):
     """The agent exited or never became ready; the message has its output's tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on `host` a moment ago (bind port 0, then close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def agent_command() -> list[str]:
