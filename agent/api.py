@@ -217,16 +217,23 @@ def build_app(ctx: "AgentContext") -> web.Application:
     return app
 
 
+# How long SIGTERM waits on open HTTP connections. aiohttp's graceful shutdown waits this
+# long on every connection, including one accepted just before the stop whose client has not
+# sent a request yet (aio-libs/aiohttp#8179). A write in flight needs one group commit
+# (milliseconds), so a short drain keeps every answered write and leaves the rest of the
+# 10 s stop budget to the log and sync.
+SHUTDOWN_DRAIN_S = 3.0
+
+
 async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str, int]]]:
     """Bind the API on the configured host and port; return the runner and bound addresses.
 
     `api.port = 0` binds a free port (tests); the addresses say which. Raises OSError
     when the address cannot be bound.
     """
-    # shutdown_timeout bounds how long SIGTERM waits for in-flight requests.
     app = build_app(ctx)
     ctx.extras["api_app"] = app
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_DRAIN_S)
     await runner.setup()
     site = web.TCPSite(runner, ctx.config.api.host, ctx.config.api.port, backlog=1024)
     try:
