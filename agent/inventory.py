@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-import msgspec
-
 from agent import events as ev
 
 
@@ -300,8 +298,3 @@ def fold(store_id: str, events: list[ev.AnyEvent]) -> Inventory:
     for event in events:
         evolve(state, event)
     return state
-
-
-def replace_seq(event: ev.AnyEvent, seq: int) -> ev.AnyEvent:
-    """Return the event with another seq (used by tests that build logs by hand)."""
-    return msgspec.structs.replace(event, seq=seq)

@@ -67,10 +67,6 @@ class LogReader:
         except sqlite3.Error as exc:
             raise storage_error("read", exc) from exc
 
-    def store_id(self) -> str | None:
-        row = self._one("SELECT value FROM meta WHERE key = 'store_id'")
-        return row[0] if row else None
-
     def last_seq(self) -> int:
         return self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0]
 
@@ -118,14 +114,3 @@ class LogReader:
             for _, body in rows:
                 yield body
             after_seq = rows[-1][0]
-
-    def reservation(self, reservation_id: str) -> dict | None:
-        row = self._one("SELECT reservation_id, sku, qty, status, opened_seq, closed_seq FROM reservations"
-                        " WHERE reservation_id = ?", (reservation_id,))
-        if row is None:
-            return None
-        return dict(zip(("reservation_id", "sku", "qty", "status", "opened_seq", "closed_seq"), row))
-
-    def meta(self, key: str) -> str | None:
-        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
-        return row[0] if row else None
