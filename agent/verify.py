@@ -1,14 +1,17 @@
 """Check a log end to end (`verify`) and rebuild its projections from the events (`rebuild`).
 
-verify, in one read transaction so it sees one consistent state even while the
-service writes:
-  1. `PRAGMA integrity_check` is ok;
-  2. seqs run 1..N with no gap;
-  3. the hash chain holds: hash(n) = sha256(hash(n-1) + body(n));
-  4. each body decodes, carries its row's seq and the log's store id, and the effect
+verify reads on two connections at once, each in one read transaction so each sees
+one consistent state even while the service writes:
+  on this thread, walking the events once in Python:
+  1. seqs run 1..N with no gap;
+  2. the hash chain holds: hash(n) = sha256(hash(n-1) + body(n));
+  3. each body decodes, carries its row's seq and the log's store id, and the effect
      columns beside it equal the effect computed from the body; each count's variance
      equals the on-hand it replaced;
-  5. the stored projections (stock, reservations, the latest checkpoint) equal a replay.
+  on a second thread, in SQL (SQLite releases the GIL, so this uses the other core):
+  4. the stored projections (stock, reservations, the latest checkpoint) equal a replay
+     of the events in that connection's snapshot;
+  5. `PRAGMA integrity_check` is ok.
 """
 
 from __future__ import annotations
@@ -80,43 +83,43 @@ _effects_decoder = msgspec.json.Decoder(_Effects)
 def verify_log(path: str | Path, progress: Callable[[int], None] | None = None) -> Report:
     """Verify the log at `path` (read-only); return a Report. Raises StorageError if unreadable."""
     conn = open_readonly(path)
-    # integrity_check is C work that releases the GIL: run it on a second connection on the
-    # other core while this thread walks the hash chain in Python.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-integrity") as pool:
-        integrity = pool.submit(_integrity_check, path)
+    # The SQL checks are C work that releases the GIL: run them on a second connection on
+    # the other core while this thread walks the hash chain in Python.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-sql") as pool:
+        sql_checks = pool.submit(_sql_checks, path)
         try:
             conn.execute("BEGIN")
             report = Report()
-            _check_gapless(conn, report)
             store_id = (conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone() or [""])[0]
             _check_chain(conn, store_id, report, progress)
-            _check_projections(conn, report)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise storage_error("verify", exc) from exc
         finally:
             conn.close()
-        for problem in integrity.result():
+        skus, problems = sql_checks.result()
+        report.skus = skus
+        for problem in problems:
             report.add(problem)
     return report
 
 
-def _integrity_check(path: str | Path) -> list[str]:
+def _sql_checks(path: str | Path) -> tuple[int, list[str]]:
+    """Projections against a replay, then integrity_check; returns (skus, problems)."""
     conn = open_readonly(path)
     try:
+        problems: list[str] = []
+        conn.execute("BEGIN")
+        skus = _check_projections(conn, problems)
+        conn.execute("COMMIT")
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        if rows != ["ok"]:
+            problems.append("integrity_check: " + "; ".join(rows[:5]))
+        return skus, problems
     except sqlite3.Error as exc:
-        return [f"integrity_check could not run: {exc}"]
+        return 0, [f"SQL checks could not run: {exc}"]
     finally:
         conn.close()
-    return [] if rows == ["ok"] else ["integrity_check: " + "; ".join(rows[:5])]
-
-
-def _check_gapless(conn: sqlite3.Connection, report: Report) -> None:
-    count, low, high = conn.execute("SELECT COUNT(*), MIN(seq), MAX(seq) FROM events").fetchone()
-    report.events, report.last_seq = count, high or 0
-    if count and (low != 1 or high != count):
-        report.add(f"seqs are not gapless: {count} events span {low}..{high}")
 
 
 def _expected(e: _Effects) -> tuple[str, int, int, int]:
@@ -144,7 +147,7 @@ def _expected(e: _Effects) -> tuple[str, int, int, int]:
 
 def _check_chain(conn: sqlite3.Connection, store_id: str, report: Report,
                  progress: Callable[[int], None] | None) -> None:
-    prev, expected_seq = GENESIS, 1
+    prev, count, first, last = GENESIS, 0, None, 0
     on_hand: dict[tuple[str, str], int] = {}
     sha = hashlib.sha256
     cursor = conn.execute(
@@ -155,9 +158,6 @@ def _check_chain(conn: sqlite3.Connection, store_id: str, report: Report,
             if digest != stored:
                 report.add(f"hash chain broken at seq {seq}: the body or an earlier event was altered")
             prev = stored
-            if seq != expected_seq:
-                expected_seq = seq
-            expected_seq += 1
             try:
                 fields = _effects_decoder.decode(body) if schema == ev.CURRENT_SCHEMA else _upcast(body)
                 want = _expected(fields)
@@ -176,8 +176,15 @@ def _check_chain(conn: sqlite3.Connection, store_id: str, report: Report,
                 on_hand[(sku, "floor")] = on_hand.get((sku, "floor"), 0) + d_floor
             if d_backroom:
                 on_hand[(sku, "backroom")] = on_hand.get((sku, "backroom"), 0) + d_backroom
+        count += len(rows)
+        first = rows[0][0] if first is None else first
+        last = rows[-1][0]
         if progress:
             progress(len(rows))
+    # seq is the primary key (unique, ascending here), so 1..count is the only gapless range.
+    report.events, report.last_seq = count, last
+    if count and (first != 1 or last != count):
+        report.add(f"seqs are not gapless: {count} events span {first}..{last}")
 
 
 def _upcast(body: bytes) -> _Effects:
@@ -197,8 +204,8 @@ _REPLAY_RESERVATIONS = """
 """
 
 
-def _check_projections(conn: sqlite3.Connection, report: Report) -> None:
-    report.skus = conn.execute("SELECT COUNT(*) FROM stock").fetchone()[0]
+def _check_projections(conn: sqlite3.Connection, problems: list[str]) -> int:
+    """Compare the stored projections with a replay in SQL; return the number of SKUs."""
     for label, replay, stored in (
         ("stock", _REPLAY_STOCK, "SELECT sku, floor, backroom, reserved, last_seq FROM stock"),
         ("reservations", _REPLAY_RESERVATIONS,
@@ -207,9 +214,9 @@ def _check_projections(conn: sqlite3.Connection, report: Report) -> None:
         extra = conn.execute(f"{stored} EXCEPT {replay}").fetchmany(5)
         missing = conn.execute(f"{replay} EXCEPT {stored}").fetchmany(5)
         for row in extra:
-            report.add(f"{label}: stored row {tuple(row)} is not what the events give")
+            problems.append(f"{label}: stored row {tuple(row)} is not what the events give")
         for row in missing:
-            report.add(f"{label}: replay gives {tuple(row)} but the stored projection differs or lacks it")
+            problems.append(f"{label}: replay gives {tuple(row)} but the stored projection differs or lacks it")
     last_cp = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0]
     if last_cp:
         wrong = conn.execute(
@@ -219,7 +226,8 @@ def _check_projections(conn: sqlite3.Connection, report: Report) -> None:
             " WHERE c.seq = ? AND (c.floor, c.backroom, c.reserved) != (r.f, r.b, r.r) LIMIT 5",
             (last_cp, last_cp)).fetchall()
         for row in wrong:
-            report.add(f"checkpoint at seq {last_cp}: {row[0]} stored {row[1:4]} but events give {row[4:7]}")
+            problems.append(f"checkpoint at seq {last_cp}: {row[0]} stored {row[1:4]} but events give {row[4:7]}")
+    return conn.execute("SELECT COUNT(*) FROM stock").fetchone()[0]
 
 
 def rebuild_projections(conn: sqlite3.Connection, chunk: int,

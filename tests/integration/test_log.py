@@ -190,6 +190,14 @@ async def test_verify_catches_effect_column_out_of_step_with_body(tmp_path):
     assert any("seq 2: stored effect" in p for p in report.problems)
 
 
+async def test_verify_catches_a_gap_in_seqs(tmp_path):
+    path = await _filled(tmp_path)
+    _tamper(path, "UPDATE events SET seq = 12 WHERE seq = 10")
+    report = verify_log(path)
+    assert "seqs are not gapless: 10 events span 1..12" in report.problems
+    assert (report.events, report.last_seq) == (10, 12)
+
+
 async def test_rebuild_restores_projections_and_checkpoints(tmp_path):
     path = await _filled(tmp_path)
     reader_before = sqlite3.connect(path).execute("SELECT * FROM stock ORDER BY sku").fetchall()
