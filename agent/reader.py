@@ -45,6 +45,15 @@ def current_body(schema: int, body: bytes) -> bytes:
     return ev.encode(ev.decode_event(body))
 
 
+_LATEST_CHECKPOINT = "SELECT COALESCE(MAX(seq), 0) FROM checkpoints WHERE seq <= ?"
+_SKU_AT_CHECKPOINT = ("SELECT floor, backroom, reserved, last_seq FROM stock_checkpoints"
+                      " WHERE sku = ? AND seq <= ? ORDER BY seq DESC LIMIT 1")
+# The events table has no index by SKU (it would cost a random B-tree page per append):
+# the sums walk the seq range after the checkpoint and filter by SKU.
+AS_OF_SUMS = ("SELECT COUNT(*), COALESCE(SUM(d_floor), 0), COALESCE(SUM(d_backroom), 0),"
+              " COALESCE(SUM(d_reserved), 0), MAX(seq) FROM events WHERE seq > ? AND seq <= ? AND sku = ?")
+
+
 class LogReader:
     """Read-only access to the log and its projections. Not for concurrent threads."""
 
@@ -84,17 +93,16 @@ class LogReader:
     def stock_as_of(self, sku: str, seq: int) -> dict | None:
         """Return a SKU's stock after events 1..seq, or None when no event touched it by then.
 
-        Starts from the latest projection checkpoint at or before `seq`, so the cost is
-        bounded by the SKU's events since that checkpoint, not by the log's length.
+        Starts from the latest projection checkpoint at or before `seq` and sums the
+        SKU's events after it, found by a seq range on the primary key: the cost is
+        bounded by one checkpoint interval, not by the log's length or the SKU's history.
         """
-        base = self._one(
-            "SELECT seq, floor, backroom, reserved, last_seq FROM stock_checkpoints"
-            " WHERE sku = ? AND seq <= ? ORDER BY seq DESC LIMIT 1", (sku, seq))
-        start, floor, backroom, reserved, last = base if base else (0, 0, 0, 0, 0)
-        n, df, db, dr, mx = self._one(
-            "SELECT COUNT(*), COALESCE(SUM(d_floor), 0), COALESCE(SUM(d_backroom), 0),"
-            " COALESCE(SUM(d_reserved), 0), MAX(seq) FROM events WHERE sku = ? AND seq > ? AND seq <= ?",
-            (sku, start, seq))
+        start = self._one(_LATEST_CHECKPOINT, (seq,))[0]
+        # The SKU's value at checkpoint `start` is its latest checkpoint row at or before
+        # it: a checkpoint holds a row for every SKU changed since the previous one.
+        base = self._one(_SKU_AT_CHECKPOINT, (sku, start)) if start else None
+        floor, backroom, reserved, last = base if base else (0, 0, 0, 0)
+        n, df, db, dr, mx = self._one(AS_OF_SUMS, (start, seq, sku))
         if not base and n == 0:
             return None
         return stock_row(sku, floor + df, backroom + db, reserved + dr, mx if n else last)

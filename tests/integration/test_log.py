@@ -12,6 +12,8 @@ from agent import events as ev
 from agent.errors import LogLocked, StorageError
 from agent.inventory import Refused, fold
 from agent.log import SqliteEventLog
+from agent.reader import AS_OF_SUMS
+from agent.schema import SCHEMA_SQL
 from agent.verify import rebuild_projections, verify_log
 from tests.unit.strategies import commands
 
@@ -109,7 +111,8 @@ async def test_time_travel_equals_fold_of_prefix(log):
                {"type": "reserved", "sku": "A", "qty": 2, "reservation_id": "r"},
                {"type": "adjusted", "sku": "A", "location": "floor", "delta": -1, "reason": "damaged"},
                {"type": "reservation_fulfilled", "reservation_id": "r"}]
-    for round_ in range(4):  # 32 events: several checkpoints at checkpoint_every=5
+    await log.append(cmd("early", receive(sku="Z", qty=2)))  # then never again: its last checkpoint row is old
+    for round_ in range(4):  # 33 events: several checkpoints at checkpoint_every=5
         for i, intent in enumerate(intents):
             if intent["type"].startswith("reserv"):
                 intent = {**intent, "reservation_id": f"r{round_}"}
@@ -119,12 +122,35 @@ async def test_time_travel_equals_fold_of_prefix(log):
     assert checkpoints >= 5
     for n in range(1, len(events) + 1):
         state = fold("store-1", events[:n])
-        row = state.stock["A"]
-        got = log.reader.stock_as_of("A", n)
-        assert (got["floor"], got["backroom"], got["reserved"], got["last_seq"]) == (
-            row.floor, row.backroom, row.reserved, row.last_seq), n
+        for sku in ("A", "B", "Z"):
+            row = state.stock.get(sku)
+            got = log.reader.stock_as_of(sku, n)
+            if row is None:
+                assert got is None, (sku, n)
+                continue
+            assert (got["floor"], got["backroom"], got["reserved"], got["last_seq"]) == (
+                row.floor, row.backroom, row.reserved, row.last_seq), (sku, n)
     assert log.reader.stock_as_of("B", 3) is None
     assert log.reader.stock_as_of("A", len(events)) == log.reader.stock("A")
+
+
+def test_time_travel_walks_a_seq_range_not_the_log(tmp_path):
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    conn.executescript(SCHEMA_SQL)
+    plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + AS_OF_SUMS, (0, 10, "A")))
+    assert "SEARCH events USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
+
+
+async def test_opening_an_older_log_drops_the_sku_index(tmp_path):
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_SQL)
+    conn.execute("CREATE INDEX events_by_sku ON events(sku, seq, d_floor, d_backroom, d_reserved)")
+    conn.close()
+    log = await SqliteEventLog.open(path, "store-1")
+    await log.close()
+    names = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "events_by_sku" not in names and "events_by_rid" in names
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
