@@ -97,15 +97,19 @@ def store_of(prefix: str, topic: str, kind: str) -> str | None:
 # -------------------------------------------------------------------------- messages
 
 
-class EventHead(msgspec.Struct, frozen=True):
-    """The envelope fields of a synced event the hub needs; other fields are ignored."""
+class EventHead(msgspec.Struct, frozen=True, gc=False):
+    """The envelope fields of a synced event the hub needs; other fields are ignored.
+
+    `store_id` is not pattern-checked here: `decode_batch` requires it to equal the
+    batch's (which is), and names an invalid one when it does not.
+    """
 
     seq: Seq
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    store_id: StoreId
+    store_id: str
 
 
-class EventBatch(msgspec.Struct, frozen=True):
+class EventBatch(msgspec.Struct, frozen=True, gc=False):
     """`P/stores/{id}/events`: consecutive events first_seq..last_seq in seq order."""
 
     v: Literal[1]
@@ -222,7 +226,7 @@ def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[byte
     return head + b",".join(bodies) + b"]}"
 
 
-class _BatchHeads(msgspec.Struct, frozen=True):
+class _BatchHeads(msgspec.Struct, frozen=True, gc=False):
     events: list[EventHead]
 
 
@@ -249,8 +253,12 @@ def decode_batch(payload: bytes) -> tuple[EventBatch, list[tuple[EventHead, byte
         raise ProtocolError(f"events payload: {len(heads)} events for seqs {first}..{last}")
     if [h.seq for h in heads] != list(range(first, last + 1)):
         raise ProtocolError(f"events payload: the events are not seqs {first}..{last} in order")
+    store_id = batch.store_id
     for head in heads:
-        if head.store_id != batch.store_id:
+        if head.store_id != store_id:
+            if not _STORE_ID.match(head.store_id):
+                raise ProtocolError(f"events payload: event seq {head.seq} has an invalid store_id"
+                                    f" {head.store_id!r}")
             raise StoreMismatch(f"events payload: event seq {head.seq} is for store {head.store_id!r},"
-                                f" the batch for {batch.store_id!r}")
+                                f" the batch for {store_id!r}")
     return batch, list(zip(heads, batch.events))
