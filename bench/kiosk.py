@@ -10,7 +10,10 @@
 
 The server under test runs as a real `edge-agent run` subprocess; the load generator
 runs in another process (an aiohttp client with keep-alive), so neither distorts the
-other beyond sharing the machine's cores. Prints one JSON object per measurement.
+other beyond sharing the machine's cores. (b) also runs with wrk (Debian package `wrk`,
+a C load generator: 2 threads, 32 keep-alive connections, unique command ids from a Lua
+script) when it is installed, since the Python client itself takes half a core of the
+two that the server shares it with. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -208,20 +212,64 @@ def sqlite_baseline(work: Path, rows_per_commit: int, duration: float) -> dict:
             "per_s": round(seq / elapsed, 1), "commit_ms": round(elapsed / commits * 1000, 3)}
 
 
+WRK_SCRIPT = """
+local next_id = 0
+function setup(thread)
+  next_id = next_id + 1
+  thread:set("tid", next_id)
+end
+function init(args)
+  counter = 0
+  math.randomseed(tid * 7919)
+end
+function request()
+  counter = counter + 1
+  local body = string.format('{"command_id":"wrk-%d-%d","events":[{"type":"sold","sku":"SKU-%06d","qty":1}]}',
+                             tid, counter, math.random(0, SKUS - 1))
+  return wrk.format("POST", "/v1/events", {["Content-Type"] = "application/json"}, body)
+end
+function done(summary, latency, requests)
+  io.write(string.format("WRK %d %d %d %.3f %.3f\\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def run_wrk(url: str, work: Path, clients: int, duration: float, skus: int) -> dict:
+    """POST single-event commands with wrk; return the same fields as the Python client."""
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT.replace("SKUS", str(skus)))
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{duration:g}s", "-s", str(script), url],
+                         check=True, capture_output=True, text=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK "))
+    _, requests, micros, errors, p50, p99 = line.split()
+    return {"requests": int(requests), "errors": int(errors), "per_s": round(int(requests) / (int(micros) / 1e6), 1),
+            "p50_ms": float(p50), "p99_ms": float(p99), "clients": clients, "duration_s": duration}
+
+
 def bench_writes(work: Path, args: argparse.Namespace) -> list[dict]:
     results = [sqlite_baseline(work, 1, min(args.duration, 5)), sqlite_baseline(work, 32, min(args.duration, 5))]
-    agent = AgentProcess(work / "writes-agent", store_id="store-bench", synchronous="FULL")
-    agent.dir.mkdir(exist_ok=True)
-    agent.start()
-    try:
-        r = run_load(agent.url, "write", 32, args.duration, args.skus)
-        results.append({"bench": "writes", "server": "edge-agent POST /v1/events (1 event each), synchronous=FULL",
-                        **r})
-    finally:
-        assert agent.terminate() == 0
+    clients = [("python", run_load)]
+    if shutil.which("wrk"):
+        clients.append(("wrk", lambda url, kind, n, duration, skus: run_wrk(url, work, n, duration, skus)))
+    else:
+        print("bench: wrk is not installed (apt-get install wrk); writes measured with the Python client only",
+              file=sys.stderr)
     from agent.verify import verify_log
-    report = verify_log(agent.db_path)
-    results.append({"bench": "writes", "verify_ok": report.ok, "events_in_log": report.last_seq})
+    for name, load in clients:
+        agent = AgentProcess(work / f"writes-agent-{name}", store_id="store-bench", synchronous="FULL")
+        agent.dir.mkdir(exist_ok=True)
+        agent.start()
+        try:
+            r = load(agent.url, "write", 32, args.duration, args.skus)
+            results.append({"bench": "writes", "client": name,
+                            "server": "edge-agent POST /v1/events (1 event each), synchronous=FULL", **r})
+        finally:
+            assert agent.terminate() == 0
+        report = verify_log(agent.db_path)
+        results.append({"bench": "writes", "client": name, "verify_ok": report.ok, "events_in_log": report.last_seq,
+                        "answered_201": r["requests"] - r["errors"]})
     return results
 
 
