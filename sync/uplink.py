@@ -89,6 +89,10 @@ class Uplink:
         self._progress_at = monotonic()
         self._wake = asyncio.Event()
         self._reader: LogReader | None = None
+        # Read-ahead: batches after the last one sent, read while acks are awaited, so an ack
+        # that frees the window is answered with a publish, not with a read of the log first.
+        self._ready: list[tuple[int, int, int, bytes]] = []
+        self._reading: tuple[int, asyncio.Task] | None = None   # (read after seq, its task)
         self._topic = protocol.events_topic(self.prefix, self.store_id)
         event_log.add_listener(lambda events: self._wake.set())
         mqtt.subscribe(protocol.ack_topic(self.prefix, self.store_id), self.on_ack)
@@ -179,37 +183,94 @@ class Uplink:
 
     # --------------------------------------------------------------------- send
 
-    def _read_batch(self, after: int) -> list[tuple[int, bytes]]:
-        rows = self._reader.events_after(after, self.sync.batch_max_events)
-        size, cap = 0, self.sync.batch_max_bytes - 128
-        for index, (_, body) in enumerate(rows):
-            size += len(body) + 1
-            if size > cap and index > 0:
-                return rows[:index]
-        return rows
+    def _read_batches(self, after: int, count: int) -> list[tuple[int, int, int, bytes]]:
+        """Read up to `count` consecutive batches after `after` (one query, on a worker thread).
+
+        Returns (first_seq, last_seq, events, payload) each, the payload built here so the
+        event loop only publishes it.
+        """
+        max_events, cap = self.sync.batch_max_events, self.sync.batch_max_bytes - 128
+        rows = self._reader.events_after(after, count * max_events)
+        out, start = [], 0
+        while start < len(rows) and len(out) < count:
+            end, size = start, 0
+            while end < len(rows) and end - start < max_events:
+                size += len(rows[end][1]) + 1
+                if size > cap and end > start:
+                    break
+                end += 1
+            part = rows[start:end]
+            first, last = part[0][0], part[-1][0]
+            if first != after + 1:
+                break
+            out.append((first, last, len(part),
+                        protocol.encode_batch(self.store_id, first, last, [body for _, body in part])))
+            after, start = last, end
+        return out
+
+    async def _take(self, count: int) -> list[tuple[int, int, int, bytes]]:
+        """Return up to `count` consecutive batches starting at `sent_seq + 1`.
+
+        From the read-ahead when it starts there (it is dropped when it does not: a
+        resend or a rewind moved `sent_seq` back); otherwise read now.
+        """
+        await self._collect()
+        after = self.sent_seq
+        while self._ready and self._ready[0][0] <= after:
+            self._ready.pop(0)
+        if self._ready and self._ready[0][0] != after + 1:
+            self._ready.clear()
+        if not self._ready:
+            return await asyncio.to_thread(self._read_batches, after, count)
+        taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+    async def _collect(self) -> None:
+        """Wait for a running read-ahead; keep its batches if they still continue `_ready`."""
+        if self._reading is None:
+            return
+        after, task = self._reading
+        await asyncio.wait([task])
+        self._reading = None
+        if not task.cancelled() and task.exception() is None:
+            if (self._ready[-1][1] if self._ready else self.sent_seq) == after:
+                self._ready.extend(task.result())
+
+    def _read_ahead(self) -> None:
+        want = self.sync.max_inflight - len(self._ready)
+        after = self._ready[-1][1] if self._ready else self.sent_seq
+        if self._reading is not None or want <= 0 or after >= self.log.last_seq or self.sync.rate_limit_eps:
+            return
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._read_batches, after, want))
+        self._reading = (after, task)
 
     async def _send_window(self) -> None:
         rate = self.sync.rate_limit_eps
         while (self.mqtt.connected and self.sent_seq < self.log.last_seq
                and len(self._inflight) < self.sync.max_inflight):
-            rows = await asyncio.to_thread(self._read_batch, self.sent_seq)
-            if not rows or rows[0][0] != self.sent_seq + 1:
+            free = 1 if rate else self.sync.max_inflight - len(self._inflight)
+            batches = await self._take(free)
+            if not batches:
                 return
-            first, last = rows[0][0], rows[-1][0]
-            payload = protocol.encode_batch(self.store_id, first, last, [b for _, b in rows])
-            try:
-                self.mqtt.publish(self._topic, payload, qos=1).add_done_callback(_quiet)
-            except MqttError as exc:
-                log.error("sync: could not publish %d..%d: %s", first, last, exc)
-                return
-            if not self._inflight:
-                self._progress_at = self._monotonic()
-            self._inflight.append(last)
-            self.sent_seq = last
-            self.batches_sent += 1
-            self.events_sent += len(rows)
-            if rate:
-                await asyncio.sleep(len(rows) / rate)
+            for first, last, count, payload in batches:
+                # An ack may have rewound the cursor while the batches were read: start over then.
+                if first != self.sent_seq + 1 or not self.mqtt.connected:
+                    return
+                try:
+                    self.mqtt.publish(self._topic, payload, qos=1).add_done_callback(_quiet)
+                except MqttError as exc:
+                    log.error("sync: could not publish %d..%d: %s", first, last, exc)
+                    return
+                if not self._inflight:
+                    self._progress_at = self._monotonic()
+                self._inflight.append(last)
+                self.sent_seq = last
+                self.batches_sent += 1
+                self.events_sent += count
+                if rate:
+                    await asyncio.sleep(count / rate)
+        if self.mqtt.connected:
+            self._read_ahead()
 
     def _check_timeout(self) -> None:
         if self._inflight and self._monotonic() - self._progress_at >= self.sync.ack_timeout_s:
@@ -243,6 +304,8 @@ class Uplink:
             while True:
                 await self.step()
         finally:
+            if self._reading is not None:
+                await asyncio.wait([self._reading[1]])  # its thread must be done with the connection
             await asyncio.shield(self.mqtt.stop())
             self._reader.close()
 

@@ -90,3 +90,18 @@ async def test_ack_above_last_seq_is_an_alarm_and_never_trusted(agent, fake_hub)
     await asyncio.to_thread(agent.start)
     s = await status(agent)
     assert s["acked_seq"] == 20
+
+
+async def test_read_ahead_batches_are_dropped_when_an_ack_rewinds(agent, fake_hub):
+    # batch 50, window 4: while 1..200 wait for an ack, 201..400 are read ahead.
+    await asyncio.to_thread(post_events, agent, 600)
+    await eventually(lambda: (151, 200) in fake_hub.batches, what="a full window")
+    await fake_hub.ack(200)
+    await eventually(lambda: (351, 400) in fake_hub.batches, what="the next window, from the read-ahead")
+    assert fake_hub.batches[:8] == [(s, s + 49) for s in range(1, 400, 50)]
+    sent_before = len(fake_hub.batches)
+    await fake_hub.ack(30)  # a rewind while 401..600 are read ahead
+    await eventually(lambda: len(fake_hub.batches) >= sent_before + 4, what="a resent window")
+    assert fake_hub.batches[sent_before:sent_before + 4] == [(31, 80), (81, 130), (131, 180), (181, 230)]
+    await fake_hub.ack(600)
+    await eventually(lambda: agent.request("GET", "/v1/sync")[1]["backlog"] == 0, what="backlog 0")
