@@ -226,7 +226,10 @@ def main() -> int:
     mqtt_port = free_port()
     (work / "mosquitto.conf").write_text(
         f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 64\n")
+        "max_queued_messages 100000\nmax_inflight_messages 64\n"
+        # Without it mosquitto holds each small packet to a client (the hub's ack, a PUBACK)
+        # behind Nagle's algorithm for up to the peer's 40 ms delayed ACK (docs/protocol.md).
+        "set_tcp_nodelay true\n")
     broker = subprocess.Popen([*(["nice", "-n", str(args.hub_nice)] if args.hub_nice else []),
                                mosquitto, "-c", str(work / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

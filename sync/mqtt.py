@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -140,6 +141,7 @@ class MqttClient:
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_socket_open = self._on_socket_open
         self._set_delay()
 
     @classmethod
@@ -316,6 +318,15 @@ class MqttClient:
         if self._birth is not None:
             client.publish(self._birth.topic, self._birth.payload, self._birth.qos, self._birth.retain)
         self._call(self._connected_now, flags.session_present)
+
+    def _on_socket_open(self, client, userdata, sock) -> None:
+        # Nagle's algorithm holds a small packet (an ack, a PUBACK) while a previous one is
+        # unacknowledged, and the peer delays its TCP ACK by up to 40 ms: every ack of the
+        # sync protocol would wait that long. Send small packets at once.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not a TCP socket (e.g. a Unix socket): nothing to tune
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._set_delay()
