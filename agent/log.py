@@ -1,12 +1,10 @@
 """The store's append-only event log in SQLite: the only writer of the agent's database.
 
 One aiosqlite connection writes (WAL). Every write, appends and other modules' state
-alike, goes through one queue served by one writer task, so there is never a second
-writer or checkpointer (Debian's SQLite 3.40 is in the range of the WAL-reset bug).
-Appends that wait together are group-committed: one transaction, one fsync, and each
-caller still gets its own result or its own refusal.
-
-Each transaction runs as one function on aiosqlite's thread, so it costs one await.
+alike, goes through one queue served by one function running on that connection's
+thread, so there is never a second writer or checkpointer (Debian's SQLite 3.40 is in
+the range of the WAL-reset bug). Appends that wait together are group-committed: one
+transaction, one fsync, and each caller still gets its own result or its own refusal.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,13 @@ class _Append:
     command: ev.AppendCommand
     body_hash: bytes
     future: asyncio.Future
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A write job's error, carried back to its caller (results are otherwise values)."""
+
+    error: BaseException
 
 
 @dataclass
@@ -87,11 +93,15 @@ class SqliteEventLog:
         self._now = now
         self._new_id = new_id
         self._disk_guard = disk_guard
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: list[Callable[[list[ev.AnyEvent]], None]] = []
         self._closing = False
-        self.last_seq, self._last_hash, self._checkpoint_seq = 0, GENESIS, 0
-        self._writer: asyncio.Task | None = None
+        # (last seq, last hash, checkpoint seq): `_tail` is the writer thread's own,
+        # the attributes are the event loop's copy, updated as each commit is answered.
+        self._tail: tuple[int, bytes, int] = (0, GENESIS, 0)
+        self.last_seq, self._last_hash, self._checkpoint_seq = self._tail
+        self._writer: asyncio.Future | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike, store_id: str, *, synchronous: str = "FULL",
@@ -122,13 +132,13 @@ class SqliteEventLog:
             reader = LogReader(path)
             self = cls(path, store_id, db, lock_fd, reader, checkpoint_every=checkpoint_every,
                        now=now, new_id=new_id, disk_guard=disk_guard)
-            self.last_seq, self._last_hash, self._checkpoint_seq = await db._execute(
-                lambda: _tail(db._conn))
+            self._tail = await db._execute(lambda: _tail(db._conn))
+            self.last_seq, self._last_hash, self._checkpoint_seq = self._tail
         except BaseException:
             await db.close()
             os.close(lock_fd)
             raise
-        self._writer = asyncio.create_task(self._write_loop(), name="log-writer")
+        self._writer = asyncio.ensure_future(db._execute(self._serve, db._conn))
         return self
 
     # ------------------------------------------------------------------ writes
@@ -146,8 +156,8 @@ class SqliteEventLog:
             raise StorageError("storage: the log is closing")
         if self._disk_guard is not None:
             self._disk_guard()
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Append(command, command_hash(command), future))
+        future = self._loop.create_future()
+        self._jobs.put(_Append(command, command_hash(command), future))
         return await future
 
     async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -158,66 +168,92 @@ class SqliteEventLog:
         """
         if self._closing:
             raise StorageError("storage: the log is closing")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(fn, future))
-        return await future
+        return await self._submit(fn, transaction=True)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], Any], *, transaction: bool) -> asyncio.Future:
+        future = self._loop.create_future()
+        self._jobs.put(_Write(fn, future, transaction))
+        return future
 
     def add_listener(self, fn: Callable[[list[ev.AnyEvent]], None]) -> None:
         """Call `fn(events)` on the event loop after every commit that appended events."""
         self._listeners.append(fn)
 
-    async def _write_loop(self) -> None:
-        pending: list = []
-        while True:
-            if not pending:
-                pending.append(await self._queue.get())
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            job = pending.pop(0)
-            if job is _STOP:
-                for left in pending:
-                    if left is not _STOP and not left.future.done():
-                        left.future.set_exception(StorageError("storage: the log closed"))
-                return
-            if isinstance(job, _Write):
-                await self._run_write(job)
-                continue
-            batch, count = [job], len(job.command.events)
-            while pending and isinstance(pending[0], _Append) and count < _MAX_INTENTS_PER_TXN:
-                nxt = pending.pop(0)
-                batch.append(nxt)
-                count += len(nxt.command.events)
-            await self._run_appends(batch)
+    # The writer: one function that runs on aiosqlite's connection thread for the life
+    # of the log. Callers put jobs on a thread-safe queue (which wakes the thread
+    # directly) and the thread answers each transaction's callers with one
+    # call_soon_threadsafe, so an append costs two thread wake-ups and no task hops.
+    # Jobs that arrive while a transaction runs are taken together as the next batch.
 
-    async def _run_write(self, job: _Write) -> None:
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                pending = [jobs.get(timeout=1.0)]
+            except queue.Empty:
+                if self._loop.is_closed():  # the program ended without close(): nobody is left to answer
+                    log.warning("log: the event loop closed before the log; the writer stops")
+                    return
+                continue
+            while True:
+                try:
+                    pending.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            while pending:
+                job = pending.pop(0)
+                if job is _STOP:
+                    left = [j for j in pending if j is not _STOP]
+                    left.extend(_drain(jobs))
+                    if left:
+                        self._answer(left, [StorageError("storage: the log closed")] * len(left), [])
+                    return
+                if isinstance(job, _Write):
+                    self._answer([job], [self._run_write(conn, job)], [])
+                    continue
+                batch, count = [job], len(job.command.events)
+                while pending and isinstance(pending[0], _Append) and count < _MAX_INTENTS_PER_TXN:
+                    nxt = pending.pop(0)
+                    batch.append(nxt)
+                    count += len(nxt.command.events)
+                self._run_appends(conn, batch)
+
+    @staticmethod
+    def _run_write(conn: sqlite3.Connection, job: _Write) -> Any:
         try:
             if job.transaction:
-                result = await self._db._execute(in_write_transaction, self._db._conn, job.fn)
-            else:
-                result = await self._db._execute(job.fn, self._db._conn)
+                return in_write_transaction(conn, job.fn)
+            return job.fn(conn)
         except BaseException as exc:  # delivered to the caller, the writer keeps going
-            if not job.future.done():
-                job.future.set_exception(_map_error("write", exc))
-        else:
-            if not job.future.done():
-                job.future.set_result(result)
+            return _Failed(_map_error("write", exc))
 
-    async def _run_appends(self, batch: list[_Append]) -> None:
+    def _run_appends(self, conn: sqlite3.Connection, batch: list[_Append]) -> None:
         try:
-            outcome = await self._db._execute(self._append_batch, self._db._conn, batch)
+            results, appended, tail = in_write_transaction(conn, self._decide_and_store, batch, self._now())
         except BaseException as exc:
             error = _map_error("append", exc)
             log.error("%s", error)
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            self._answer(batch, [error] * len(batch), [])
             return
-        results, appended, last_seq, last_hash, cp_seq = outcome
-        self.last_seq, self._last_hash, self._checkpoint_seq = last_seq, last_hash, cp_seq
-        for job, result in zip(batch, results):
+        self._tail = tail
+        self._answer(batch, results, appended)
+
+    def _answer(self, jobs: list, results: list, appended: list[ev.AnyEvent]) -> None:
+        """From the writer thread: hand one transaction's outcome to the event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, jobs, results, appended, self._tail)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _deliver(self, jobs: list, results: list, appended: list[ev.AnyEvent],
+                 tail: tuple[int, bytes, int]) -> None:
+        self.last_seq, self._last_hash, self._checkpoint_seq = tail
+        for job, result in zip(jobs, results):
             if job.future.done():
                 continue
-            if isinstance(result, Exception):
+            if isinstance(result, _Failed):
+                job.future.set_exception(result.error)
+            elif isinstance(result, BaseException):
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
@@ -228,17 +264,14 @@ class SqliteEventLog:
                 except Exception:  # a listener's bug must not stop the writer
                     log.exception("log: commit listener failed")
 
-    def _append_batch(self, conn: sqlite3.Connection, batch: list[_Append]):
-        """Decide and store a batch in one transaction (runs on the writer thread)."""
-        return in_write_transaction(conn, self._decide_and_store, batch, self._now())
-
     def _decide_and_store(self, conn: sqlite3.Connection, batch: list[_Append], now: str):
+        """Decide and store a batch inside the caller's transaction (on the writer thread)."""
+        last_seq, last_hash, cp_seq = self._tail
         ids = [job.command.command_id for job in batch]
         known = {row[0]: row for row in conn.execute(
             "SELECT command_id, body_hash, first_seq, last_seq FROM commands"
             " WHERE command_id IN (SELECT value FROM json_each(?))", (ev.encode(ids),))}
-        state = _load_state(conn, self.store_id, self.last_seq, [job.command for job in batch])
-        last_hash = self._last_hash
+        state = _load_state(conn, self.store_id, last_seq, [job.command for job in batch])
         results: list = []
         rows: list[tuple] = []
         command_rows: list[tuple] = []
@@ -268,11 +301,10 @@ class SqliteEventLog:
             results.append(AppendResult(cid, first, last, False, tuple(new_events)))
         if rows:
             _store(conn, rows, command_rows, state, appended)
-        cp_seq = self._checkpoint_seq
         if state.last_seq - cp_seq >= self._checkpoint_every:
             take_checkpoint(conn, cp_seq, state.last_seq, now)
             cp_seq = state.last_seq
-        return results, appended, state.last_seq, last_hash, cp_seq
+        return results, appended, (state.last_seq, last_hash, cp_seq)
 
     # ----------------------------------------------------------- maintenance
 
@@ -282,26 +314,28 @@ class SqliteEventLog:
         Returns the checkpoint's seq; a no-op when nothing changed since the last one.
         """
         def run(conn: sqlite3.Connection) -> int:
-            prev = self._checkpoint_seq
-            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            if last > prev:
-                take_checkpoint(conn, prev, last, self._now())
-            return last
+            last_seq, _, prev = self._tail
+            if last_seq > prev:
+                take_checkpoint(conn, prev, last_seq, self._now())
+            return last_seq
 
-        self._checkpoint_seq = await self.write(run)
+        def commit_then_record(conn: sqlite3.Connection) -> int:
+            seq = in_write_transaction(conn, run)
+            self._tail = (self._tail[0], self._tail[1], seq)
+            return seq
+
+        self._checkpoint_seq = await self._submit(commit_then_record, transaction=False)
         return self._checkpoint_seq
 
     async def wal_checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         """Checkpoint the WAL from the writer connection; returns SQLite's (busy, log, done)."""
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"wal_checkpoint: unknown mode {mode!r}")
-        future = asyncio.get_running_loop().create_future()
 
         def run(conn: sqlite3.Connection):
             return tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
 
-        self._queue.put_nowait(_Write(run, future, transaction=False))
-        return await future
+        return await self._submit(run, transaction=False)
 
     async def backup_to(self, target: str | os.PathLike) -> int:
         """Copy the database with SQLite's online backup API; return the last seq it holds."""
@@ -313,16 +347,14 @@ class SqliteEventLog:
             finally:
                 dest.close()
 
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(run, future, transaction=False))
-        return await future
+        return await self._submit(run, transaction=False)
 
     async def close(self) -> None:
         """Finish queued writes, stop the writer, close connections, release the lock."""
         if self._closing:
             return
         self._closing = True
-        self._queue.put_nowait(_STOP)
+        self._jobs.put(_STOP)
         if self._writer is not None:
             await self._writer
         try:
@@ -349,6 +381,17 @@ def _tail(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
     cp = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints").fetchone()[0]
     return (row[0], row[1], cp) if row else (0, GENESIS, cp)
+
+
+def _drain(jobs: queue.SimpleQueue) -> list:
+    left = []
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return left
+        if job is not _STOP:
+            left.append(job)
 
 
 def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:
