@@ -12,7 +12,6 @@ and count toward the ack once the gap fills.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 from dataclasses import dataclass, field
@@ -137,7 +136,7 @@ class HubStore:
     """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
 
     def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int],
-                 max_held: dict[str, int], synchronous: str = "FULL"):
+                 max_held: dict[str, int]):
         self.path = path
         self._db = db
         self._acked = acked
@@ -149,7 +148,6 @@ class HubStore:
         # projection, sync/hub/projection.py); a raise rolls the whole group back. The bodies
         # are bytes-like (msgspec.Raw as received, or bytes).
         self.ingest_hooks: list[Callable[[sqlite3.Connection, str, list], None]] = []
-        self._checkpointer = _Checkpointer(path, synchronous)
 
     @classmethod
     async def open(cls, path: str | Path, store_ids: set[str] | list[str],
@@ -172,9 +170,6 @@ class HubStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute("PRAGMA busy_timeout=5000")
-            # The WAL is copied into the database by `_Checkpointer` on its own connection,
-            # not inside an ingest COMMIT (which then waits for the copy and its fsync).
-            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(SCHEMA_SQL)
             known = set(store_ids) | {r[0] for r in conn.execute("SELECT store_id FROM stores")}
             max_held = dict(conn.execute("SELECT store_id, MAX(seq) FROM events GROUP BY store_id"))
@@ -185,7 +180,7 @@ class HubStore:
         except sqlite3.Error as exc:
             await db.close()
             raise storage_error("set up hub database", exc) from exc
-        return cls(path, db, acked, max_held, sync)
+        return cls(path, db, acked, max_held)
 
     def acked(self, store_id: str) -> int:
         """Return the store's contiguous prefix (0 when nothing is held)."""
@@ -217,7 +212,6 @@ class HubStore:
             raise storage_error("store events", exc) from exc
         self._acked.update(acked)
         self._max.update(max_held)
-        self._checkpointer.written(sum(r.stored for r in results if r is not None))
         return results
 
     def _write(self, conn: sqlite3.Connection, items, now: str):
@@ -291,50 +285,7 @@ class HubStore:
             raise storage_error("hub write", exc) from exc
 
     async def close(self) -> None:
-        await self._checkpointer.close()
         await self._db.close()
-
-
-class _Checkpointer:
-    """Copies the WAL into the database in the background (PASSIVE: never blocks the writer).
-
-    After every `every` events stored it starts one `wal_checkpoint(PASSIVE)` on its own
-    connection and thread, unless one is running. Readers and the writer go on meanwhile;
-    the WAL restarts once a checkpoint has copied it all. Durability is the WAL's: a commit
-    is durable when its COMMIT returns (synchronous=FULL), whatever the checkpoint does.
-    """
-
-    def __init__(self, path: Path, synchronous: str, every: int = 4000):
-        self.path, self.every, self._synchronous = path, every, synchronous
-        self._pending = 0
-        self._task: asyncio.Task | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    def written(self, events: int) -> None:
-        self._pending += events
-        if self._pending >= self.every and (self._task is None or self._task.done()):
-            self._pending = 0
-            self._task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._run))
-            self._task.add_done_callback(_log_checkpoint_failure)
-
-    def _run(self) -> None:
-        if self._conn is None:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            await asyncio.wait([self._task])
-        if self._conn is not None:
-            self._conn.close()
-
-
-def _log_checkpoint_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("hub: background WAL checkpoint failed (retried after the next writes): %s",
-                    task.exception())
 
 
 class HubReader:

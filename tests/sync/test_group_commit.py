@@ -153,25 +153,3 @@ async def test_a_failed_commit_answers_no_message_of_the_group(hub):
     assert [t for t in trace if t[0] == "ack"] == [("ack", 0)]
     await asyncio.wait_for(service.handle_events(message(batch(1, 3))), 10)   # the redelivery
     assert trace[-1] == ("ack", 6)
-
-
-async def test_the_wal_is_checkpointed_in_the_background_and_stays_small(tmp_path):
-    from tests.sync.helpers import body
-
-    store = await HubStore.open(tmp_path / "hub.db", [STORE])
-    try:
-        for first in range(1, 15_001, 500):
-            events = [(protocol.decode(body(seq), protocol.EventHead), body(seq)) for seq in range(first, first + 500)]
-            await store.write([Incoming(STORE, events)], "2026-11-27T10:00:00.000Z")
-            if store._checkpointer._task is not None:
-                await store._checkpointer._task
-        assert store.acked(STORE) == 15_000
-        wal = (tmp_path / "hub.db-wal").stat().st_size
-        # The ingest writer never checkpoints (wal_autocheckpoint=0); without the background
-        # checkpoints the WAL would hold all 15,000 events (about 7 MB; one checkpoint interval is 2).
-        assert wal < 3_000_000, f"the WAL grew to {wal} bytes"
-    finally:
-        await store.close()
-    reopened = await HubStore.open(tmp_path / "hub.db", [STORE])
-    assert reopened.acked(STORE) == 15_000
-    await reopened.close()
