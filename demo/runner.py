@@ -162,6 +162,7 @@ class Demo:
         self.broker_port = free_port()
         conf = self.dir / "mosquitto.conf"
         conf.write_text(f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "set_tcp_nodelay true\n"
                         "max_queued_messages 100000\nlog_type error\nlog_type warning\n")
         child = self.spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
         await self.wait_port(child, self.broker_port)

@@ -56,6 +56,7 @@ class Broker:
         self.proc: subprocess.Popen | None = None
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            "set_tcp_nodelay true\n"
             "allow_anonymous true\n"
             "persistence false\n"
             # Large enough that a test's backlog never overflows a session's queue.
