@@ -47,6 +47,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.aio import wait_for
+
 log = logging.getLogger("edge_sync.mqtt")
 
 Handler = Callable[["Message"], Awaitable[None]]
@@ -231,7 +233,7 @@ class MqttClient:
 
         self._listeners.append(seen)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await wait_for(event.wait(), timeout)
         finally:
             self._listeners.remove(seen)
 
@@ -253,7 +255,7 @@ class MqttClient:
                 self._subs_changed.clear()
                 await self._subs_changed.wait()
 
-        await asyncio.wait_for(settled(), timeout)
+        await wait_for(settled(), timeout)
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Publish the will as a clean goodbye (when connected), disconnect, stop the thread."""
@@ -262,8 +264,8 @@ class MqttClient:
         self._started = False
         if self.connected and self._will is not None:
             try:
-                await asyncio.wait_for(self.publish(self._will.topic, self._will.payload,
-                                                    self._will.qos, self._will.retain), timeout)
+                await wait_for(self.publish(self._will.topic, self._will.payload,
+                                            self._will.qos, self._will.retain), timeout)
             except (asyncio.TimeoutError, MqttError) as exc:
                 log.warning("mqtt %s: could not publish the offline status: %s", self.client_id, exc)
         self._client.disconnect()

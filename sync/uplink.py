@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from agent import clock
+from agent.aio import wait_for
 from agent.reader import LogReader
 from agent.settings import AgentConfig
 from sync import protocol
@@ -292,7 +293,7 @@ class Uplink:
         if timeout is not None:
             timeout = max(0.01, self._progress_at + timeout - self._monotonic())
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
 

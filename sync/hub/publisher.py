@@ -32,6 +32,7 @@ from typing import Callable
 import msgspec
 
 from agent import clock
+from agent.aio import wait_for
 from agent.events import SKU_PATTERN
 from sync import protocol
 from sync.hub import availability as av
@@ -162,8 +163,8 @@ class AvailabilityPublisher:
         """Publish the catalog retained (again); agents ignore a version they hold."""
         if self._catalog_payload is None:
             return
-        await asyncio.wait_for(self.mqtt.publish(protocol.catalog_topic(self.prefix), self._catalog_payload,
-                                                 qos=1, retain=True), PUBLISH_TIMEOUT_S)
+        await wait_for(self.mqtt.publish(protocol.catalog_topic(self.prefix), self._catalog_payload,
+                                         qos=1, retain=True), PUBLISH_TIMEOUT_S)
 
     async def publish_changed(self) -> list[av.Snapshot]:
         """The scheduled job: publish every store's snapshot that is due; return what was published."""
@@ -185,7 +186,7 @@ class AvailabilityPublisher:
                     payload = await asyncio.to_thread(zlib.compress, snap.payload, 6)
                     content_type = protocol.ZLIB_JSON
                 try:
-                    await asyncio.wait_for(self.mqtt.publish(
+                    await wait_for(self.mqtt.publish(
                         protocol.availability_topic(self.prefix, snap.store_id), payload,
                         qos=1, retain=True, content_type=content_type), PUBLISH_TIMEOUT_S)
                 except Exception as exc:  # a publish failure must not stop the job for other stores
