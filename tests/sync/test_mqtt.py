@@ -62,6 +62,10 @@ async def test_adapter_reconnects_and_keeps_delivering_after_broker_crash(broker
         broker.kill()
         broker.start()
         await eventually(lambda: sub.reconnects >= 1 and sub.connected, what="reconnect")
+        # The restarted broker kept no sessions: publish only once the subscription is back
+        # (SUBACK) and the publisher is connected again, or "two" has nobody to go to.
+        await sub.wait_subscribed(5)
+        await pub.wait_subscribed(5)
         await asyncio.wait_for(pub.publish("t/y", b"two"), 5)
         await eventually(lambda: b"two" in calls, what="second message")
         assert calls[0] == b"one" and sub.reconnects >= 1
