@@ -1,9 +1,11 @@
-"""Suite-wide settings: in CI a missing service is a failure, never a skip."""
+"""Suite-wide settings (in CI a missing service is a failure, never a skip) and shared fixtures."""
 
 import os
 import shutil
 
 import pytest
+
+from agent import events as ev
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -17,3 +19,22 @@ def require_binary(name: str) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def received_v2_with_v1_upcaster(monkeypatch):
+    """A test-only schema history: `received` v1 called the quantity `quantity`; v2 calls it `qty`.
+
+    The current Struct plays v2 here: the current schema for `received` is raised to 2 and
+    an upcaster registered for v1 -> v2.
+    """
+    monkeypatch.setitem(ev._CURRENT, "received", 2)
+
+    @ev.upcaster("received", 1)
+    def rename_quantity(data):
+        data["qty"] = data.pop("quantity")
+        data["schema"] = 2
+        return data
+
+    yield
+    ev.unregister_upcaster("received", 1)

@@ -73,25 +73,6 @@ def test_unknown_type_or_future_schema_is_a_decode_error():
         ev.decode_event(b"not json")
 
 
-@pytest.fixture
-def received_v2_with_v1_upcaster(monkeypatch):
-    """A test-only schema history: `received` v1 called the quantity `quantity`; v2 calls it `qty`.
-
-    The current Struct plays v2 here: the current schema for `received` is raised to 2 and
-    an upcaster registered for v1 -> v2.
-    """
-    monkeypatch.setitem(ev._CURRENT, "received", 2)
-
-    @ev.upcaster("received", 1)
-    def rename_quantity(data):
-        data["qty"] = data.pop("quantity")
-        data["schema"] = 2
-        return data
-
-    yield
-    ev.unregister_upcaster("received", 1)
-
-
 def test_old_schema_is_upcast_on_read(received_v2_with_v1_upcaster):
     old = msgspec.json.encode({"type": "received", **ENVELOPE, "schema": 1, "sku": "A", "quantity": 4,
                                "location": "floor", "ref": None})
