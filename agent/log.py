@@ -195,16 +195,11 @@ class SqliteEventLog:
                     log.warning("log: the event loop closed before the log; the writer stops")
                     return
                 continue
-            while True:
-                try:
-                    pending.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
+            pending.extend(_drain(jobs))
             while pending:
                 job = pending.pop(0)
                 if job is _STOP:
-                    left = [j for j in pending if j is not _STOP]
-                    left.extend(_drain(jobs))
+                    left = [j for j in pending + _drain(jobs) if j is not _STOP]
                     if left:
                         self._answer(left, [StorageError("storage: the log closed")] * len(left), [])
                     return
@@ -384,14 +379,13 @@ def _tail(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
 
 
 def _drain(jobs: queue.SimpleQueue) -> list:
-    left = []
+    """Take every job waiting on the queue now, in order."""
+    taken = []
     while True:
         try:
-            job = jobs.get_nowait()
+            taken.append(jobs.get_nowait())
         except queue.Empty:
-            return left
-        if job is not _STOP:
-            left.append(job)
+            return taken
 
 
 def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:
