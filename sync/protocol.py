@@ -221,9 +221,14 @@ def decode(payload: bytes, cls: type[msgspec.Struct]):
 
 def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes]) -> bytes:
     """Build an events payload around already-encoded event bodies (no re-encoding)."""
+    return encode_joined_batch(store_id, first_seq, last_seq, b",".join(bodies))
+
+
+def encode_joined_batch(store_id: str, first_seq: int, last_seq: int, joined: bytes) -> bytes:
+    """Build an events payload around event bodies already joined by commas."""
     head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,"events":[' % (
         store_id.encode(), first_seq, last_seq)
-    return head + b",".join(bodies) + b"]}"
+    return b"".join((head, joined, b"]}"))
 
 
 class _BatchHeads(msgspec.Struct, frozen=True, gc=False):

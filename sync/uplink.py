@@ -185,28 +185,22 @@ class Uplink:
     # --------------------------------------------------------------------- send
 
     def _read_batches(self, after: int, count: int) -> list[tuple[int, int, int, bytes]]:
-        """Read up to `count` consecutive batches after `after` (one query, on a worker thread).
+        """Read up to `count` consecutive batches after `after` (on a worker thread).
 
         Returns (first_seq, last_seq, events, payload) each, the payload built here so the
-        event loop only publishes it.
+        event loop only publishes it. SQLite cuts and joins each batch
+        (LogReader.joined_batch), so this thread barely holds the interpreter lock.
         """
         max_events, cap = self.sync.batch_max_events, self.sync.batch_max_bytes - 128
-        rows = self._reader.events_after(after, count * max_events)
-        out, start = [], 0
-        while start < len(rows) and len(out) < count:
-            end, size = start, 0
-            while end < len(rows) and end - start < max_events:
-                size += len(rows[end][1]) + 1
-                if size > cap and end > start:
-                    break
-                end += 1
-            part = rows[start:end]
-            first, last = part[0][0], part[-1][0]
-            if first != after + 1:
+        out = []
+        while len(out) < count:
+            batch = self._reader.joined_batch(after, max_events, cap)
+            if batch is None:
                 break
-            out.append((first, last, len(part),
-                        protocol.encode_batch(self.store_id, first, last, [body for _, body in part])))
-            after, start = last, end
+            last, events, joined = batch
+            out.append((after + 1, last, events,
+                        protocol.encode_joined_batch(self.store_id, after + 1, last, joined)))
+            after = last
         return out
 
     async def _take(self, count: int) -> list[tuple[int, int, int, bytes]]:
