@@ -1,8 +1,11 @@
 """Benchmark: drain a backlog from the agent's log into the hub, against the raw stages.
 
-    .venv/bin/python bench/sync.py [--events 200000] [--batch 500] [--workdir DIR]
+    .venv/bin/python bench/sync.py [--events 200000] [--batch 500] [--hub-cpu spare|shared] [--workdir DIR]
 
 Steps, all in one run, on one private mosquitto on a free loopback port:
+0. The hub and the broker stand for central machines: by default (--hub-cpu spare) they
+   run under SCHED_IDLE and take only the CPU the store's side leaves idle. The kiosk
+   client runs in a process of its own, as a kiosk would.
 1. Build an agent log of N events (not timed).
 2. Kiosk idle: `edge-agent run` with sync disabled; p50/p99 of GET /v1/availability/{sku}
    at a steady 100 requests/s.
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import multiprocessing
 import shutil
 import signal
 import socket
@@ -82,35 +86,48 @@ def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]
         reader.close()
 
 
+def _kiosk_requests(port: int, rate: float, go, stop, out) -> None:
+    """The kiosk's loop, in its own process: from `go` until `stop`, GET at a steady rate; send the latencies."""
+    out.send("ready")
+    go.wait()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    lat, i, next_at = [], 0, time.perf_counter()
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        conn.request("GET", f"/v1/availability/SKU-{i % 5000}")
+        conn.getresponse().read()
+        lat.append(time.perf_counter() - t0)
+        i += 1
+        next_at += 1 / rate
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    conn.close()
+    out.send(lat)
+
+
 class Kiosk:
-    """GET /v1/availability/{sku} at a steady rate from a thread; records latencies."""
+    """GET /v1/availability/{sku} at a steady rate; records latencies.
+
+    The client runs in a process of its own, as a kiosk would: in this one it would share
+    the interpreter lock with the ack watcher's MQTT thread and time that too.
+    """
 
     def __init__(self, port: int, rate: float = 100.0):
-        self.port, self.rate, self.lat = port, rate, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        i, next_at = 0, time.perf_counter()
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            conn.request("GET", f"/v1/availability/SKU-{i % 5000}")
-            conn.getresponse().read()
-            self.lat.append(time.perf_counter() - t0)
-            i += 1
-            next_at += 1 / self.rate
-            time.sleep(max(0.0, next_at - time.perf_counter()))
-        conn.close()
+        ctx = multiprocessing.get_context("spawn")
+        self._go, self._stop = ctx.Event(), ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_kiosk_requests, args=(port, rate, self._go, self._stop, send), daemon=True)
+        self._proc.start()
+        assert self._recv.recv() == "ready"
 
     def start(self) -> "Kiosk":
-        self._thread.start()
+        """Start the requests (the process is already up: its start-up is not in the window)."""
+        self._go.set()
         return self
 
     def stop(self) -> dict:
         self._stop.set()
-        self._thread.join(10)
-        lat = sorted(self.lat)
+        lat = sorted(self._recv.recv())
+        self._proc.join(10)
         return {"requests": len(lat), "p50_ms": round(1000 * lat[len(lat) // 2], 3),
                 "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 3)}
 
@@ -216,10 +233,16 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--hub-cpu", choices=("spare", "shared"), default="spare",
+                        help="spare (default): edge-hub and mosquitto run under SCHED_IDLE, so they"
+                             " take only CPU the store's side leaves idle, as on the central machines"
+                             " they run on in a deployment; shared: at normal priority, competing with"
+                             " the agent and the kiosk for this machine's cores")
     parser.add_argument("--hub-nice", type=int, default=0,
-                        help="run edge-hub (and so its CPU use) at this nice level; the hub is"
-                             " normally on another machine than the store's agent")
+                        help="with --hub-cpu shared: run edge-hub and mosquitto at this nice level")
     args = parser.parse_args()
+    central = (["chrt", "--idle", "0"] if args.hub_cpu == "spare"
+               else ["nice", "-n", str(args.hub_nice)] if args.hub_nice else [])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sync-"))
     work.mkdir(parents=True, exist_ok=True)
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -230,11 +253,11 @@ def main() -> int:
         # Without it mosquitto holds each small packet to a client (the hub's ack, a PUBACK)
         # behind Nagle's algorithm for up to the peer's 40 ms delayed ACK (docs/protocol.md).
         "set_tcp_nodelay true\n")
-    broker = subprocess.Popen([*(["nice", "-n", str(args.hub_nice)] if args.hub_nice else []),
-                               mosquitto, "-c", str(work / "mosquitto.conf")],
+    broker = subprocess.Popen([*central, mosquitto, "-c", str(work / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[subprocess.Popen] = []
-    result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight}
+    result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight,
+                    "hub_cpu": args.hub_cpu}
     try:
         wait_port(mqtt_port)
         db = work / "agent" / "events.db"
@@ -258,8 +281,7 @@ def main() -> int:
         (work / "hub.toml").write_text(
             f'[[stores]]\nid = "{STORE}"\n[storage]\npath = "{hub_db}"\nsynchronous = "FULL"\n'
             f'[mqtt]\nport = {mqtt_port}\n[log]\nformat = "text"\n')
-        hub = subprocess.Popen([*(["nice", "-n", str(args.hub_nice)] if args.hub_nice else []),
-                                str(BIN / "edge-hub"), "run", "--config", str(work / "hub.toml")],
+        hub = subprocess.Popen([*central, str(BIN / "edge-hub"), "run", "--config", str(work / "hub.toml")],
                                stdout=open(work / "hub.out", "ab"), stderr=subprocess.STDOUT)
         procs.append(hub)
         watch = AckWatch(mqtt_port, args.events)
@@ -267,11 +289,12 @@ def main() -> int:
         while "connected to" not in (work / "hub.out").read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         write_agent_config(config, db, api_port, mqtt_port, sync=True, batch=args.batch, inflight=args.inflight)
+        kiosk = Kiosk(api_port)
         t0 = time.perf_counter()
         agent = start_agent(config, api_port, work / "agent.out")
         procs.append(agent)
         t_ready = time.perf_counter()
-        kiosk = Kiosk(api_port).start()
+        kiosk.start()
         if not watch.done.wait(600):
             raise RuntimeError(f"the hub's ack stopped at {watch.acked}")
         t_end = time.perf_counter()
