@@ -129,7 +129,9 @@ class Kiosk:
         lat = sorted(self._recv.recv())
         self._proc.join(10)
         return {"requests": len(lat), "p50_ms": round(1000 * lat[len(lat) // 2], 3),
-                "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 3)}
+                "p90_ms": round(1000 * lat[int(len(lat) * 0.9)], 3),
+                "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 3), "max_ms": round(1000 * lat[-1], 3),
+                "slowest_ms": [round(1000 * x, 2) for x in lat[-5:]]}
 
 
 def write_agent_config(path: Path, db: Path, api_port: int, mqtt_port: int, sync: bool, batch: int,
