@@ -21,6 +21,7 @@ import msgspec
 from agent.events import CURRENT_SCHEMA, EventDecodeError, decode_event
 from agent.inventory import effect
 from sync.hub.availability import Published
+from sync.protocol import EventHead
 from sync.hub.store import insert_rows
 
 log = logging.getLogger("edge_hub.projection")
@@ -71,7 +72,7 @@ def setup(conn: sqlite3.Connection) -> int:
     stores = [row[0] for row in conn.execute("SELECT DISTINCT store_id FROM events")]
     for store_id in stores:
         bodies = [row[0] for row in conn.execute("SELECT body FROM events WHERE store_id = ?", (store_id,))]
-        apply_events(conn, store_id, bodies)
+        apply_bodies(conn, store_id, bodies)
         folded += len(bodies)
     conn.execute("INSERT INTO hub_meta(key, value) VALUES ('projection', 'v1')")
     return folded
@@ -86,12 +87,16 @@ def setup(conn: sqlite3.Connection) -> int:
 # a third of the cost. Anything else (an older schema that needs upcasting, an unknown
 # type, a stock field that does not fit) goes through the full `decode_event`, which
 # upcasts or refuses it as before. Fields the projection does not use are not checked.
+#
+# They extend the hub's EventHead, so the hub decodes each batch's heads as `EVENT_VIEW`
+# (`protocol.decode_batch(payload, EVENT_VIEW)`) and the ingest hook folds those heads
+# without reading the bodies again.
 
 NARROW_SCHEMA = CURRENT_SCHEMA  # the event layout the Structs below mirror
 _Location = Literal["floor", "backroom"]
 
 
-class _Fact(msgspec.Struct, frozen=True, gc=False, kw_only=True, tag_field="type"):
+class _Fact(EventHead, frozen=True, gc=False, kw_only=True, tag_field="type"):
     schema: int = CURRENT_SCHEMA
     sku: str
 
@@ -170,6 +175,7 @@ def _at(location: str, qty: int) -> tuple[int, int, int]:
 
 
 _Facts = Union[_Received, _Returned, _Sold, _Moved, _Counted, _Adjusted, _Reserved, _Released, _Fulfilled]
+EVENT_VIEW = _Facts  # the view the hub decodes event heads as (sync/hub/service.py)
 _fact_decoder = msgspec.json.Decoder(_Facts)
 _facts_decoder = msgspec.json.Decoder(list[_Facts])
 
@@ -189,12 +195,35 @@ def stock_delta(body: bytes) -> tuple[str, int, int, int]:
     return eff.sku, eff.floor, eff.backroom, eff.reserved
 
 
-def apply_events(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes]) -> None:
-    """Add the effect of newly stored events to the store's projection (an ingest hook).
+def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]]) -> None:
+    """Add the effect of newly stored events to the store's projection (the ingest hook).
 
-    An event the hub cannot read (a schema newer than this hub knows) is logged and left
-    out of the projection; it is still stored and acked. `bodies` are bytes-like.
+    `events`: (head, raw body) pairs as the hub stored them. A head decoded as
+    `EVENT_VIEW` of the current schema is folded as it is; any other event is read from
+    its body. An event the hub cannot read (a schema newer than this hub knows) is logged
+    and left out of the projection; it is still stored and acked.
     """
+    deltas: dict[str, tuple[int, int, int]] = {}
+    get = deltas.get
+    for head, body in events:
+        if isinstance(head, _Fact) and head.schema == NARROW_SCHEMA:
+            sku, delta = head.sku, head.delta()
+        else:
+            try:
+                sku, *delta = stock_delta(body)
+            except (EventDecodeError, TypeError) as exc:
+                log.error("hub: projection skips an event of %s it cannot read: %s", store_id, exc)
+                continue
+        held = get(sku)
+        deltas[sku] = delta if held is None else (held[0] + delta[0], held[1] + delta[1], held[2] + delta[2])
+    insert_rows(conn, "INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved)",
+                [(store_id, sku, *delta) for sku, delta in deltas.items()],
+                " ON CONFLICT(store_id, sku) DO UPDATE SET floor = floor + excluded.floor,"
+                " backroom = backroom + excluded.backroom, reserved = reserved + excluded.reserved")
+
+
+def apply_bodies(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes]) -> None:
+    """Add the effect of stored event bodies to the store's projection (`apply_events` for bodies)."""
     bodies = list(bodies)
     # The whole list in one decoder call when every event fits the narrow view (the usual
     # case); one event at a time, with the full decoder's fallback, for those that do not.
@@ -202,28 +231,7 @@ def apply_events(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes
         facts = _facts_decoder.decode(b"[" + b",".join(bodies) + b"]")
     except msgspec.DecodeError:
         facts = [None] * len(bodies)
-    deltas: dict[str, list[int]] = {}
-    for fact, body in zip(facts, bodies):
-        if fact is not None and fact.schema == NARROW_SCHEMA:
-            sku = fact.sku
-            floor, backroom, reserved = fact.delta()
-        else:
-            try:
-                sku, floor, backroom, reserved = stock_delta(body)
-            except (EventDecodeError, TypeError) as exc:
-                log.error("hub: projection skips an event of %s it cannot read: %s", store_id, exc)
-                continue
-        row = deltas.get(sku)
-        if row is None:
-            deltas[sku] = [floor, backroom, reserved]
-        else:
-            row[0] += floor
-            row[1] += backroom
-            row[2] += reserved
-    insert_rows(conn, "INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved)",
-                [(store_id, sku, f, b, r) for sku, (f, b, r) in deltas.items()],
-                " ON CONFLICT(store_id, sku) DO UPDATE SET floor = floor + excluded.floor,"
-                " backroom = backroom + excluded.backroom, reserved = reserved + excluded.reserved")
+    apply_events(conn, store_id, zip(facts, bodies))
 
 
 def available_by_store(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:

@@ -88,6 +88,7 @@ class AvailabilityPublisher:
         if folded:
             log.info("hub: built the availability projection from %d held events", folded)
         self.store.ingest_hooks.append(projection.apply_events)
+        service.event_view = projection.EVENT_VIEW
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.on_warehouse)
         self.mqtt.subscribe(protocol.all_status_filter(self.prefix), self.on_status)
         self.mqtt.on_connection_change(self._connection_changed)
