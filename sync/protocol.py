@@ -12,6 +12,7 @@ only the envelope fields it needs from each event (`decode_batch`), keeping the 
 from __future__ import annotations
 
 import re
+from operator import attrgetter
 from typing import Annotated, Literal
 
 import msgspec
@@ -231,39 +232,60 @@ def encode_joined_batch(store_id: str, first_seq: int, last_seq: int, joined: by
     return b"".join((head, joined, b"]}"))
 
 
-class _BatchHeads(msgspec.Struct, frozen=True, gc=False):
-    events: list[EventHead]
+_heads_decoders: dict[object, msgspec.json.Decoder] = {}
+_seq_of = attrgetter("seq")
+_store_of = attrgetter("store_id")
 
 
-_heads_decoder = msgspec.json.Decoder(_BatchHeads)
+def _heads_decoder(view) -> msgspec.json.Decoder:
+    decoder = _heads_decoders.get(view)
+    if decoder is None:
+        members = getattr(view, "__args__", (view,))
+        if not all(isinstance(m, type) and issubclass(m, EventHead) for m in members):
+            raise TypeError(f"decode_batch: the view {view!r} must be EventHead or (a union of) its subclasses")
+        heads = msgspec.defstruct("BatchHeads", [("events", list[view])], frozen=True, gc=False)
+        decoder = _heads_decoders[view] = msgspec.json.Decoder(heads)
+    return decoder
 
 
-def decode_batch(payload: bytes) -> tuple[EventBatch, list[tuple[EventHead, bytes]]]:
+def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple[EventHead, bytes]]]:
     """Decode an events payload and the head of each event; return (batch, [(head, raw body)]).
 
     Raises ProtocolError when the payload is not a v1 batch, when its events are not
     exactly first_seq..last_seq in order, and StoreMismatch when an event's store_id
     differs from the batch's. The raw bodies (bytes-like msgspec.Raw) are returned as
     sent, for the hub to store unchanged.
+
+    `view`: what each head is decoded as, EventHead or a subclass (or a tagged union of
+    subclasses) that also reads other fields, so a consumer of the events needs no second
+    decode. When an event does not fit the view, every head of the batch is an EventHead
+    instead: the view never refuses what EventHead accepts.
     """
     try:
         batch = _batch_decoder.decode(payload)
-        heads = _heads_decoder.decode(payload).events
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"events payload: {exc}") from None
+    try:
+        heads = _heads_decoder(view).decode(payload).events
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        if view is EventHead:
+            raise ProtocolError(f"events payload: {exc}") from None
+        return decode_batch(payload)
     first, last = batch.first_seq, batch.last_seq
     if last < first:
         raise ProtocolError(f"events payload: last_seq {last} < first_seq {first}")
     if len(heads) != last - first + 1:
         raise ProtocolError(f"events payload: {len(heads)} events for seqs {first}..{last}")
-    if [h.seq for h in heads] != list(range(first, last + 1)):
+    # map/attrgetter keep the per-event checks out of the interpreter loop (the hub's hot path).
+    if list(map(_seq_of, heads)) != list(range(first, last + 1)):
         raise ProtocolError(f"events payload: the events are not seqs {first}..{last} in order")
     store_id = batch.store_id
-    for head in heads:
-        if head.store_id != store_id:
-            if not _STORE_ID.match(head.store_id):
-                raise ProtocolError(f"events payload: event seq {head.seq} has an invalid store_id"
-                                    f" {head.store_id!r}")
-            raise StoreMismatch(f"events payload: event seq {head.seq} is for store {head.store_id!r},"
-                                f" the batch for {store_id!r}")
+    if set(map(_store_of, heads)) != {store_id}:
+        for head in heads:
+            if head.store_id != store_id:
+                if not _STORE_ID.match(head.store_id):
+                    raise ProtocolError(f"events payload: event seq {head.seq} has an invalid store_id"
+                                        f" {head.store_id!r}")
+                raise StoreMismatch(f"events payload: event seq {head.seq} is for store {head.store_id!r},"
+                                    f" the batch for {store_id!r}")
     return batch, list(zip(heads, batch.events))

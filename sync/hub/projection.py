@@ -8,6 +8,12 @@ The projection sums each event's effect (`agent.inventory.effect`, which depends
 event alone), so it does not care about arrival order: events that arrive after a gap
 count at once, and each stored event is applied exactly once because the hook only sees
 the events stored by that transaction (duplicates and conflicts are not).
+
+An ingest transaction records its summed changes as one `hub_stock_pending` row per store;
+every `PENDING_ROWS` rows (and before each snapshot computation) they are added into
+`hub_stock` and deleted in one transaction, so a SKU's row is rewritten once per fold rather
+than once per ingest transaction. Readers use `stock` / `available_by_store`, which add
+what is still pending.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import msgspec
 from agent.events import CURRENT_SCHEMA, EventDecodeError, decode_event
 from agent.inventory import effect
 from sync.hub.availability import Published
+from sync.protocol import EventHead
 from sync.hub.store import insert_rows
 
 log = logging.getLogger("edge_hub.projection")
@@ -34,6 +41,13 @@ SCHEMA = [
         reserved INTEGER NOT NULL,
         PRIMARY KEY (store_id, sku)
     ) WITHOUT ROWID""",
+    # Stock changes committed with their events but not yet added into hub_stock: one row
+    # per store per ingest transaction (msgpack [[sku, floor, backroom, reserved], ...]).
+    """CREATE TABLE IF NOT EXISTS hub_stock_pending (
+        id       INTEGER PRIMARY KEY,
+        store_id TEXT NOT NULL,
+        deltas   BLOB NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS warehouse_stock (
         warehouse_id TEXT NOT NULL,
         sku          TEXT NOT NULL,
@@ -71,7 +85,7 @@ def setup(conn: sqlite3.Connection) -> int:
     stores = [row[0] for row in conn.execute("SELECT DISTINCT store_id FROM events")]
     for store_id in stores:
         bodies = [row[0] for row in conn.execute("SELECT body FROM events WHERE store_id = ?", (store_id,))]
-        apply_events(conn, store_id, bodies)
+        apply_bodies(conn, store_id, bodies)
         folded += len(bodies)
     conn.execute("INSERT INTO hub_meta(key, value) VALUES ('projection', 'v1')")
     return folded
@@ -86,12 +100,16 @@ def setup(conn: sqlite3.Connection) -> int:
 # a third of the cost. Anything else (an older schema that needs upcasting, an unknown
 # type, a stock field that does not fit) goes through the full `decode_event`, which
 # upcasts or refuses it as before. Fields the projection does not use are not checked.
+#
+# They extend the hub's EventHead, so the hub decodes each batch's heads as `EVENT_VIEW`
+# (`protocol.decode_batch(payload, EVENT_VIEW)`) and the ingest hook folds those heads
+# without reading the bodies again.
 
 NARROW_SCHEMA = CURRENT_SCHEMA  # the event layout the Structs below mirror
 _Location = Literal["floor", "backroom"]
 
 
-class _Fact(msgspec.Struct, frozen=True, gc=False, kw_only=True, tag_field="type"):
+class _Fact(EventHead, frozen=True, gc=False, kw_only=True, tag_field="type"):
     schema: int = CURRENT_SCHEMA
     sku: str
 
@@ -170,6 +188,7 @@ def _at(location: str, qty: int) -> tuple[int, int, int]:
 
 
 _Facts = Union[_Received, _Returned, _Sold, _Moved, _Counted, _Adjusted, _Reserved, _Released, _Fulfilled]
+EVENT_VIEW = _Facts  # the view the hub decodes event heads as (sync/hub/service.py)
 _fact_decoder = msgspec.json.Decoder(_Facts)
 _facts_decoder = msgspec.json.Decoder(list[_Facts])
 
@@ -189,12 +208,35 @@ def stock_delta(body: bytes) -> tuple[str, int, int, int]:
     return eff.sku, eff.floor, eff.backroom, eff.reserved
 
 
-def apply_events(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes]) -> None:
-    """Add the effect of newly stored events to the store's projection (an ingest hook).
+PENDING_ROWS = 32  # fold hub_stock_pending into hub_stock once it holds this many rows
 
-    An event the hub cannot read (a schema newer than this hub knows) is logged and left
-    out of the projection; it is still stored and acked. `bodies` are bytes-like.
+_Deltas = dict[str, tuple[int, int, int]]
+_pending_encoder = msgspec.msgpack.Encoder()
+_pending_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, int, int]])
+
+
+def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]]) -> None:
+    """Add the effect of newly stored events to the store's projection (the ingest hook).
+
+    `events`: (head, raw body) pairs as the hub stored them. A head decoded as
+    `EVENT_VIEW` of the current schema is folded as it is; any other event is read from
+    its body. An event the hub cannot read (a schema newer than this hub knows) is logged
+    and left out of the projection; it is still stored and acked.
+
+    The group's summed changes are recorded as one `hub_stock_pending` row, and every
+    `PENDING_ROWS` rows are added into `hub_stock` at once (`fold_pending`): a SKU's row is
+    written once per fold instead of once per ingest transaction. `stock` reads both.
     """
+    deltas = _fold(store_id, events)
+    if deltas:
+        conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)",
+                     (store_id, _pending_encoder.encode([(sku, *d) for sku, d in deltas.items()])))
+        if conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] >= PENDING_ROWS:
+            fold_pending(conn)
+
+
+def apply_bodies(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes]) -> None:
+    """Add the effect of stored event bodies straight into `hub_stock` (the first build)."""
     bodies = list(bodies)
     # The whole list in one decoder call when every event fits the narrow view (the usual
     # case); one event at a time, with the full decoder's fallback, for those that do not.
@@ -202,32 +244,84 @@ def apply_events(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes
         facts = _facts_decoder.decode(b"[" + b",".join(bodies) + b"]")
     except msgspec.DecodeError:
         facts = [None] * len(bodies)
-    deltas: dict[str, list[int]] = {}
-    for fact, body in zip(facts, bodies):
-        if fact is not None and fact.schema == NARROW_SCHEMA:
-            sku = fact.sku
-            floor, backroom, reserved = fact.delta()
+    _add_to_stock(conn, {store_id: _fold(store_id, zip(facts, bodies))})
+
+
+def _fold(store_id: str, events: Iterable[tuple[object, bytes]]) -> _Deltas:
+    deltas: _Deltas = {}
+    get = deltas.get
+    for head, body in events:
+        if isinstance(head, _Fact) and head.schema == NARROW_SCHEMA:
+            sku, delta = head.sku, head.delta()
         else:
             try:
-                sku, floor, backroom, reserved = stock_delta(body)
+                sku, *delta = stock_delta(body)
             except (EventDecodeError, TypeError) as exc:
                 log.error("hub: projection skips an event of %s it cannot read: %s", store_id, exc)
                 continue
-        row = deltas.get(sku)
-        if row is None:
-            deltas[sku] = [floor, backroom, reserved]
-        else:
-            row[0] += floor
-            row[1] += backroom
-            row[2] += reserved
+        held = get(sku)
+        deltas[sku] = delta if held is None else (held[0] + delta[0], held[1] + delta[1], held[2] + delta[2])
+    return deltas
+
+
+def _pending(conn: sqlite3.Connection) -> tuple[dict[str, _Deltas], int]:
+    """Return the pending changes summed per store and SKU, and the highest pending row id (0: none)."""
+    out: dict[str, _Deltas] = {}
+    last = 0
+    for row_id, store_id, blob in conn.execute("SELECT id, store_id, deltas FROM hub_stock_pending ORDER BY id"):
+        deltas = out.setdefault(store_id, {})
+        get = deltas.get
+        for sku, floor, backroom, reserved in _pending_decoder.decode(blob):
+            held = get(sku)
+            deltas[sku] = ((floor, backroom, reserved) if held is None
+                           else (held[0] + floor, held[1] + backroom, held[2] + reserved))
+        last = row_id
+    return out, last
+
+
+def fold_pending(conn: sqlite3.Connection) -> int:
+    """Add every pending change into `hub_stock` and clear them; return the rows folded."""
+    pending, last = _pending(conn)
+    if last:
+        _add_to_stock(conn, pending)
+        conn.execute("DELETE FROM hub_stock_pending WHERE id <= ?", (last,))
+    return sum(map(len, pending.values()))
+
+
+def _add_to_stock(conn: sqlite3.Connection, deltas: dict[str, _Deltas]) -> None:
+    # In key order: the upserts walk hub_stock's B-tree once instead of jumping around it.
     insert_rows(conn, "INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved)",
-                [(store_id, sku, f, b, r) for sku, (f, b, r) in deltas.items()],
+                sorted((store_id, sku, *d) for store_id, by_sku in deltas.items() for sku, d in by_sku.items()),
                 " ON CONFLICT(store_id, sku) DO UPDATE SET floor = floor + excluded.floor,"
                 " backroom = backroom + excluded.backroom, reserved = reserved + excluded.reserved")
 
 
+def stock(conn: sqlite3.Connection) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Return store_id -> sku -> (floor, backroom, reserved): `hub_stock` plus the pending changes.
+
+    Call inside one read transaction for a consistent view.
+    """
+    out: dict[str, dict[str, tuple[int, int, int]]] = {}
+    for store_id, sku, floor, backroom, reserved in conn.execute(
+            "SELECT store_id, sku, floor, backroom, reserved FROM hub_stock"):
+        out.setdefault(store_id, {})[sku] = (floor, backroom, reserved)
+    pending, _ = _pending(conn)
+    for store_id, deltas in pending.items():
+        held = out.setdefault(store_id, {})
+        for sku, (floor, backroom, reserved) in deltas.items():
+            f, b, r = held.get(sku, (0, 0, 0))
+            held[sku] = (f + floor, b + backroom, r + reserved)
+    return out
+
+
 def available_by_store(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """Return store_id -> sku -> available (the contract's max(0, floor + backroom - reserved))."""
+    """Return store_id -> sku -> available (the contract's max(0, floor + backroom - reserved)).
+
+    Call inside one read transaction for a consistent view.
+    """
+    if conn.execute("SELECT 1 FROM hub_stock_pending LIMIT 1").fetchone() is not None:
+        return {store_id: {sku: max(0, f + b - r) for sku, (f, b, r) in by_sku.items()}
+                for store_id, by_sku in stock(conn).items()}
     out: dict[str, dict[str, int]] = {}
     for store_id, sku, available in conn.execute(
             "SELECT store_id, sku, MAX(0, floor + backroom - reserved) FROM hub_stock"):

@@ -88,6 +88,7 @@ class AvailabilityPublisher:
         if folded:
             log.info("hub: built the availability projection from %d held events", folded)
         self.store.ingest_hooks.append(projection.apply_events)
+        service.event_view = projection.EVENT_VIEW
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.on_warehouse)
         self.mqtt.subscribe(protocol.all_status_filter(self.prefix), self.on_status)
         self.mqtt.on_connection_change(self._connection_changed)
@@ -173,7 +174,7 @@ class AvailabilityPublisher:
             now_ms = int(now * 1000)
             generated_at = clock.rfc3339(now)
             force, self._force = self._force, set()
-            previous = await self.store.run(projection.published)
+            previous = await self.store.run(_fold_and_read_published)
             snapshots = await asyncio.to_thread(
                 compute, self.store.path, self._regions, previous, force, now_ms,
                 int(self.refresh_s * 1000), generated_at)
@@ -232,6 +233,11 @@ class AvailabilityPublisher:
         if self._catalog_payload is not None:
             task = asyncio.get_running_loop().create_task(self.publish_catalog())
             task.add_done_callback(_log_failure)
+
+
+def _fold_and_read_published(conn: sqlite3.Connection) -> dict[str, av.Published]:
+    projection.fold_pending(conn)  # so that `compute` reads hub_stock alone (its quick path)
+    return projection.published(conn)
 
 
 def compute(db_path, regions: dict[str, list[str]], previous: dict[str, av.Published], force: set[str],

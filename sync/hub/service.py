@@ -49,6 +49,10 @@ class HubService:
         self._now = now
         self._queue: asyncio.Queue = asyncio.Queue()
         self._listeners: list[Callable[[dict[str, int]], None]] = []
+        # What each event's head is decoded as (protocol.decode_batch's view): the ingest hooks
+        # get these heads, so a hook that needs more than the envelope (the availability
+        # projection sets its EVENT_VIEW) reads no body again.
+        self.event_view = protocol.EventHead
         mqtt.subscribe(protocol.all_events_filter(self.prefix), self.handle_events, qos=1, concurrent=True)
         mqtt.on_connection_change(self._connection_changed)
 
@@ -76,7 +80,7 @@ class HubService:
         try:
             if topic_store not in self.store_ids:
                 raise _Refuse("unknown_store", f"store {topic_store!r} is not in [[stores]]")
-            batch, events = protocol.decode_batch(message.payload)
+            batch, events = protocol.decode_batch(message.payload, self.event_view)
             if batch.store_id != topic_store:
                 raise _Refuse("store_mismatch",
                               f"topic is for {topic_store!r}, payload for {batch.store_id!r}")

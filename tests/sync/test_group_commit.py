@@ -113,9 +113,8 @@ async def test_waiting_batches_share_one_commit_and_are_answered_after_it(hub):
         ("write", [(21, 30), (11, 20), (5, 8)]), ("committed", 30), ("ack", 30),
     ]
     assert service.counters["events_stored"] == 30 and service.counters["events_duplicate"] == 4
-    stock = service.reader.conn.execute("SELECT floor, backroom FROM hub_stock WHERE store_id = ?",
-                                        (STORE,)).fetchone()
-    assert stock == (0, 30), "each stored event is projected once, duplicates not at all"
+    stock = projection.stock(service.reader.conn)[STORE]
+    assert stock == {"A1": (0, 30, 0)}, "each stored event is projected once, duplicates not at all"
 
 
 async def test_a_gap_inside_one_group_acks_only_the_prefix(hub):

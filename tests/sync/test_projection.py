@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agent import events as ev
 from agent.inventory import effect
+from sync import protocol
 from sync.hub import projection
 from sync.hub.store import SCHEMA_SQL
 
@@ -94,5 +95,51 @@ def test_one_unreadable_event_does_not_keep_the_rest_of_a_group_out():
     future = msgspec.json.encode({**ENVELOPE, "seq": 3, "type": "received", "schema": 9, "sku": "A", "qty": 100})
     moved = msgspec.json.encode({**ENVELOPE, "seq": 5, "type": "moved", "sku": "A", "qty": 2,
                                  "from": "backroom", "to": "floor"})
-    projection.apply_events(conn, "store-0042", [good[0], good[1], future, good[2], moved])
+    projection.apply_bodies(conn, "store-0042", [good[0], good[1], future, good[2], moved])
     assert conn.execute("SELECT sku, floor, backroom, reserved FROM hub_stock").fetchall() == [("A", 2, 5, 0)]
+
+
+@settings(max_examples=100)
+@given(st.lists(event, min_size=1, max_size=8))
+def test_heads_decoded_as_the_event_view_fold_like_the_bodies(events):
+    bodies = [ev.encode(msgspec.structs.replace(e, seq=i + 1)) for i, e in enumerate(events)]
+    _, pairs = protocol.decode_batch(protocol.encode_batch("store-0042", 1, len(bodies), bodies),
+                                     projection.EVENT_VIEW)
+    assert all(isinstance(head, projection._Fact) for head, _ in pairs)
+    by_heads, by_bodies = (sqlite3.connect(":memory:", isolation_level=None) for _ in range(2))
+    for conn in (by_heads, by_bodies):
+        conn.executescript(SCHEMA_SQL)
+        projection.setup(conn)
+    projection.apply_events(by_heads, "store-0042", pairs)
+    projection.apply_bodies(by_bodies, "store-0042", bodies)
+    expected: dict = {}
+    for body in bodies:
+        sku, *delta = full(body)
+        expected[sku] = tuple(a + b for a, b in zip(expected.get(sku, (0, 0, 0)), delta))
+    assert projection.stock(by_heads) == projection.stock(by_bodies) == {"store-0042": expected}
+
+
+def test_pending_changes_count_at_once_and_are_folded_into_hub_stock_exactly_once():
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA_SQL)
+    projection.setup(conn)
+
+    def received(seq: int, store_id: str, sku: str) -> tuple:
+        body = msgspec.json.encode({**ENVELOPE, "seq": seq, "store_id": store_id, "type": "received",
+                                    "sku": sku, "qty": 1})
+        return projection._fact_decoder.decode(body), body
+
+    groups = projection.PENDING_ROWS + 3
+    for seq in range(1, groups + 1):  # one ingest transaction each, two stores in each
+        projection.apply_events(conn, "store-a", [received(seq, "store-a", "A"), received(seq, "store-a", "B")])
+        projection.apply_events(conn, "store-b", [received(seq, "store-b", "A")])
+        want = {"store-a": {"A": (0, seq, 0), "B": (0, seq, 0)}, "store-b": {"A": (0, seq, 0)}}
+        assert projection.stock(conn) == want
+        pending = conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0]
+        assert pending < projection.PENDING_ROWS
+    assert conn.execute("SELECT COUNT(*) FROM hub_stock").fetchone()[0] == 3, "folded at least once"
+    projection.fold_pending(conn)
+    assert conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] == 0
+    assert conn.execute("SELECT store_id, sku, floor, backroom, reserved FROM hub_stock ORDER BY 1, 2").fetchall() == [
+        ("store-a", "A", 0, groups, 0), ("store-a", "B", 0, groups, 0), ("store-b", "A", 0, groups, 0)]
+    assert projection.available_by_store(conn) == {"store-a": {"A": groups, "B": groups}, "store-b": {"A": groups}}

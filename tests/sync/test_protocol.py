@@ -2,6 +2,7 @@
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,3 +43,42 @@ def test_payload_is_utf8_json_with_v1():
 ])
 def test_store_of_topic(topic, expected):
     assert protocol.store_of("retail", topic, "events") == expected
+
+
+class _WithSku(protocol.EventHead, frozen=True, kw_only=True, tag_field="type"):
+    sku: str
+
+
+class _ReceivedView(_WithSku, tag="received"):
+    qty: int
+
+
+def test_a_view_reads_more_fields_in_the_same_decode():
+    _, events = protocol.decode_batch(protocol.encode_batch(STORE, 1, 2, [body(1), body(2)]), _ReceivedView)
+    assert [(type(head), head.seq, head.sku, head.qty) for head, _ in events] == [
+        (_ReceivedView, 1, "A1", 1), (_ReceivedView, 2, "A1", 1)]
+
+
+def test_an_event_the_view_does_not_fit_makes_every_head_a_plain_event_head():
+    odd = json.loads(body(2))
+    odd["type"] = "sold"  # not a type the view knows
+    bodies = [body(1), json.dumps(odd, separators=(",", ":")).encode()]
+    _, events = protocol.decode_batch(protocol.encode_batch(STORE, 1, 2, bodies), _ReceivedView)
+    assert [type(head) for head, _ in events] == [protocol.EventHead, protocol.EventHead]
+    assert [bytes(raw) for _, raw in events] == bodies
+
+
+def test_a_view_never_accepts_what_event_head_refuses():
+    bad = json.loads(body(1))
+    bad["event_id"] = ""
+    payload = protocol.encode_batch(STORE, 1, 1, [json.dumps(bad).encode()])
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_batch(payload, _ReceivedView)
+
+
+def test_a_view_must_extend_event_head():
+    class Other(msgspec.Struct):
+        seq: int
+
+    with pytest.raises(TypeError):
+        protocol.decode_batch(protocol.encode_batch(STORE, 1, 1, [body(1)]), Other)
