@@ -71,6 +71,19 @@ async def test_concurrent_commands_group_commit_with_own_results(log):
     assert verify_log(log.path).ok
 
 
+async def test_commands_of_every_chunk_size_store_every_event_once(log):
+    sizes = [1, 3, 255, 256, 257, 1000, 2]
+    commands = [cmd(f"c{n}", *(receive(sku=f"S{i % 17}", qty=1 + i % 5) for i in range(n))) for n in sizes]
+    results = await asyncio.gather(*(log.append(c) for c in commands))
+    assert sorted((r.first_seq, r.last_seq - r.first_seq + 1) for r in results) == sorted(
+        zip([1 + sum(sizes[:k]) for k in range(len(sizes))], sizes))
+    stored = stored_events(log.path)
+    assert [e.seq for e in stored] == list(range(1, sum(sizes) + 1))
+    assert len({e.event_id for e in stored}) == len(stored)
+    assert [e.qty for e in stored if e.command_id == "c257"] == [1 + i % 5 for i in range(257)]
+    assert verify_log(log.path).ok
+
+
 async def test_refused_command_appends_nothing(log):
     await log.append(cmd("c1", receive(qty=1)))
     with pytest.raises(Refused):
