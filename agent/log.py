@@ -67,6 +67,10 @@ class _Write:
     transaction: bool = True
 
 
+class _SeenBefore(Exception):
+    """A command taken for new is already in `commands` (its transaction must roll back)."""
+
+
 _STOP = object()
 _MAX_INTENTS_PER_TXN = 20_000
 
@@ -224,8 +228,15 @@ class SqliteEventLog:
             return _Failed(_map_error("write", exc))
 
     def _run_appends(self, conn: sqlite3.Connection, batch: list[_Append]) -> None:
+        now = self._now()
         try:
-            results, appended, tail = in_write_transaction(conn, self._decide_and_store, batch, self._now())
+            try:
+                results, appended, tail = in_write_transaction(conn, self._decide_and_store, batch, now, False)
+            except _SeenBefore:
+                # The first pass takes every command for new (a retry is rare, and looking
+                # each one up costs a random B-tree probe); one was not: roll back and decide
+                # the batch again knowing which were seen.
+                results, appended, tail = in_write_transaction(conn, self._decide_and_store, batch, now, True)
         except BaseException as exc:
             error = _map_error("append", exc)
             log.error("%s", error)
@@ -260,12 +271,16 @@ class SqliteEventLog:
                 except Exception:  # a listener's bug must not stop the writer
                     log.exception("log: commit listener failed")
 
-    def _decide_and_store(self, conn: sqlite3.Connection, batch: list[_Append], now: str):
-        """Decide and store a batch inside the caller's transaction (on the writer thread)."""
+    def _decide_and_store(self, conn: sqlite3.Connection, batch: list[_Append], now: str, lookup: bool):
+        """Decide and store a batch inside the caller's transaction (on the writer thread).
+
+        With `lookup` false, commands are not looked up first: raises _SeenBefore (and the
+        caller rolls back) when one turns out to be stored already, and a refused command
+        is looked up before its refusal is answered (a retry may be refused now).
+        """
         last_seq, last_hash, cp_seq = self._tail
-        known = {row[0]: row for row in _select_in(
-            conn, "SELECT command_id, body_hash, first_seq, last_seq FROM commands", "command_id",
-            [job.command.command_id for job in batch])}
+        known = _known(conn, [job.command.command_id for job in batch]) if lookup else {}
+        refused: list[int] = []
         state = _load_state(conn, self.store_id, last_seq, [job.command for job in batch])
         new_id, encode, sha256, type_of = self._new_id, ev.encode, hashlib.sha256, ev.type_of
         results: list = []
@@ -283,6 +298,7 @@ class SqliteEventLog:
             try:
                 decided = decide_and_apply(state, job.command, now, new_id)
             except Refused as refusal:
+                refused.append(len(results))
                 results.append(refusal)
                 continue
             for event, eff in decided:
@@ -300,6 +316,12 @@ class SqliteEventLog:
             command_rows.append((cid, job.body_hash, first, last, now))
             appended.extend(new_events)
             results.append(AppendResult(cid, first, last, False, tuple(new_events)))
+        if refused and not lookup:
+            seen = _known(conn, [batch[i].command.command_id for i in refused])
+            for i in refused:
+                cid = batch[i].command.command_id
+                if cid in seen:
+                    results[i] = _repeat(cid, seen[cid], batch[i].body_hash)
         if rows:
             _store(conn, rows, command_rows, state, skus, rids)
         if state.last_seq - cp_seq >= self._checkpoint_every:
@@ -401,6 +423,12 @@ def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:
     return AppendResult(cid, seen[2], seen[3], True)
 
 
+def _known(conn: sqlite3.Connection, command_ids: list[str]) -> dict[str, tuple]:
+    """Return the stored (command_id, body_hash, first_seq, last_seq) of those command ids."""
+    return {row[0]: row for row in _select_in(
+        conn, "SELECT command_id, body_hash, first_seq, last_seq FROM commands", "command_id", command_ids)}
+
+
 def _select_in(conn: sqlite3.Connection, select: str, column: str, values: list[str]) -> sqlite3.Cursor:
     """Run `select` for the rows whose `column` is one of `values` (a one-value list is `=`)."""
     if len(values) == 1:
@@ -437,11 +465,14 @@ _EVENT_INSERT = ("INSERT INTO events(seq, event_id, command_id, type, schema, sk
 def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple],
            state: Inventory, skus: set[str], rids: set[str]) -> None:
     _insert_rows(conn, _EVENT_INSERT, rows)
+    try:
+        conn.executemany(
+            "INSERT INTO commands(command_id, body_hash, first_seq, last_seq, recorded_at) VALUES (?,?,?,?,?)",
+            command_rows)
+    except sqlite3.IntegrityError as exc:  # the key is all these rows can break: a command stored before
+        raise _SeenBefore from exc
     # executemany for the WITHOUT ROWID tables: a multi-row VALUES insert into them
     # measured slower (64 random command ids: 545 us against 149 us).
-    conn.executemany(
-        "INSERT INTO commands(command_id, body_hash, first_seq, last_seq, recorded_at) VALUES (?,?,?,?,?)",
-        command_rows)
     conn.executemany(
         "INSERT INTO stock(sku, floor, backroom, reserved, last_seq) VALUES (?,?,?,?,?)"
         " ON CONFLICT(sku) DO UPDATE SET floor = excluded.floor, backroom = excluded.backroom,"
