@@ -77,6 +77,10 @@ class Inventory:
             row = self.stock[sku] = Stock()
         return row
 
+    def peek(self, sku: str) -> Stock:
+        """Return the SKU's stock row for reading (a zero row, not stored, on first touch)."""
+        return self.stock.get(sku) or Stock()
+
     def reservation(self, reservation_id: str) -> Reservation | None:
         return self.reservations.get(reservation_id)
 
@@ -119,6 +123,12 @@ def effect(event: ev.AnyEvent) -> Effect:
 
 def evolve(state: Inventory, event: ev.AnyEvent) -> Inventory:
     """Apply one event to `state` in place and return it (so folds read naturally)."""
+    _apply(state, event)
+    return state
+
+
+def _apply(state: Inventory, event: ev.AnyEvent) -> Effect:
+    """Apply one event to `state` in place; return its effect."""
     delta = effect(event)
     row = state.stock_of(delta.sku)
     row.floor += delta.floor
@@ -135,7 +145,7 @@ def evolve(state: Inventory, event: ev.AnyEvent) -> Inventory:
             res.status = "released" if isinstance(event, ev.ReservationReleased) else "fulfilled"
             res.closed_seq = event.seq
     state.last_seq = event.seq
-    return state
+    return delta
 
 
 class _Overlay(Inventory):
@@ -151,6 +161,9 @@ class _Overlay(Inventory):
             src = self._base.stock.get(sku)
             row = self.stock[sku] = Stock(**vars(src)) if src else Stock()
         return row
+
+    def peek(self, sku: str) -> Stock:
+        return self.stock.get(sku) or self._base.peek(sku)
 
     def reservation(self, reservation_id: str) -> Reservation | None:
         res = self.reservations.get(reservation_id)
@@ -173,7 +186,7 @@ def decide(
     not modify `state`. Raises Refused (naming the field) when any intent is refused;
     then no event of the command may be appended.
     """
-    return _decide(state, command, now, new_id)[0]
+    return [event for event, _ in _decide(state, command, now, new_id)[0]]
 
 
 def decide_and_apply(
@@ -181,34 +194,43 @@ def decide_and_apply(
     command: ev.AppendCommand,
     now: str,
     new_id: Callable[[], str],
-) -> list[ev.AnyEvent]:
+) -> list[tuple[ev.AnyEvent, Effect]]:
     """Like `decide`, and on success leave `state` evolved by the events (one fold, not two).
 
-    Raises Refused with `state` untouched.
+    Returns each event with its `effect`. Raises Refused with `state` untouched.
     """
-    events, view = _decide(state, command, now, new_id)
+    intents = command.events
+    if len(intents) == 1:
+        # A lone intent is refused before anything is applied, so it needs no
+        # copy-on-write view: decide on `state` itself, then apply.
+        event = _decide_one(state, intents[0], _envelope(state, command, intents[0], now, new_id), "events[0]")
+        return [(event, _apply(state, event))]
+    decided, view = _decide(state, command, now, new_id)
     state.stock.update(view.stock)
     state.reservations.update(view.reservations)
     state.last_seq = view.last_seq
-    return events
+    return decided
+
+
+def _envelope(state: Inventory, command: ev.AppendCommand, intent: ev.AnyIntent, now: str,
+              new_id: Callable[[], str]) -> dict:
+    return dict(
+        seq=state.last_seq + 1,
+        event_id=new_id(),
+        store_id=state.store_id,
+        occurred_at=intent.occurred_at or now,
+        recorded_at=now,
+        command_id=command.command_id,
+    )
 
 
 def _decide(state: Inventory, command: ev.AppendCommand, now: str,
-            new_id: Callable[[], str]) -> tuple[list[ev.AnyEvent], "_Overlay"]:
+            new_id: Callable[[], str]) -> tuple[list[tuple[ev.AnyEvent, Effect]], "_Overlay"]:
     view = _Overlay(state)
-    out: list[ev.AnyEvent] = []
+    out: list[tuple[ev.AnyEvent, Effect]] = []
     for index, intent in enumerate(command.events):
-        env = dict(
-            seq=view.last_seq + 1,
-            event_id=new_id(),
-            store_id=state.store_id,
-            occurred_at=intent.occurred_at or now,
-            recorded_at=now,
-            command_id=command.command_id,
-        )
-        event = _decide_one(view, intent, env, f"events[{index}]")
-        evolve(view, event)
-        out.append(event)
+        event = _decide_one(view, intent, _envelope(view, command, intent, now, new_id), f"events[{index}]")
+        out.append((event, _apply(view, event)))
     return out, view
 
 
@@ -219,7 +241,7 @@ def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) ->
         case ev.Return():
             return ev.Returned(**env, sku=intent.sku, qty=intent.qty, location=intent.location, ref=intent.ref)
         case ev.Sell():
-            after = view.stock_of(intent.sku).on_hand(intent.location) - intent.qty
+            after = view.peek(intent.sku).on_hand(intent.location) - intent.qty
             return ev.Sold(
                 **env, sku=intent.sku, qty=intent.qty, location=intent.location,
                 ref=intent.ref, negative_stock=after < 0,
@@ -229,7 +251,7 @@ def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) ->
                 raise Refused("invalid", f"{where}: from and to are both {intent.to!r}", f"{where}.to", 422)
             return ev.Moved(**env, sku=intent.sku, qty=intent.qty, from_=intent.from_, to=intent.to)
         case ev.Count():
-            before = view.stock_of(intent.sku).on_hand(intent.location)
+            before = view.peek(intent.sku).on_hand(intent.location)
             return ev.Counted(
                 **env, sku=intent.sku, location=intent.location,
                 counted=intent.counted, variance=intent.counted - before,
@@ -245,7 +267,7 @@ def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) ->
                     f"{where}: reservation {intent.reservation_id!r} was already used",
                     f"{where}.reservation_id",
                 )
-            available = view.stock_of(intent.sku).available
+            available = view.peek(intent.sku).available
             if intent.qty > available:
                 raise Refused(
                     "insufficient_stock",

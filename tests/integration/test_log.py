@@ -57,6 +57,33 @@ async def test_same_command_id_with_other_body_is_a_conflict(log):
     assert log.reader.last_seq() == 1
 
 
+async def test_retry_that_would_be_refused_now_answers_the_original_seqs(log):
+    await log.append(cmd("stock", receive(qty=1)))
+    reserve = {"type": "reserved", "sku": "A", "qty": 1, "reservation_id": "r1"}
+    first = await log.append(cmd("c-res", reserve))
+    again = await log.append(cmd("c-res", reserve))  # deciding it again would refuse: r1 exists
+    assert (again.first_seq, again.last_seq, again.duplicate) == (first.first_seq, first.last_seq, True)
+    with pytest.raises(Refused) as info:
+        await log.append(cmd("c-res", dict(reserve, qty=2)))
+    assert info.value.code == "command_conflict"
+    assert log.reader.last_seq() == 2
+
+
+async def test_retries_batched_with_new_commands_append_only_the_new_ones(log):
+    before = [await log.append(cmd(f"old{i}", receive(qty=i + 1))) for i in range(3)]
+    jobs = [log.append(cmd("new0", receive(qty=5))), log.append(cmd("old1", receive(qty=2))),
+            log.append(cmd("new1", receive(qty=7))), log.append(cmd("old2", receive(qty=99))),
+            log.append(cmd("old0", receive(qty=1)))]
+    new0, old1, new1, old2, old0 = await asyncio.gather(*jobs, return_exceptions=True)
+    assert (old1.first_seq, old1.duplicate) == (before[1].first_seq, True)
+    assert (old0.first_seq, old0.duplicate) == (before[0].first_seq, True)
+    assert isinstance(old2, Refused) and old2.code == "command_conflict"
+    assert [(r.first_seq, r.duplicate) for r in (new0, new1)] == [(4, False), (5, False)]
+    assert [e.command_id for e in stored_events(log.path)] == ["old0", "old1", "old2", "new0", "new1"]
+    assert log.reader.stock("A")["backroom"] == 1 + 2 + 3 + 5 + 7
+    assert verify_log(log.path).ok
+
+
 async def test_concurrent_commands_group_commit_with_own_results(log):
     await log.append(cmd("stock", receive(qty=50)))
     jobs = [log.append(cmd(f"r{i}", {"type": "reserved", "sku": "A", "qty": 1, "reservation_id": f"res{i}"}))
@@ -68,6 +95,19 @@ async def test_concurrent_commands_group_commit_with_own_results(log):
     assert all(r.code == "insufficient_stock" for r in refused)
     assert sorted(r.first_seq for r in accepted) == list(range(2, 52))
     assert log.reader.stock("A")["reserved"] == 50
+    assert verify_log(log.path).ok
+
+
+async def test_commands_of_every_chunk_size_store_every_event_once(log):
+    sizes = [1, 3, 255, 256, 257, 1000, 2]
+    commands = [cmd(f"c{n}", *(receive(sku=f"S{i % 17}", qty=1 + i % 5) for i in range(n))) for n in sizes]
+    results = await asyncio.gather(*(log.append(c) for c in commands))
+    assert sorted((r.first_seq, r.last_seq - r.first_seq + 1) for r in results) == sorted(
+        zip([1 + sum(sizes[:k]) for k in range(len(sizes))], sizes))
+    stored = stored_events(log.path)
+    assert [e.seq for e in stored] == list(range(1, sum(sizes) + 1))
+    assert len({e.event_id for e in stored}) == len(stored)
+    assert [e.qty for e in stored if e.command_id == "c257"] == [1 + i % 5 for i in range(257)]
     assert verify_log(log.path).ok
 
 

@@ -1,12 +1,13 @@
 """The pure core: decide and evolve with a fake clock and ids, no I/O."""
 
+import copy
 import itertools
 
 import pytest
 from hypothesis import given, settings
 
 from agent import events as ev
-from agent.inventory import Inventory, Refused, decide, effect, evolve, fold
+from agent.inventory import Inventory, Refused, decide, decide_and_apply, effect, evolve, fold
 from tests.unit.strategies import commands
 
 NOW = "2026-11-27T10:00:00.000Z"
@@ -144,3 +145,26 @@ def test_reservations_never_exceed_available_and_fold_equals_incremental(cmds):
         deltas = [effect(e) for e in appended if effect(e).sku == sku]
         assert row.floor == sum(d.floor for d in deltas)
         assert row.reserved == sum(d.reserved for d in deltas) >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(commands())
+def test_decide_and_apply_equals_decide_then_evolve_and_refusal_changes_nothing(cmds):
+    applied, reference = Inventory("s1"), Inventory("s1")
+    ids_a, ids_b = ids(), ids()
+    for cmd in cmds:
+        before = copy.deepcopy(applied)
+        try:
+            expected = decide(reference, cmd, NOW, ids_b)
+        except Refused as refusal:
+            with pytest.raises(Refused) as info:
+                decide_and_apply(applied, cmd, NOW, ids_a)
+            assert (info.value.code, info.value.field) == (refusal.code, refusal.field)
+            assert applied == before  # no row created, copied or changed
+            continue
+        decided = decide_and_apply(applied, cmd, NOW, ids_a)
+        assert [event for event, _ in decided] == expected
+        assert [eff for _, eff in decided] == [effect(event) for event in expected]
+        for event in expected:
+            evolve(reference, event)
+        assert applied == reference
