@@ -26,9 +26,9 @@ import msgspec
 
 from agent.events import CURRENT_SCHEMA, EventDecodeError, decode_event
 from agent.inventory import effect
+from agent.schema import insert_rows
 from sync.hub.availability import Published
 from sync.protocol import EventHead
-from sync.hub.store import insert_rows
 
 log = logging.getLogger("edge_hub.projection")
 
