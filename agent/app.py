@@ -54,11 +54,14 @@ class AgentContext:
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
-                started: Callable[[AgentContext], None] | None = None) -> None:
+                started: Callable[[AgentContext], None] | None = None,
+                sync_worker: Any = None) -> None:
     """Run the agent until `stop` is set; return after a clean shutdown.
 
     `started(ctx)` is called once the API is bound and the agent is ready (tests use it
-    to learn the bound port). Raises LogLocked/StorageError when the log cannot be
+    to learn the bound port). `sync_worker`: a `sync.worker.WorkerProcess` forked before
+    the loop started (`main` does); the uplink then runs there. Without it the uplink
+    runs in this process. Raises LogLocked/StorageError when the log cannot be
     opened, OSError when the API address cannot be bound; a background task's failure
     shuts the agent down and propagates (in an ExceptionGroup).
     """
@@ -73,8 +76,12 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     event_log.add_listener(ctx.metrics.count_events)
     # Wiring point: build ctx.uplink / ctx.snapshots here, before the API answers.
-    if config.sync.enabled:
-        from sync.uplink import Uplink  # the downlink subscribes on ctx.uplink.mqtt
+    if config.sync.enabled and sync_worker is not None:
+        from sync.worker import SyncWorker  # the downlink subscribes on ctx.uplink.mqtt
+
+        ctx.uplink = await SyncWorker.open(config, event_log, sync_worker, metrics=ctx.metrics)
+    elif config.sync.enabled:
+        from sync.uplink import Uplink
 
         ctx.uplink = await Uplink.open(config, event_log, metrics=ctx.metrics)
     ctx.snapshots = await SnapshotStore.open(event_log, max_age_s=config.availability.max_age_s)
@@ -151,6 +158,13 @@ def main(config: AgentConfig) -> int:
     """Run `serve` under asyncio with SIGTERM/SIGINT wired to a clean stop; return the exit code."""
     limit_malloc_arenas()
     setup_logging(config.log.level, config.log.format)
+    worker = None
+    if config.sync.enabled:
+        # The uplink and the MQTT client get a process of their own (sync/worker.py),
+        # forked now: no thread runs yet, and it shares the imported modules.
+        from sync.worker import fork_worker
+
+        worker = fork_worker()
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -161,7 +175,7 @@ def main(config: AgentConfig) -> int:
         # reach: a full collection then scans only what the service allocates while it runs,
         # instead of stalling the event loop ~20 ms (kiosk requests with it) while the uplink
         # reads a backlog and triggers collections.
-        await serve(config, stop, started=lambda ctx: _freeze_startup_heap())
+        await serve(config, stop, started=lambda ctx: _freeze_startup_heap(), sync_worker=worker)
 
     asyncio.run(runner())
     return 0

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from agent import clock
 from agent.aio import wait_for
@@ -49,6 +50,23 @@ def _load_cursor(conn: sqlite3.Connection) -> tuple[int, str | None]:
     return (row[0], row[1]) if row else (0, None)
 
 
+def store_cursor(conn: sqlite3.Connection, seq: int, at: str) -> None:
+    """Write the cursor (on the log's writer connection, inside its transaction)."""
+    conn.execute("INSERT INTO sync_cursor(id, acked_seq, last_ack_at) VALUES (1, ?, ?)"
+                 " ON CONFLICT(id) DO UPDATE SET acked_seq = excluded.acked_seq,"
+                 " last_ack_at = excluded.last_ack_at", (seq, at))
+
+
+async def load_cursor(event_log) -> tuple[int, str | None]:
+    """Create the cursor table if needed and return (acked_seq, last_ack_at), clamped to the log."""
+    acked, at = await event_log.write(_load_cursor)
+    if acked > event_log.last_seq:
+        log.error("sync: the stored cursor says %d but the log ends at %d (restored from a backup?);"
+                  " starting from the log's end", acked, event_log.last_seq)
+        acked = event_log.last_seq
+    return acked, at
+
+
 def agent_mqtt(config: AgentConfig) -> MqttClient:
     """Build the agent's MQTT client: persistent session, retained status with its will."""
     prefix, store_id = config.mqtt.topic_prefix, config.store.id
@@ -68,6 +86,7 @@ class Uplink:
 
     def __init__(self, config: AgentConfig, event_log, mqtt: MqttClient, *,
                  acked_seq: int = 0, last_ack_at: str | None = None,
+                 store_cursor: Callable[[int, str], Awaitable[None]] | None = None,
                  now: Callable[[], str] = clock.utc_now, monotonic: Callable[[], float] = time.monotonic):
         self.config = config
         self.log = event_log
@@ -86,6 +105,9 @@ class Uplink:
         self.events_sent = 0
         self.snapshot_version: Callable[[], int | None] = lambda: None
         self._now, self._monotonic = now, monotonic
+        # Where the cursor is made durable: the log's writer here, or the agent process
+        # when this uplink runs in the sync worker (sync/worker.py).
+        self._store_cursor = store_cursor or self._write_cursor
         self._inflight: list[int] = []          # last seq of each batch beyond the ack
         self._progress_at = monotonic()
         self._wake = asyncio.Event()
@@ -106,11 +128,7 @@ class Uplink:
 
         `metrics`: an agent.metrics.Metrics whose registry gets the sync metrics.
         """
-        acked, at = await event_log.write(_load_cursor)
-        if acked > event_log.last_seq:
-            log.error("sync: the stored cursor says %d but the log ends at %d (restored from a backup?);"
-                      " starting from the log's end", acked, event_log.last_seq)
-            acked = event_log.last_seq
+        acked, at = await load_cursor(event_log)
         uplink = cls(config, event_log, mqtt or agent_mqtt(config), acked_seq=acked, last_ack_at=at, **kwargs)
         if metrics is not None:
             register_metrics(uplink, metrics.registry)
@@ -148,7 +166,9 @@ class Uplink:
         if ack.store_id != self.store_id:
             log.warning("sync: ignoring an ack for store %s on %s", ack.store_id, message.topic)
             return
-        seq, last = ack.acked_seq, self.log.last_seq
+        # In the sync worker `log.last_seq` is the agent's last notice, which may trail what
+        # this uplink already read and sent; never below what was sent.
+        seq, last = ack.acked_seq, max(self.log.last_seq, self.sent_seq)
         if seq > last:
             self.ack_alarms += 1
             self.alarm = (f"sync: ack for {self.store_id} says {seq} but the log ends at {last};"
@@ -162,11 +182,11 @@ class Uplink:
             self._progress_at = self._monotonic()
             self._wake.set()
         if seq != self.acked_seq:
-            await self.log.write(lambda conn: conn.execute(
-                "INSERT INTO sync_cursor(id, acked_seq, last_ack_at) VALUES (1, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET acked_seq = excluded.acked_seq,"
-                " last_ack_at = excluded.last_ack_at", (seq, at)))
+            await self._store_cursor(seq, at)
         self._advance(seq, at)
+
+    async def _write_cursor(self, seq: int, at: str) -> None:
+        await self.log.write(lambda conn: store_cursor(conn, seq, at))
 
     def _advance(self, seq: int, at: str) -> None:
         if seq < self.acked_seq:
@@ -190,10 +210,15 @@ class Uplink:
         Returns (first_seq, last_seq, events, payload) each, the payload built here so the
         event loop only publishes it. SQLite cuts and joins each batch
         (LogReader.joined_batch), so this thread barely holds the interpreter lock.
+        Between batches the thread yields its core: where it runs at background priority
+        (the sync worker) a waiting kiosk request's thread gets it at once, instead of at the
+        scheduler's next tick (up to 4 ms here).
         """
         max_events, cap = self.sync.batch_max_events, self.sync.batch_max_bytes - 128
         out = []
         while len(out) < count:
+            if out:
+                os.sched_yield()
             batch = self._reader.joined_batch(after, max_events, cap)
             if batch is None:
                 break

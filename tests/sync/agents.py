@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
+import urllib.error
 import uuid
 
 from tests.support.agentproc import AgentProcess, agent_command
@@ -68,3 +71,33 @@ def assert_healed(agent: AgentProcess, hub, *, verify: bool = True) -> int:
         done = agent_cli(agent, "verify")
         assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     return last
+
+
+class Poster:
+    """Posts bursts from a thread until stopped; tolerates a dead or restarting agent."""
+
+    def __init__(self, agent, size: int = 200):
+        self.agent, self.size, self.posted = agent, size, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                post_events(self.agent, self.size)
+                self.posted += 1
+            except (urllib.error.URLError, ConnectionError, OSError, AssertionError):
+                time.sleep(0.05)
+
+    def __enter__(self) -> "Poster":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def grows(agent, beyond: int) -> int:
+    return wait_until(lambda: sync_status(agent)["last_seq"] > beyond and sync_status(agent)["last_seq"],
+                      20, f"the log to grow past {beyond}")

@@ -6,48 +6,16 @@ no conflicts; `edge-agent verify` passes.
 """
 
 import shutil
-import threading
 import time
-import urllib.error
 
 import pytest
 
-from tests.sync.agents import assert_healed, post_events, sync_agent, sync_status
+from tests.sync.agents import Poster, assert_healed, grows, post_events, sync_agent, sync_status
 from tests.sync.helpers import wait_until
 from tests.sync.hubproc import HubProcess
 
 CYCLES = 3
 pytestmark = pytest.mark.slow
-
-
-class Poster:
-    """Posts bursts from a thread until stopped; tolerates a dead or restarting agent."""
-
-    def __init__(self, agent, size: int = 200):
-        self.agent, self.size, self.posted = agent, size, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                post_events(self.agent, self.size)
-                self.posted += 1
-            except (urllib.error.URLError, ConnectionError, OSError, AssertionError):
-                time.sleep(0.05)
-
-    def __enter__(self) -> "Poster":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def grows(agent, beyond: int) -> int:
-    return wait_until(lambda: sync_status(agent)["last_seq"] > beyond and sync_status(agent)["last_seq"],
-                      20, f"the log to grow past {beyond}")
 
 
 def test_agent_sigkilled_mid_burst(tmp_path, broker):

@@ -1,0 +1,60 @@
+"""Helpers for the agent's worker processes (the snapshot apply worker, the sync worker).
+
+Linux-only calls that degrade to nothing elsewhere: die with the agent, run at
+background priority, carry a name that `ps` and `top` show.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+
+BACKGROUND_NICE = 10   # where SCHED_IDLE is not available
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """In a worker process: ask Linux for `sig` when the agent dies, even by SIGKILL.
+
+    Call it in the worker. The workers are created from the event loop's (main) thread,
+    which lives as long as the agent, so the signal fires when the agent process ends,
+    not earlier.
+    """
+    try:
+        _libc().prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the agent's clean stop still ends us
+        return
+    if os.getppid() != parent_pid:  # the agent died before prctl took effect
+        os._exit(0)
+
+
+def lower_priority(pid: int = 0) -> bool:
+    """Put a thread (0: the calling one) under SCHED_IDLE, else at nice BACKGROUND_NICE.
+
+    Threads it starts later inherit it. SCHED_IDLE: a waking normal task (the API's event
+    loop, a kiosk) is preferred at once; at a nice level the scheduler may first let the
+    running task finish its slice. Lowering needs no privilege. Returns True when done.
+    """
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        return True
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, BACKGROUND_NICE)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread (up to 15 bytes) for ps, top and the journal."""
+    try:
+        _libc().prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass

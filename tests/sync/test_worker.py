@@ -1,0 +1,100 @@
+"""The sync worker (sync/worker.py): a background child of `edge-agent run` that holds the
+MQTT client and the uplink. Real processes, a real broker and hub, SIGKILL.
+
+After every scenario the sync invariants hold (`assert_healed`): the hub holds 1..last_seq
+once each, equal to the agent's export, its ack == the agent's cursor, verify passes.
+"""
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from sync import protocol
+from tests.sync.agents import Poster, assert_healed, grows, post_events, sync_agent, sync_status
+from tests.sync.helpers import PREFIX, STORE, mqtt_client, wait_until
+from tests.sync.hubproc import HubProcess
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict; {} once the process is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return {} if fields.get("State", "").startswith("Z") else {k: v.strip() for k, v in fields.items()}
+
+
+def worker_pid(agent) -> int:
+    return wait_until(lambda: (s := sync_status(agent))["connected"] and s["worker_pid"], 20,
+                      "the sync worker to connect")
+
+
+def test_worker_is_a_background_child_named_for_ps(tmp_path, broker):
+    with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker) as agent:
+        pid = worker_pid(agent)
+        status = proc_status(pid)
+        assert status["PPid"] == str(agent.proc.pid)
+        assert status["Name"] == "edge-agent-sync"
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(agent.proc.pid) == os.SCHED_OTHER   # the API's loop stays normal
+        post_events(agent, 500)
+        assert_healed(agent, hub)
+
+
+def test_worker_sigkilled_mid_burst_is_replaced_and_nothing_is_lost(tmp_path, broker):
+    with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker) as agent:
+        for cycle in range(3):
+            pid = worker_pid(agent)
+            with Poster(agent):
+                grows(agent, sync_status(agent)["last_seq"] + 300)
+                os.kill(pid, signal.SIGKILL)
+                # The API keeps taking writes and answering reads while sync is down.
+                first, last = post_events(agent, 10)
+                assert last - first == 9
+                status = wait_until(
+                    lambda: (s := sync_status(agent))["worker_pid"] not in (None, pid) and s["connected"] and s,
+                    20, "a new sync worker to connect")
+            assert status["worker_restarts"] == cycle + 1
+            assert not proc_status(pid), "the killed worker must be reaped"
+        post_events(agent, 50)
+        assert_healed(agent, hub)
+        assert agent.output().count("starting a new one") == 3
+
+
+def test_worker_dies_with_a_sigkilled_agent_and_the_next_agent_syncs(tmp_path, broker):
+    with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker) as agent:
+        post_events(agent, 100)
+        pid = worker_pid(agent)
+        agent.kill()
+        wait_until(lambda: not proc_status(pid), 5, "the worker to die with the agent")
+        agent.start()
+        assert worker_pid(agent) != pid
+        post_events(agent, 100)
+        assert_healed(agent, hub)
+
+
+async def test_clean_stop_publishes_offline_and_the_worker_exits(tmp_path, broker):
+    seen: list[str] = []
+
+    async def on_status(message) -> None:
+        if message.payload:
+            seen.append(protocol.decode(message.payload, protocol.Status).state)
+
+    watcher = mqtt_client(broker, "test-status-watcher")
+    watcher.subscribe(protocol.status_topic(PREFIX, STORE), on_status)
+    await watcher.start()
+    await watcher.wait_subscribed(10)
+    try:
+        agent = sync_agent(tmp_path, broker)
+        await asyncio.to_thread(agent.start)
+        pid = await asyncio.to_thread(worker_pid, agent)
+        await asyncio.to_thread(wait_until, lambda: seen and seen[-1] == "online", 10, "the online status")
+        assert await asyncio.to_thread(agent.terminate) == 0
+        assert not proc_status(pid), "the worker must have exited with the agent's clean stop"
+        await asyncio.to_thread(wait_until, lambda: seen[-1] == "offline", 10, "the offline status")
+        output = agent.output()
+        assert "stopped with status" not in output and "starting a new one" not in output, output[-2000:]
+    finally:
+        await watcher.stop()
