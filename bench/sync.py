@@ -53,6 +53,8 @@ from sync import protocol  # noqa: E402
 from sync.hub.store import SCHEMA_SQL as HUB_SCHEMA  # noqa: E402
 
 STORE = "store-0042"
+SETTLE_S = 1.0     # --start reconnect: after the agent is ready, before the idle window
+IDLE_S = 3.0       # --start reconnect: the kiosk's idle window, the link still stalled
 BIN = Path(sys.executable).parent
 
 
@@ -90,21 +92,22 @@ def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]
 
 
 def _kiosk_requests(port: int, rate: float, go, stop, out) -> None:
-    """The kiosk's loop, in its own process: from `go` until `stop`, GET at a steady rate; send the latencies."""
+    """The kiosk's loop, in its own process: from `go` until `stop`, GET at a steady rate;
+    send (start, latency) of each request, start on the machine's monotonic clock."""
     out.send("ready")
     go.wait()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    lat, i, next_at = [], 0, time.perf_counter()
+    samples, i, next_at = [], 0, time.perf_counter()
     while not stop.is_set():
         t0 = time.perf_counter()
         conn.request("GET", f"/v1/availability/SKU-{i % 5000}")
         conn.getresponse().read()
-        lat.append(time.perf_counter() - t0)
+        samples.append((t0, time.perf_counter() - t0))
         i += 1
         next_at += 1 / rate
         time.sleep(max(0.0, next_at - time.perf_counter()))
     conn.close()
-    out.send(lat)
+    out.send(samples)
 
 
 class Kiosk:
@@ -127,12 +130,17 @@ class Kiosk:
         self._go.set()
         return self
 
-    def stop(self) -> list[float]:
-        """Stop the requests; return their latencies in seconds."""
+    def stop(self) -> list[tuple[float, float]]:
+        """Stop the requests; return (start on time.perf_counter's clock, seconds) of each."""
         self._stop.set()
-        lat = self._recv.recv()
+        samples = self._recv.recv()
         self._proc.join(10)
-        return lat
+        return samples
+
+
+def window(samples: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    """The latencies of the requests that started in [start, end)."""
+    return [lat for t, lat in samples if start <= t < end]
 
 
 def latency_stats(lat: list[float]) -> dict:
@@ -249,9 +257,16 @@ def raw_sqlite(path: Path, batches_: list[tuple[int, int, list[bytes]]]) -> floa
 
 
 def drain(hub_dir: Path, db: Path, config: Path, api_port: int, mqtt_port: int, central: list[str],
-          args, procs: list[subprocess.Popen]) -> dict:
-    """One end-to-end round: start a hub on an empty database and the agent with sync on; time
-    from the agent being ready until the hub's ack reaches N, with the kiosk load throughout."""
+          args, procs: list[subprocess.Popen], broker: subprocess.Popen) -> dict:
+    """One end-to-end round into a hub on an empty database, with the kiosk load throughout.
+
+    --start reconnect: the agent starts while its link to the broker is stalled (the broker
+    SIGSTOPped, as a dead uplink would look), settles for SETTLE_S, then the kiosk's idle
+    window (IDLE_S) is measured on the same warm process; the broker resumes and the drain
+    is timed from then until the hub's ack reaches N.
+    --start cold: the agent starts with the link up; the drain is timed from the agent
+    being ready (its start-up and first kiosk requests fall in the drain window).
+    """
     hub_db = hub_dir / "hub.db"
     hub_dir.mkdir(parents=True, exist_ok=True)
     (hub_dir / "hub.toml").write_text(
@@ -266,24 +281,42 @@ def drain(hub_dir: Path, db: Path, config: Path, api_port: int, mqtt_port: int, 
     watch = AckWatch(mqtt_port, args.events)
     write_agent_config(config, db, api_port, mqtt_port, sync=True, batch=args.batch, inflight=args.inflight)
     kiosk = Kiosk(api_port)
+    reconnect = args.start == "reconnect"
+    if reconnect:
+        broker.send_signal(signal.SIGSTOP)
     t0 = time.perf_counter()
-    agent = start_agent(config, api_port, config.parent / "agent.out")
+    try:
+        agent = start_agent(config, api_port, config.parent / "agent.out")
+    except BaseException:
+        broker.send_signal(signal.SIGCONT)
+        raise
     procs.append(agent)
     t_ready = time.perf_counter()
     kiosk.start()
+    t_idle = t_ready
+    if reconnect:
+        time.sleep(SETTLE_S)
+        t_idle = time.perf_counter()
+        time.sleep(IDLE_S)
+        t_ready = time.perf_counter()
+        broker.send_signal(signal.SIGCONT)
     if not watch.done.wait(600):
         raise RuntimeError(f"the hub's ack stopped at {watch.acked}")
     t_end = time.perf_counter()
-    latencies = kiosk.stop()
+    samples = kiosk.stop()
     watch.close()
     stop(agent)
     stop(hub)
     procs.clear()
     held = sqlite3.connect(hub_db).execute(
         "SELECT COUNT(*), COUNT(DISTINCT seq), MAX(seq) FROM events WHERE store_id = ?", (STORE,)).fetchone()
+    idle, drained = window(samples, t_idle, t_ready), window(samples, t_ready, t_end)
     return {"e2e_seconds": round(t_end - t_ready, 3), "e2e_events_per_s": round(args.events / (t_end - t_ready)),
-            "agent_start_seconds": round(t_ready - t0, 3), "hub_holds": list(held),
-            "kiosk_drain": latency_stats(latencies), "latencies": latencies}
+            "agent_start_seconds": round(t_ready - t0, 3) if not reconnect else None,
+            "hub_holds": list(held),
+            "kiosk_idle": latency_stats(idle) if reconnect else None,
+            "kiosk_drain": latency_stats(drained), "idle_latencies": idle if reconnect else [],
+            "latencies": drained}
 
 
 def main() -> int:
@@ -302,6 +335,12 @@ def main() -> int:
                              " the agent and the kiosk for this machine's cores")
     parser.add_argument("--hub-nice", type=int, default=0,
                         help="with --hub-cpu shared: run edge-hub and mosquitto at this nice level")
+    parser.add_argument("--start", choices=("reconnect", "cold"), default="reconnect",
+                        help="reconnect (default): each round's agent starts with its broker link"
+                             " stalled, the kiosk's idle window is measured on it, then the link"
+                             " comes back and the backlog drains; cold: the agent starts with the"
+                             " link up and drains from start-up, idle measured on a separate"
+                             " agent started with sync off")
     args = parser.parse_args()
     central = (["chrt", "--idle", "0"] if args.hub_cpu == "spare"
                else ["nice", "-n", str(args.hub_nice)] if args.hub_nice else [])
@@ -319,7 +358,7 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[subprocess.Popen] = []
     result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight,
-                    "hub_cpu": args.hub_cpu}
+                    "hub_cpu": args.hub_cpu, "start": args.start}
     try:
         wait_port(mqtt_port)
         db = work / "agent" / "events.db"
@@ -334,27 +373,33 @@ def main() -> int:
 
         api_port = free_port()
         config = work / "agent.toml"
-        write_agent_config(config, db, api_port, mqtt_port, sync=False, batch=args.batch, inflight=args.inflight)
-        agent = start_agent(config, api_port, work / "agent.out")
-        kiosk = Kiosk(api_port).start()
-        time.sleep(5)
-        result["kiosk_idle"] = latency_stats(kiosk.stop())
-        stop(agent)
+        if args.start == "cold":
+            write_agent_config(config, db, api_port, mqtt_port, sync=False, batch=args.batch,
+                               inflight=args.inflight)
+            agent = start_agent(config, api_port, work / "agent.out")
+            kiosk = Kiosk(api_port).start()
+            time.sleep(5)
+            result["kiosk_idle"] = latency_stats([lat for _, lat in kiosk.stop()])
+            stop(agent)
 
         # Each round drains the same backlog into a new hub: the agent's log is restored to
         # its state as built (cursor 0), the hub starts on an empty database.
         drain_lat: list[float] = []
+        idle_lat: list[float] = []
         result["rounds"] = []
         for r in range(args.rounds):
             for suffix in ("-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
             shutil.copyfile(fresh, db)
             clear_retained(mqtt_port, protocol.ack_topic("retail", STORE))
-            one = drain(work / f"hub{r}", db, config, api_port, mqtt_port, central, args, procs)
+            one = drain(work / f"hub{r}", db, config, api_port, mqtt_port, central, args, procs, broker)
             drain_lat += one.pop("latencies")
+            idle_lat += one.pop("idle_latencies")
             result["rounds"].append(one)
         e2e = sorted(one["e2e_events_per_s"] for one in result["rounds"])
         result["e2e_events_per_s"] = e2e[len(e2e) // 2]
+        if args.start == "reconnect":
+            result["kiosk_idle"] = latency_stats(idle_lat)
         result["kiosk_drain"] = latency_stats(drain_lat)
         held = tuple(one["hub_holds"] for one in result["rounds"])
 
