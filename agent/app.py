@@ -92,6 +92,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         Downlink(ctx.uplink.mqtt, config.mqtt.topic_prefix, config.store.id, ctx.snapshots,
                  metrics=ctx.metrics).attach()
         ctx.uplink.snapshot_version = lambda: ctx.snapshots.version
+        if sync_worker is not None:  # snapshots are applied there: no apply process of their own
+            ctx.snapshots.run_elsewhere = ctx.uplink.call
     runner = None
     try:
         runner, ctx.api_addresses = await start_api(ctx)

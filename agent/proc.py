@@ -58,3 +58,23 @@ def set_thread_name(name: str) -> None:
         _libc().prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+_M_MMAP_THRESHOLD = -3   # glibc's malloc.h
+
+
+def return_freed_memory(mmap_threshold: int | None = None) -> bool:
+    """glibc only: give freed heap memory back to the system (malloc_trim).
+
+    With `mmap_threshold`, also fix the size from which allocations are mmapped (and so
+    returned to the system as soon as they are freed) instead of glibc's sliding one,
+    which rises to the largest block freed and keeps later ones of that size in the heap.
+    Returns True when glibc took it; elsewhere it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        if mmap_threshold is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        return libc.malloc_trim(0) in (0, 1)
+    except (OSError, AttributeError):
+        return False

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 
@@ -142,6 +142,8 @@ class SnapshotStore:
         self._lock = asyncio.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._lowered: set[int] = set()
+        # `await run_elsewhere(fn, *args)` runs fn in another process (see apply_in_worker).
+        self.run_elsewhere: Callable[..., Awaitable[Any]] | None = None
         self.catalog = CatalogStore(log, open_readonly(log.path))
 
     @classmethod
@@ -272,8 +274,18 @@ class SnapshotStore:
         `fn` (a module-level function) writes the snapshot file with `write_rows`; the held
         meta is reloaded after it returns. A dead worker is replaced on the next call.
         Raises what `fn` raises (StorageError for SQLite failures).
+
+        With `run_elsewhere` set (`edge-agent run`: the sync worker's `call`, which already
+        runs at background priority with an interpreter of its own), `fn` runs there and no
+        apply process is started.
         """
         async with self._lock:
+            if self.run_elsewhere is not None:
+                applied_at = clock.rfc3339(self._now())
+                try:
+                    return await self.run_elsewhere(fn, str(self.path), applied_at, *args)
+                finally:
+                    self._meta = self._read_meta()
             if self._pool is None:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),

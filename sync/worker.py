@@ -11,7 +11,9 @@ What stays in the agent process: the log's single writer. The worker reads the l
 read-only (agent.reader.LogReader); it asks the agent to write the cursor and waits for
 the commit before it acknowledges the hub's ack message, as before. Messages for the
 agent's other subscriptions (the downlink's snapshots and catalog) are handed to the
-agent, and acknowledged to the broker only after the agent's handler returned.
+agent, and acknowledged to the broker only after the agent's handler returned. The
+downlink's snapshot applies (decode, validate, write the snapshot file) run back here
+(`SyncWorker.call`), so the agent needs no apply process of its own.
 
     agent process (SyncWorker)            sync worker (run_worker)
     Hello(config, cursor, subscriptions) ->
@@ -22,6 +24,8 @@ agent, and acknowledged to the broker only after the agent's handler returned.
     Reply(id, error) after the handler   ->  acknowledged unless error
     Publish(id, topic, payload)          ->  (the heartbeat's retained status)
                                          <-  Reply(id, error) on PUBACK
+    Call(id, function, args)             ->  runs it on a thread (a snapshot apply)
+                                         <-  Result(id, value or exception)
                                          <-  State(...) when it changed (every 50 ms at most)
     Stop()                               ->  offline status, disconnect, exit 0
 
@@ -37,9 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -49,7 +55,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from agent.proc import die_with_parent, lower_priority, set_thread_name
+from agent.proc import die_with_parent, lower_priority, return_freed_memory, set_thread_name
 from agent.settings import AgentConfig
 from sync.mqtt import Message, MqttError
 from sync.uplink import Uplink, agent_mqtt, load_cursor, register_metrics, store_cursor
@@ -57,6 +63,7 @@ from sync.uplink import Uplink, agent_mqtt, load_cursor, register_metrics, store
 log = logging.getLogger("edge_agent.sync_worker")
 
 STATE_EVERY_S = 0.05      # the worker sends its state at most this often
+MMAP_THRESHOLD = 64 * 1024
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 5.0
 
@@ -117,6 +124,18 @@ class Deliver(msgspec.Struct, tag="msg"):
     content_type: str | None
 
 
+class Call(msgspec.Struct, tag="call"):
+    id: int
+    function: str            # "module:qualname", one of CALLABLE
+    args: bytes              # pickled tuple
+
+
+class Result(msgspec.Struct, tag="result"):
+    id: int
+    value: bytes             # pickled return value, or the pickled exception when failed
+    failed: bool = False
+
+
 class State(msgspec.Struct, tag="state"):
     connected: bool = False
     reconnects: int = 0
@@ -129,7 +148,11 @@ class State(msgspec.Struct, tag="state"):
     events_sent: int = 0
 
 
-Frame = Hello | LastSeq | Reply | Publish | Stop | Cursor | Deliver | State
+Frame = Hello | LastSeq | Reply | Publish | Stop | Cursor | Deliver | Call | Result | State
+
+# What the agent may run in the worker (`SyncWorker.call`): snapshot applies, which decode
+# and validate up to 100,000s of items, off the agent's interpreter lock.
+CALLABLE = {"sync.downlink:apply_payload"}
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Frame).decode
@@ -187,6 +210,15 @@ class _Requests:
             else:
                 future.set_exception(MqttError(reply.error))
 
+    def resolve(self, result: "Result") -> None:
+        future = self.pending.pop(result.id, None)
+        if future is not None and not future.done():
+            value = pickle.loads(result.value)
+            if result.failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
     def fail_all(self, reason: str) -> None:
         for future in self.pending.values():
             if not future.done():
@@ -235,6 +267,11 @@ def fork_worker() -> WorkerProcess:
     The child shares the agent's imported modules copy-on-write: the start-up heap is
     frozen first so the collector does not touch (and so copy) it in either process.
     """
+    import concurrent.futures.thread  # noqa: F401  what the agent imports later anyway,
+    import prometheus_client.core  # noqa: F401    imported now to be shared with the worker
+
+    import sync.downlink  # noqa: F401  the worker runs its apply_payload (Call)
+
     parent_end, child_end = socket.socketpair()
     gc.collect()
     gc.freeze()
@@ -360,6 +397,28 @@ class SyncWorker:
             "worker_restarts": self.restarts,
         }
 
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` (one of CALLABLE) in the worker, on a thread there; return its result.
+
+        Raises what `fn` raised, or StorageError when the worker is not running or ends
+        before it answers (a snapshot's message is then left unacknowledged and comes again).
+        """
+        from agent.errors import StorageError
+
+        name = f"{fn.__module__}:{fn.__qualname__}"
+        if name not in CALLABLE:
+            raise ValueError(f"sync worker: {name} may not be called there")
+        channel = self.channel
+        if channel is None:
+            raise StorageError("sync worker: not running; try again when it is")
+        rid, future = self.requests.new()
+        channel.send(Call(rid, name, pickle.dumps(args)))
+        await channel.drain()
+        try:
+            return await future
+        except MqttError as exc:  # the worker ended (see _serve / _stop)
+            raise StorageError(f"sync worker: {exc}") from None
+
     # ------------------------------------------------------------------ running
 
     async def run(self) -> None:
@@ -402,6 +461,8 @@ class SyncWorker:
                 self._spawn(self._deliver(channel, frame))
             elif isinstance(frame, Reply):
                 self.requests.settle(frame)
+            elif isinstance(frame, Result):
+                self.requests.resolve(frame)
             elif isinstance(frame, State):
                 self._set_state(frame)
         self.channel = None
@@ -526,6 +587,9 @@ def _worker_process(sock: socket.socket, parent_pid: int, fresh: bool = False) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lower_priority()
     set_thread_name("edge-agent-sync")
+    # Batch payloads (up to batch_max_bytes) are mmapped and unmapped when sent, not kept
+    # in the heap: see return_freed_memory and `idle_trim` in run_worker.
+    return_freed_memory(mmap_threshold=MMAP_THRESHOLD)
     return asyncio.run(run_worker(sock, fresh))
 
 
@@ -584,9 +648,34 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
             channel.send(now)
 
     async def push_states() -> None:
+        busy = False
         while True:
             push_state()
+            # A drained backlog leaves freed read and publish buffers behind: return them.
+            idle = not uplink._inflight and uplink.sent_seq >= view.last_seq
+            if busy and idle:
+                await asyncio.to_thread(return_freed_memory)
+            busy = not idle
             await asyncio.sleep(STATE_EVERY_S)
+
+    async def call(frame: Call) -> None:
+        failed = False
+        try:
+            if frame.function not in CALLABLE:
+                raise ValueError(f"sync worker: {frame.function} may not be called here")
+            module, name = frame.function.split(":")
+            fn = getattr(importlib.import_module(module), name)
+            value = await asyncio.to_thread(_call_and_trim, fn, pickle.loads(frame.args))
+        except Exception as exc:
+            value, failed = exc, True
+        try:
+            data = pickle.dumps(value)
+        except Exception as exc:  # an exception that cannot be pickled: send its text
+            data, failed = pickle.dumps(RuntimeError(f"{type(value).__name__}: {value}")), True
+        try:
+            channel.send(Result(frame.id, data, failed))
+        except ConnectionError:
+            pass
 
     async def publish(frame: Publish) -> None:
         error = None
@@ -609,8 +698,9 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
                 view.advance(frame.seq)
             elif isinstance(frame, Reply):
                 requests.settle(frame)
-            elif isinstance(frame, Publish):
-                task = asyncio.get_running_loop().create_task(publish(frame))
+            elif isinstance(frame, (Publish, Call)):
+                task = asyncio.get_running_loop().create_task(
+                    publish(frame) if isinstance(frame, Publish) else call(frame))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif isinstance(frame, Stop):
@@ -633,6 +723,13 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
             task.cancel()
         await asyncio.wait([running])   # publishes the offline status, disconnects
         channel.close()
+
+
+def _call_and_trim(fn: Callable[..., Any], args: tuple) -> Any:
+    try:
+        return fn(*args)
+    finally:
+        return_freed_memory()   # a snapshot's 100,000s of decoded items are garbage now
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from sync import protocol
 from tests.sync.agents import Poster, assert_healed, grows, post_events, sync_agent, sync_status
 from tests.sync.helpers import PREFIX, STORE, mqtt_client, wait_until
@@ -41,6 +43,14 @@ def test_worker_is_a_background_child_named_for_ps(tmp_path, broker):
         assert os.sched_getscheduler(agent.proc.pid) == os.SCHED_OTHER   # the API's loop stays normal
         post_events(agent, 500)
         assert_healed(agent, hub)
+        # The hub's snapshot is applied in the worker (SyncWorker.call): no apply process.
+        wait_until(lambda: sync_status(agent)["snapshot_version"] is not None, 20, "a snapshot to be applied")
+        assert children(agent.proc.pid) == [pid]
+
+
+def children(pid: int) -> list[int]:
+    return sorted(int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                  for k in (task / "children").read_text().split())
 
 
 def test_worker_sigkilled_mid_burst_is_replaced_and_nothing_is_lost(tmp_path, broker):
@@ -98,3 +108,37 @@ async def test_clean_stop_publishes_offline_and_the_worker_exits(tmp_path, broke
         assert "stopped with status" not in output and "starting a new one" not in output, output[-2000:]
     finally:
         await watcher.stop()
+
+
+async def test_call_runs_the_apply_in_the_worker_and_brings_its_exceptions_back(tmp_path, broker):
+    """SyncWorker.call over a real worker process (started as `python -m sync.worker FD`)."""
+    import msgspec
+
+    from agent.errors import StorageError
+    from agent.log import SqliteEventLog
+    from agent.settings import AgentConfig
+    from sync.downlink import apply_payload
+    from sync.worker import SyncWorker, exec_worker
+
+    config = msgspec.convert({"store": {"id": STORE}, "storage": {"path": str(tmp_path / "events.db")},
+                              "mqtt": {"host": broker.host, "port": broker.port}}, AgentConfig)
+    event_log = await SqliteEventLog.open(config.storage.path, STORE)
+    worker = await SyncWorker.open(config, event_log, exec_worker())
+    running = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        await asyncio.to_thread(wait_until, lambda: worker.state.connected, 20, "the worker to connect")
+        with pytest.raises(ValueError, match="may not be called"):
+            await worker.call(os.getpid)
+        snapshots = str(tmp_path / "events.snapshots.db")
+        bad = await worker.call(apply_payload, snapshots, "2026-11-27T00:00:00.000Z", b"not json", None, STORE)
+        assert bad[0] == "malformed"
+        with pytest.raises(StorageError):
+            await worker.call(apply_payload, str(tmp_path / "no" / "such" / "dir.db"), "2026-11-27T00:00:00.000Z",
+                              b'{"v":1,"store_id":"%s","version":3,"generated_at":"2026-11-27T00:00:00.000Z",'
+                              b'"items":[]}' % STORE.encode(), None, STORE)
+        assert worker.restarts == 0
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await event_log.close()
+    assert worker.process is not None and not proc_status(worker.process.pid)
