@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import time
 from typing import Any, Awaitable, Callable
@@ -212,15 +211,10 @@ class Uplink:
         Returns (first_seq, last_seq, events, payload) each, the payload built here so the
         event loop only publishes it. SQLite cuts and joins each batch
         (LogReader.joined_batch), so this thread barely holds the interpreter lock.
-        Between batches the thread yields its core: where it runs at background priority
-        (the sync worker) a waiting kiosk request's thread gets it at once, instead of at the
-        scheduler's next tick (up to 4 ms here).
         """
         max_events, cap = self.sync.batch_max_events, self.sync.batch_max_bytes - 128
         out = []
         while len(out) < count:
-            if out:
-                os.sched_yield()
             batch = self._reader.joined_batch(after, max_events, cap)
             if batch is None:
                 break
