@@ -86,7 +86,6 @@ class Uplink:
     def __init__(self, config: AgentConfig, event_log, mqtt: MqttClient, *,
                  acked_seq: int = 0, last_ack_at: str | None = None,
                  store_cursor: Callable[[int, str], Awaitable[None]] | None = None,
-                 background: bool = False,
                  now: Callable[[], str] = clock.utc_now, monotonic: Callable[[], float] = time.monotonic):
         self.config = config
         self.log = event_log
@@ -108,7 +107,6 @@ class Uplink:
         # Where the cursor is made durable: the log's writer here, or the agent process
         # when this uplink runs in the sync worker (sync/worker.py).
         self._store_cursor = store_cursor or self._write_cursor
-        self._background = background
         self._inflight: list[int] = []          # last seq of each batch beyond the ack
         self._progress_at = monotonic()
         self._wake = asyncio.Event()
@@ -315,11 +313,6 @@ class Uplink:
     async def run(self) -> None:
         """Connect and ship the log until cancelled; then publish offline and disconnect."""
         self._reader = LogReader(self.log.path)
-        if self._background:
-            # At background priority (the sync worker) a read of a batch would keep its core
-            # until the scheduler's next tick (4 ms here) even when a kiosk request's thread
-            # is waiting for it: offer the core every YIELD_EVERY_OPS SQLite instructions.
-            self._reader.conn.set_progress_handler(_yield_cpu, YIELD_EVERY_OPS)
         await self.mqtt.start()
         try:
             while True:
@@ -329,14 +322,6 @@ class Uplink:
                 await asyncio.wait([self._reading[1]])  # its thread must be done with the connection
             await asyncio.shield(self.mqtt.stop())
             self._reader.close()
-
-
-YIELD_EVERY_OPS = 10_000   # about 0.2-0.5 ms of SQLite work here
-
-
-def _yield_cpu() -> int:
-    os.sched_yield()
-    return 0   # go on
 
 
 def _quiet(future: asyncio.Future) -> None:

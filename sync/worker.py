@@ -621,7 +621,7 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
         await future
 
     uplink = Uplink(config, view, mqtt, acked_seq=hello.acked_seq, last_ack_at=hello.last_ack_at,
-                    store_cursor=store, background=True)
+                    store_cursor=store)
 
     def forward(index: int):
         async def handler(message: Message) -> None:
