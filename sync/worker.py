@@ -3,9 +3,10 @@
 `edge-agent run` forks this process before its event loop starts. Draining a backlog
 keeps paho's thread and the uplink's reads busy; in the agent's own process they shared
 the interpreter lock and the cores with the event loop that answers the kiosks, and the
-loop waited behind them (kiosk p99 2.5-5x idle during a drain on 2 cores,
-docs/benchmarks.md). In its own process, at background CPU priority (SCHED_IDLE, agent.proc.lower_priority), the
-worker takes what the kiosks leave and never holds a lock the API needs.
+loop waited behind them (kiosk p99 3.5-4.4x idle during a drain on 2 cores; 1.4-2.0x with
+the worker, docs/benchmarks.md). In its own process, at background CPU priority
+(SCHED_IDLE, agent.proc.lower_priority), the worker takes what the kiosks leave and never
+holds a lock the API needs.
 
 What stays in the agent process: the log's single writer. The worker reads the log
 read-only (agent.reader.LogReader); it asks the agent to write the cursor and waits for
