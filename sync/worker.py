@@ -586,7 +586,9 @@ def _worker_process(sock: socket.socket, parent_pid: int, fresh: bool = False) -
     # systemd's SIGTERM (KillMode=mixed) and a terminal's ^C go to the agent.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    lower_priority()
+    if not lower_priority():
+        log.warning("sync worker: could not lower its CPU priority (a seccomp filter without"
+                    " sched_setscheduler?); it competes with the API at normal priority")
     set_thread_name("edge-agent-sync")
     # Batch payloads (up to batch_max_bytes) are mmapped and unmapped when sent, not kept
     # in the heap: see return_freed_memory and `idle_trim` in run_worker.

@@ -56,3 +56,32 @@ def test_unit_has_the_service_contract(unit):
         assert line in text.splitlines(), line
     for key in ("WatchdogSec=", "StateDirectory=", "ConfigurationDirectory=", "LoadCredential=mqtt-password:"):
         assert any(l.startswith(key) for l in text.splitlines()), key
+
+
+def _effective_syscalls(unit: str, tool: str) -> set[str]:
+    """The system calls the unit's SystemCallFilter= lines allow, in systemd's order:
+    the first (allow-list) line sets the list, `~` lines remove, later plain lines add."""
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        out = subprocess.run([tool, "syscall-filter", name], capture_output=True, text=True, timeout=60).stdout
+        members = [line.strip() for line in out.splitlines()[1:]]
+        return set().union(*(expand(m) for m in members if m and not m.startswith("#")))
+
+    allowed: set[str] = set()
+    for line in (ROOT / "systemd" / unit).read_text().splitlines():
+        if line.startswith("SystemCallFilter="):
+            value = line.split("=", 1)[1]
+            names = set().union(*(expand(n) for n in value.lstrip("~").split()))
+            allowed = allowed - names if value.startswith("~") else allowed | names
+    return allowed
+
+
+def test_agent_unit_lets_the_sync_worker_lower_its_own_priority_only():
+    """The sync worker puts itself under SCHED_IDLE (agent.proc.lower_priority): the unit
+    must allow sched_setscheduler while the rest of @resources stays denied."""
+    tool = require_binary("systemd-analyze")
+    allowed = _effective_syscalls("edge-agent.service", tool)
+    assert "sched_setscheduler" in allowed
+    assert not {"setpriority", "sched_setaffinity", "setrlimit", "nice"} & allowed
+    assert {"clone", "prctl", "socketpair"} <= allowed
