@@ -51,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -265,6 +266,8 @@ class WorkerProcess:
 def fork_worker() -> WorkerProcess:
     """Fork the sync worker; call before any thread starts (before the event loop).
 
+    With threads already running it starts one with `exec_worker` instead.
+
     The child shares the agent's imported modules copy-on-write: the start-up heap is
     frozen first so the collector does not touch (and so copy) it in either process.
     """
@@ -273,6 +276,9 @@ def fork_worker() -> WorkerProcess:
 
     import sync.downlink  # noqa: F401  the worker runs its apply_payload (Call)
 
+    if threading.active_count() > 1:  # forking now could copy a lock another thread holds
+        log.info("sync worker: threads already run here; starting it as a fresh interpreter")
+        return exec_worker()
     parent_end, child_end = socket.socketpair()
     gc.collect()
     gc.freeze()

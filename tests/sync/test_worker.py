@@ -142,3 +142,25 @@ async def test_call_runs_the_apply_in_the_worker_and_brings_its_exceptions_back(
         await asyncio.gather(running, return_exceptions=True)
         await event_log.close()
     assert worker.process is not None and not proc_status(worker.process.pid)
+
+
+def test_fork_worker_with_threads_running_starts_a_fresh_interpreter_instead():
+    """Forking while another thread may hold a lock is unsafe: fork_worker execs then."""
+    import threading
+
+    from sync.worker import fork_worker
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        process = fork_worker()
+    finally:
+        stop.set()
+        thread.join()
+    try:
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"sync.worker" in cmdline, cmdline
+    finally:
+        process.sock.close()        # end of file: the worker exits without a Hello
+        assert process.reap(10) == 0
