@@ -86,6 +86,7 @@ class Uplink:
     def __init__(self, config: AgentConfig, event_log, mqtt: MqttClient, *,
                  acked_seq: int = 0, last_ack_at: str | None = None,
                  store_cursor: Callable[[int, str], Awaitable[None]] | None = None,
+                 on_change: Callable[[], None] | None = None,
                  now: Callable[[], str] = clock.utc_now, monotonic: Callable[[], float] = time.monotonic):
         self.config = config
         self.log = event_log
@@ -107,6 +108,9 @@ class Uplink:
         # Where the cursor is made durable: the log's writer here, or the agent process
         # when this uplink runs in the sync worker (sync/worker.py).
         self._store_cursor = store_cursor or self._write_cursor
+        # Called when the status changed (the sync worker sends it to the agent then, so a
+        # resend or a rewind shows in GET /v1/sync before its batches leave).
+        self._changed = on_change or (lambda: None)
         self._inflight: list[int] = []          # last seq of each batch beyond the ack
         self._progress_at = monotonic()
         self._wake = asyncio.Event()
@@ -173,6 +177,7 @@ class Uplink:
             self.alarm = (f"sync: ack for {self.store_id} says {seq} but the log ends at {last};"
                           " not trusted")
             log.error("%s", self.alarm)
+            self._changed()
             return
         at = self._now()
         if seq > self.acked_seq:
@@ -199,6 +204,7 @@ class Uplink:
         self.acked_seq, self.last_ack_at = seq, at
         self.sent_seq = max(self.sent_seq, seq)
         self._inflight = [s for s in self._inflight if s > seq]
+        self._changed()
         self._wake.set()
 
     # --------------------------------------------------------------------- send
@@ -294,6 +300,7 @@ class Uplink:
             self.sent_seq = self.acked_seq
             self._inflight.clear()
             self._progress_at = self._monotonic()
+            self._changed()
 
     async def step(self) -> None:
         """One round: resend on timeout, fill the window, then wait for something to happen."""

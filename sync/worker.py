@@ -27,7 +27,8 @@ downlink's snapshot applies (decode, validate, write the snapshot file) run back
                                          <-  Reply(id, error) on PUBACK
     Call(id, function, args)             ->  runs it on a thread (a snapshot apply)
                                          <-  Result(id, value or exception)
-                                         <-  State(...) when it changed (every 50 ms at most)
+                                         <-  State(...) on a resend, rewind, ack or alarm,
+                                             and every 50 ms when it changed otherwise
     Stop()                               ->  offline status, disconnect, exit 0
 
 Frames on the socketpair: a 4-byte big-endian length, then one msgpack-encoded message.
@@ -630,7 +631,7 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
         await future
 
     uplink = Uplink(config, view, mqtt, acked_seq=hello.acked_seq, last_ack_at=hello.last_ack_at,
-                    store_cursor=store)
+                    store_cursor=store, on_change=lambda: push_state())
 
     def forward(index: int):
         async def handler(message: Message) -> None:
