@@ -680,7 +680,7 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
             value, failed = exc, True
         try:
             data = pickle.dumps(value)
-        except Exception as exc:  # an exception that cannot be pickled: send its text
+        except Exception:  # a value or exception that cannot be pickled: send its text
             data, failed = pickle.dumps(RuntimeError(f"{type(value).__name__}: {value}")), True
         try:
             channel.send(Result(frame.id, data, failed))
