@@ -25,6 +25,8 @@ import sqlite3
 import time
 from typing import Any, Awaitable, Callable
 
+import msgspec
+
 from agent import clock
 from agent.aio import wait_for
 from agent.reader import LogReader
@@ -78,6 +80,32 @@ def agent_mqtt(config: AgentConfig) -> MqttClient:
     return MqttClient.from_settings(config.mqtt, client_id, birth=LastWill(topic, online),
                                     will=LastWill(topic, offline),
                                     max_inflight=max(20, 2 * config.sync.max_inflight))
+
+
+class UplinkState(msgspec.Struct, tag="state"):
+    """The uplink's diagnostics; the sync worker sends them to the agent as a frame."""
+
+    connected: bool = False
+    reconnects: int = 0
+    sent_seq: int = 0
+    inflight_batches: int = 0
+    resends: int = 0
+    rewinds: int = 0
+    ack_alarms: int = 0
+    alarm: str | None = None
+    events_sent: int = 0
+
+
+def status_answer(last_seq: int, acked_seq: int, last_ack_at: str | None, snapshot_version: int | None,
+                  state: UplinkState) -> dict:
+    """The GET /v1/sync answer: the contract's keys first, then the uplink's diagnostics."""
+    return {
+        "last_seq": last_seq, "acked_seq": acked_seq, "backlog": max(0, last_seq - acked_seq),
+        "connected": state.connected, "last_ack_at": last_ack_at, "snapshot_version": snapshot_version,
+        "sent_seq": state.sent_seq, "inflight_batches": state.inflight_batches,
+        "reconnects": state.reconnects, "resends": state.resends, "rewinds": state.rewinds,
+        "ack_alarms": state.ack_alarms, "alarm": state.alarm,
+    }
 
 
 class Uplink:
@@ -143,17 +171,20 @@ class Uplink:
     def connected(self) -> bool:
         return self.mqtt.connected
 
+    def state(self) -> "UplinkState":
+        """The uplink's diagnostics now (what the sync worker sends to the agent)."""
+        return UplinkState(self.mqtt.connected, self.mqtt.reconnects, self.sent_seq, len(self._inflight),
+                           self.resends, self.rewinds, self.ack_alarms, self.alarm, self.events_sent)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and everything the log holds sent."""
+        return not self._inflight and self.sent_seq >= self.log.last_seq
+
     def status(self) -> dict:
         """The GET /v1/sync answer (the contract's keys first, then diagnostics)."""
-        last = self.log.last_seq
-        return {
-            "last_seq": last, "acked_seq": self.acked_seq, "backlog": max(0, last - self.acked_seq),
-            "connected": self.mqtt.connected, "last_ack_at": self.last_ack_at,
-            "snapshot_version": self.snapshot_version(),
-            "sent_seq": self.sent_seq, "inflight_batches": len(self._inflight),
-            "reconnects": self.mqtt.reconnects, "resends": self.resends, "rewinds": self.rewinds,
-            "ack_alarms": self.ack_alarms, "alarm": self.alarm,
-        }
+        return status_answer(self.log.last_seq, self.acked_seq, self.last_ack_at,
+                             self.snapshot_version(), self.state())
 
     # --------------------------------------------------------------------- acks
 

@@ -61,7 +61,8 @@ import msgspec
 from agent.proc import die_with_parent, lower_priority, return_freed_memory, set_thread_name
 from agent.settings import AgentConfig
 from sync.mqtt import Message, MqttError
-from sync.uplink import Uplink, agent_mqtt, load_cursor, register_metrics, store_cursor
+from sync.uplink import (Uplink, UplinkState as State, agent_mqtt, load_cursor, register_metrics,
+                         status_answer, store_cursor)
 
 log = logging.getLogger("edge_agent.sync_worker")
 
@@ -139,18 +140,6 @@ class Result(msgspec.Struct, tag="result"):
     failed: bool = False
 
 
-class State(msgspec.Struct, tag="state"):
-    connected: bool = False
-    reconnects: int = 0
-    sent_seq: int = 0
-    inflight_batches: int = 0
-    resends: int = 0
-    rewinds: int = 0
-    ack_alarms: int = 0
-    alarm: str | None = None
-    events_sent: int = 0
-
-
 Frame = Hello | LastSeq | Reply | Publish | Stop | Cursor | Deliver | Call | Result | State
 
 # What the agent may run in the worker (`SyncWorker.call`): snapshot applies, which decode
@@ -205,22 +194,20 @@ class _Requests:
         self.pending[rid] = future
         return rid, future
 
-    def settle(self, reply: Reply) -> None:
-        future = self.pending.pop(reply.id, None)
-        if future is not None and not future.done():
-            if reply.error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(MqttError(reply.error))
-
-    def resolve(self, result: "Result") -> None:
-        future = self.pending.pop(result.id, None)
-        if future is not None and not future.done():
-            value = pickle.loads(result.value)
-            if result.failed:
-                future.set_exception(value)
-            else:
-                future.set_result(value)
+    def settle(self, frame: "Reply | Result") -> None:
+        """Resolve the request a Reply (None, or MqttError with its text) or a Result answers."""
+        future = self.pending.pop(frame.id, None)
+        if future is None or future.done():
+            return
+        if isinstance(frame, Result):
+            failed, value = frame.failed, pickle.loads(frame.value)
+        else:
+            failed = frame.error is not None
+            value = MqttError(frame.error) if failed else None
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
 
     def fail_all(self, reason: str) -> None:
         for future in self.pending.values():
@@ -260,7 +247,6 @@ class WorkerProcess:
                 except ProcessLookupError:
                     pass
                 deadline = float("inf")
-                timeout = 0
             time.sleep(0.02)
 
 
@@ -393,17 +379,9 @@ class SyncWorker:
 
     def status(self) -> dict:
         """The GET /v1/sync answer: the contract's keys first, then the worker's diagnostics."""
-        last, s = self.log.last_seq, self.state
-        return {
-            "last_seq": last, "acked_seq": self.acked_seq, "backlog": max(0, last - self.acked_seq),
-            "connected": s.connected, "last_ack_at": self.last_ack_at,
-            "snapshot_version": self.snapshot_version(),
-            "sent_seq": s.sent_seq, "inflight_batches": s.inflight_batches,
-            "reconnects": s.reconnects, "resends": s.resends, "rewinds": s.rewinds,
-            "ack_alarms": s.ack_alarms, "alarm": s.alarm,
-            "worker_pid": self.process.pid if self.process else None,
-            "worker_restarts": self.restarts,
-        }
+        return status_answer(self.log.last_seq, self.acked_seq, self.last_ack_at, self.snapshot_version(),
+                             self.state) | {"worker_pid": self.process.pid if self.process else None,
+                                            "worker_restarts": self.restarts}
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` (one of CALLABLE) in the worker, on a thread there; return its result.
@@ -467,10 +445,8 @@ class SyncWorker:
                 self._spawn(self._cursor(channel, frame))
             elif isinstance(frame, Deliver):
                 self._spawn(self._deliver(channel, frame))
-            elif isinstance(frame, Reply):
+            elif isinstance(frame, (Reply, Result)):
                 self.requests.settle(frame)
-            elif isinstance(frame, Result):
-                self.requests.resolve(frame)
             elif isinstance(frame, State):
                 self._set_state(frame)
         self.channel = None
@@ -598,7 +574,7 @@ def _worker_process(sock: socket.socket, parent_pid: int, fresh: bool = False) -
                     " sched_setscheduler?); it competes with the API at normal priority")
     set_thread_name("edge-agent-sync")
     # Batch payloads (up to batch_max_bytes) are mmapped and unmapped when sent, not kept
-    # in the heap: see return_freed_memory and `idle_trim` in run_worker.
+    # in the heap: see return_freed_memory and `push_states` in run_worker.
     return_freed_memory(mmap_threshold=MMAP_THRESHOLD)
     return asyncio.run(run_worker(sock, fresh))
 
@@ -645,14 +621,10 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
     for index, sub in enumerate(hello.subs):
         mqtt.subscribe(sub.topic_filter, forward(index), sub.qos, sub.concurrent)
 
-    def state() -> State:
-        return State(mqtt.connected, mqtt.reconnects, uplink.sent_seq, len(uplink._inflight),
-                     uplink.resends, uplink.rewinds, uplink.ack_alarms, uplink.alarm, uplink.events_sent)
-
     sent: list[State | None] = [None]
 
     def push_state() -> None:
-        now = state()
+        now = uplink.state()
         if now != sent[0]:
             sent[0] = now
             channel.send(now)
@@ -662,10 +634,9 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
         while True:
             push_state()
             # A drained backlog leaves freed read and publish buffers behind: return them.
-            idle = not uplink._inflight and uplink.sent_seq >= view.last_seq
-            if busy and idle:
+            if busy and uplink.idle:
                 await asyncio.to_thread(return_freed_memory)
-            busy = not idle
+            busy = not uplink.idle
             await asyncio.sleep(STATE_EVERY_S)
 
     async def call(frame: Call) -> None:
