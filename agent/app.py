@@ -22,6 +22,7 @@ from agent.disk import DiskGuard
 from agent.log import SqliteEventLog
 from agent.logsetup import setup_logging
 from agent.metrics import Metrics
+from agent.proc import realtime_main_thread
 from agent.settings import AgentConfig
 from agent.snapshots import SnapshotStore
 
@@ -160,6 +161,7 @@ def main(config: AgentConfig) -> int:
     """Run `serve` under asyncio with SIGTERM/SIGINT wired to a clean stop; return the exit code."""
     limit_malloc_arenas()
     setup_logging(config.log.level, config.log.format)
+    log.info("app: the event loop runs under %s", realtime_main_thread())
     worker = None
     if config.sync.enabled:
         # The uplink and the MQTT client get a process of their own (sync/worker.py),

@@ -52,6 +52,40 @@ def lower_priority(pid: int = 0) -> bool:
         return False
 
 
+_POLICIES = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+             if hasattr(os, n)}
+
+
+def realtime_main_thread() -> str:
+    """Describe the calling (main) thread's scheduling, and keep a real-time one to itself.
+
+    The shipped unit starts the agent under SCHED_RR priority 1 (CPUSchedulingPolicy=rr):
+    the event loop, which serves every kiosk request, then preempts any ordinary task on
+    the box at once, where under SCHED_OTHER Linux's EEVDF scheduler may first run a
+    background task's earned lag (measured: 1.5-3.5 ms, docs/benchmarks.md). Threads and
+    processes started afterwards must not inherit it (the log's writer thread, the
+    sync worker): when the unit's CPUSchedulingResetOnFork=yes is missing (`chrt -r 1`
+    by hand), set the reset-on-fork flag here. Call it before any thread starts.
+    Returns e.g. "SCHED_RR priority 1" or "SCHED_OTHER".
+    """
+    try:
+        raw = os.sched_getscheduler(0)
+    except (OSError, AttributeError):
+        return "unknown"
+    reset = getattr(os, "SCHED_RESET_ON_FORK", 0)
+    policy = raw & ~reset
+    name = _POLICIES.get(policy, str(policy))
+    if policy not in (getattr(os, "SCHED_FIFO", -1), getattr(os, "SCHED_RR", -1)):
+        return name
+    priority = os.sched_getparam(0).sched_priority
+    if reset and not raw & reset:
+        try:
+            os.sched_setscheduler(0, policy | reset, os.sched_param(priority))
+        except OSError as exc:
+            return f"{name} priority {priority} (inherited by its threads: reset-on-fork refused: {exc})"
+    return f"{name} priority {priority}"
+
+
 def set_thread_name(name: str) -> None:
     """Name the calling thread (up to 15 bytes) for ps, top and the journal."""
     try:

@@ -85,3 +85,13 @@ def test_agent_unit_lets_the_sync_worker_lower_its_own_priority_only():
     assert "sched_setscheduler" in allowed
     assert not {"setpriority", "sched_setaffinity", "setrlimit", "nice"} & allowed
     assert {"clone", "prctl", "socketpair"} <= allowed
+
+
+def test_agent_unit_runs_only_the_event_loop_realtime():
+    """The agent's main thread (the event loop, every kiosk request) at SCHED_RR 1; what it
+    starts gets ordinary scheduling back; the process can raise nothing itself
+    (tests/sync/test_worker.py checks the threads of a process started this way)."""
+    lines = (ROOT / "systemd" / "edge-agent.service").read_text().splitlines()
+    for line in ("CPUSchedulingPolicy=rr", "CPUSchedulingPriority=1", "CPUSchedulingResetOnFork=yes",
+                 "LimitRTPRIO=0", "CapabilityBoundingSet="):
+        assert line in lines, line

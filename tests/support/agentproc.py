@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from tests.support.net import free_port
 
 
@@ -75,7 +75,8 @@ class AgentProcess:
 
     def __init__(self, tmp_path: Path, store_id: str = "store-0042", *, write_token: str = "",
                  db_path: Path | None = None, sections: Mapping[str, Mapping[str, Any]] | None = None,
-                 env: Mapping[str, str] | None = None, synchronous: str = "FULL"):
+                 env: Mapping[str, str] | None = None, synchronous: str = "FULL",
+                 launcher: Sequence[str] = ()):
         self.dir = Path(tmp_path)
         self.store_id = store_id
         self.write_token = write_token
@@ -85,6 +86,7 @@ class AgentProcess:
         self.sections = {k: dict(v) for k, v in (sections or {}).items()}
         self.synchronous = synchronous
         self.env = dict(env or {})
+        self.launcher = list(launcher)   # e.g. ["chrt", "--rr", "1"]: must exec the agent (same pid)
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -129,7 +131,7 @@ class AgentProcess:
         out = open(self.output_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [*agent_command(), "--config", str(self.config_path), "run"],
+                [*self.launcher, *agent_command(), "--config", str(self.config_path), "run"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         finally:
             out.close()

@@ -13,7 +13,7 @@ from tests.support.agentproc import AgentProcess, agent_command
 from tests.sync.helpers import STORE, wait_until
 
 
-def sync_agent(tmp_path, broker, **sync) -> AgentProcess:
+def sync_agent(tmp_path, broker, launcher=(), **sync) -> AgentProcess:
     options = {"batch_max_events": 100, "ack_timeout_s": 2.0, "max_inflight": 4}
     options.update(sync)
     (tmp_path / "agent").mkdir(exist_ok=True)
@@ -21,7 +21,7 @@ def sync_agent(tmp_path, broker, **sync) -> AgentProcess:
         "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
         "sync": options,
         "service": {"backup_interval_s": 0},
-    })
+    }, launcher=launcher)
 
 
 def post_events(agent: AgentProcess, n: int) -> tuple[int, int]:

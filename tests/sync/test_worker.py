@@ -8,9 +8,12 @@ once each, equal to the agent's export, its ack == the agent's cursor, verify pa
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import IN_CI, require_binary
 
 from sync import protocol
 from tests.sync.agents import Poster, assert_healed, grows, post_events, sync_agent, sync_status
@@ -46,6 +49,36 @@ def test_worker_is_a_background_child_named_for_ps(tmp_path, broker):
         # The hub's snapshot is applied in the worker (SyncWorker.call): no apply process.
         wait_until(lambda: sync_status(agent)["snapshot_version"] is not None, 20, "a snapshot to be applied")
         assert children(agent.proc.pid) == [pid]
+
+
+def realtime_permitted(chrt: str) -> bool:
+    return subprocess.run([chrt, "--rr", "1", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["as-the-unit", "chrt-by-hand"])
+def test_only_the_event_loop_runs_realtime(tmp_path, broker, reset):
+    """The shipped unit starts the agent under SCHED_RR 1 with reset-on-fork
+    (CPUSchedulingPolicy=rr): the event loop (main thread) preempts background work at once.
+    Nothing else may inherit it: not the log's writer nor any other thread, not the sync
+    worker. By hand (`chrt --rr 1`, no reset-on-fork) the agent sets the flag itself."""
+    chrt = require_binary("chrt")
+    if not realtime_permitted(chrt):
+        message = "SCHED_RR is not permitted here (needs root or CAP_SYS_NICE)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+    launcher = [chrt, "--rr", *(["--reset-on-fork"] if reset else []), "1"]
+    with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker, launcher=launcher) as agent:
+        pid = worker_pid(agent)
+        post_events(agent, 300)
+        assert_healed(agent, hub)
+        main = agent.proc.pid
+        assert os.sched_getscheduler(main) & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR
+        assert os.sched_getparam(main).sched_priority == 1
+        others = [int(t) for t in os.listdir(f"/proc/{main}/task") if int(t) != main]
+        assert others, "the agent runs its writer thread at least"
+        assert {tid: os.sched_getscheduler(tid) for tid in others} == {tid: os.SCHED_OTHER for tid in others}
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert {tid: os.sched_getscheduler(tid) for tid in threads} == {tid: os.SCHED_IDLE for tid in threads}
+        assert "the event loop runs under SCHED_RR priority 1" in agent.output()
 
 
 def children(pid: int) -> list[int]:
