@@ -7,8 +7,7 @@ Runs inside `edge-agent run`. The rules (docs/protocol.md):
   `sync.max_inflight` batches sent beyond the last ack.
 * The cursor (`acked_seq`, `last_ack_at`) lives in the agent's database and moves only
   when the hub's retained ack says so (a PUBACK means nothing here). It is written
-  through the log's single writer before the ack message is acknowledged; acks that
-  arrive during a write share the next one, of the latest (`_persist`).
+  through the log's single writer before the ack message is acknowledged.
 * No ack progress for `sync.ack_timeout_s` while events are outstanding: send again from
   `acked_seq + 1`. An ack below the cursor (the hub restored a backup) rewinds it. An ack
   above the log's last seq is an alarm: logged, counted, shown in status, never trusted.
@@ -150,12 +149,7 @@ class Uplink:
         self._reading: tuple[int, asyncio.Task] | None = None   # (read after seq, its task)
         self._topic = protocol.events_topic(self.prefix, self.store_id)
         event_log.add_listener(lambda events: self._wake.set())
-        # Coalesced cursor writes (`_persist`): the latest ack wanted, the acks waiting for
-        # a write that covers them, and the task writing.
-        self._cursor_want: tuple[int, str] = (acked_seq, last_ack_at or "")
-        self._cursor_waiters: list[asyncio.Future] = []
-        self._cursor_writer: asyncio.Task | None = None
-        mqtt.subscribe(protocol.ack_topic(self.prefix, self.store_id), self.on_ack, concurrent=True)
+        mqtt.subscribe(protocol.ack_topic(self.prefix, self.store_id), self.on_ack)
         mqtt.on_connection_change(lambda up: self._wake.set())
 
     @classmethod
@@ -197,15 +191,15 @@ class Uplink:
     async def on_ack(self, message: Message) -> None:
         """Handle the hub's ack; returns after the cursor is durably written (then it is acked)."""
         if not message.payload:
-            return await self._in_turn()  # a cleared retained ack
+            return  # a cleared retained ack
         try:
             ack = protocol.decode(message.payload, protocol.Ack)
         except protocol.ProtocolError as exc:
             log.warning("sync: ignoring an undecodable ack on %s: %s", message.topic, exc)
-            return await self._in_turn()
+            return
         if ack.store_id != self.store_id:
             log.warning("sync: ignoring an ack for store %s on %s", ack.store_id, message.topic)
-            return await self._in_turn()
+            return
         # In the sync worker `log.last_seq` is the agent's last notice, which may trail what
         # this uplink already read and sent; never below what was sent.
         seq, last = ack.acked_seq, max(self.log.last_seq, self.sent_seq)
@@ -215,58 +209,16 @@ class Uplink:
                           " not trusted")
             log.error("%s", self.alarm)
             self._changed()
-            return await self._in_turn()
+            return
         at = self._now()
         if seq > self.acked_seq:
             # Slide the send window at once; the cursor itself moves after the write below.
             self._inflight = [s for s in self._inflight if s > seq]
             self._progress_at = self._monotonic()
             self._wake.set()
-        await self._persist(seq, at)
-
-    async def _persist(self, seq: int, at: str) -> None:
-        """Make the hub's latest ack the durable cursor; return once a write covering it committed.
-
-        Acks are handled concurrently (in arrival order up to here) and their cursor writes
-        coalesce: one write at a time, of the latest ack; the acks that arrived while it
-        ran are answered by the next one. Each ack states the hub's whole contiguous prefix,
-        so a later ack supersedes an earlier one (a lower one is a rewind). A failed write
-        fails its acks, which stay unacknowledged and come again.
-        """
-        self._cursor_want = (seq, at)
-        done = asyncio.get_running_loop().create_future()
-        self._cursor_waiters.append(done)
-        if self._cursor_writer is None:
-            self._cursor_writer = asyncio.get_running_loop().create_task(self._write_cursors())
-        await done
-
-    async def _in_turn(self) -> None:
-        """For an ack that moves nothing: return after the writes for the acks before it, so
-        the messages are acknowledged in the order they came."""
-        if self._cursor_writer is not None:
-            done = asyncio.get_running_loop().create_future()
-            self._cursor_waiters.append(done)
-            await done
-
-    async def _write_cursors(self) -> None:
-        try:
-            while self._cursor_waiters:
-                waiters, self._cursor_waiters = self._cursor_waiters, []
-                seq, at = self._cursor_want
-                try:
-                    if seq != self.acked_seq:
-                        await self._store_cursor(seq, at)
-                except Exception as exc:
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
-                    continue
-                self._advance(seq, at)
-                for waiter in waiters:   # in arrival order: the acks go out in that order
-                    if not waiter.done():
-                        waiter.set_result(None)
-        finally:
-            self._cursor_writer = None
+        if seq != self.acked_seq:
+            await self._store_cursor(seq, at)
+        self._advance(seq, at)
 
     async def _write_cursor(self, seq: int, at: str) -> None:
         await self.log.write(lambda conn: store_cursor(conn, seq, at))
@@ -406,9 +358,6 @@ class Uplink:
         finally:
             if self._reading is not None:
                 await asyncio.wait([self._reading[1]])  # its thread must be done with the connection
-            if self._cursor_writer is not None:
-                self._cursor_writer.cancel()   # as the ack handlers waiting on it are
-                await asyncio.wait([self._cursor_writer])
             await asyncio.shield(self.mqtt.stop())
             self._reader.close()
 
