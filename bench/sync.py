@@ -1,12 +1,16 @@
 """Benchmark: drain a backlog from the agent's log into the hub, against the raw stages.
 
     .venv/bin/python bench/sync.py [--events 200000] [--batch 500] [--rounds 3] [--hub-cpu spare|shared]
-                                     [--workdir DIR]
+                                     [--agent-cpu unit|other] [--kiosk-cpu device|shared] [--workdir DIR]
 
 Steps, all in one run, on one private mosquitto on a free loopback port:
 0. The hub and the broker stand for central machines: by default (--hub-cpu spare) they
-   run under SCHED_IDLE and take only the CPU the store's side leaves idle. The kiosk
-   client runs in a process of its own, as a kiosk would.
+   run under SCHED_IDLE and take only the CPU the store's side leaves idle. The agent
+   runs as the shipped systemd unit starts it (--agent-cpu unit): its main thread, the
+   event loop, under SCHED_RR priority 1 with reset-on-fork. The kiosk client runs in a
+   process of its own and stands for the kiosk, a device of its own on the store's LAN:
+   by default (--kiosk-cpu device) under SCHED_FIFO priority 1, so its own wait for one
+   of this machine's cores is not timed as the agent's answer.
 1. Build an agent log of N events (not timed).
 2. Kiosk idle: `edge-agent run` with sync disabled; p50/p99 of GET /v1/availability/{sku}
    at a steady 100 requests/s.
@@ -91,9 +95,13 @@ def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]
         reader.close()
 
 
-def _kiosk_requests(port: int, rate: float, go, stop, out) -> None:
+def _kiosk_requests(port: int, rate: float, go, stop, out, realtime: bool) -> None:
     """The kiosk's loop, in its own process: from `go` until `stop`, GET at a steady rate;
     send (start, latency) of each request, start on the machine's monotonic clock."""
+    if realtime:
+        import os
+
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
     out.send("ready")
     go.wait()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -117,11 +125,14 @@ class Kiosk:
     the interpreter lock with the ack watcher's MQTT thread and time that too.
     """
 
+    realtime = True   # --kiosk-cpu device
+
     def __init__(self, port: int, rate: float = 100.0):
         ctx = multiprocessing.get_context("spawn")
         self._go, self._stop = ctx.Event(), ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_kiosk_requests, args=(port, rate, self._go, self._stop, send), daemon=True)
+        self._proc = ctx.Process(target=_kiosk_requests, daemon=True,
+                                 args=(port, rate, self._go, self._stop, send, self.realtime))
         self._proc.start()
         assert self._recv.recv() == "ready"
 
@@ -171,8 +182,12 @@ def write_agent_config(path: Path, db: Path, api_port: int, mqtt_port: int, sync
         '[service]\nbackup_interval_s = 0\n[log]\nformat = "text"\n')
 
 
+AGENT_LAUNCHER: list[str] = []   # --agent-cpu unit: as systemd/edge-agent.service starts it
+UNIT_LAUNCHER = ["chrt", "--rr", "--reset-on-fork", "1"]
+
+
 def start_agent(config: Path, api_port: int, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "--config", str(config), "run"],
+    proc = subprocess.Popen([*AGENT_LAUNCHER, str(BIN / "edge-agent"), "--config", str(config), "run"],
                             stdout=open(out, "ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -341,7 +356,21 @@ def main() -> int:
                              " comes back and the backlog drains; cold: the agent starts with the"
                              " link up and drains from start-up, idle measured on a separate"
                              " agent started with sync off")
+    parser.add_argument("--agent-cpu", choices=("unit", "other"), default="unit",
+                        help="unit (default): the agent's main thread (the event loop) under"
+                             " SCHED_RR 1 with reset-on-fork, as systemd/edge-agent.service starts"
+                             " it (CPUSchedulingPolicy=rr); other: plain SCHED_OTHER")
+    parser.add_argument("--kiosk-cpu", choices=("device", "shared"), default="device",
+                        help="device (default): the kiosk client under SCHED_FIFO 1, standing for a"
+                             " kiosk's own device, so that its own wait for a core of this machine"
+                             " is not timed; shared: at normal priority")
     args = parser.parse_args()
+    if args.agent_cpu == "unit" or args.kiosk_cpu == "device":
+        if subprocess.run(["chrt", "--rr", "1", "true"], capture_output=True).returncode != 0:
+            parser.error("--agent-cpu unit and --kiosk-cpu device need real-time scheduling (run as"
+                         " root, or with CAP_SYS_NICE); or pass --agent-cpu other --kiosk-cpu shared")
+    AGENT_LAUNCHER[:] = UNIT_LAUNCHER if args.agent_cpu == "unit" else []
+    Kiosk.realtime = args.kiosk_cpu == "device"
     central = (["chrt", "--idle", "0"] if args.hub_cpu == "spare"
                else ["nice", "-n", str(args.hub_nice)] if args.hub_nice else [])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sync-"))
@@ -358,7 +387,8 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[subprocess.Popen] = []
     result: dict = {"events": args.events, "batch_max_events": args.batch, "max_inflight": args.inflight,
-                    "hub_cpu": args.hub_cpu, "start": args.start}
+                    "hub_cpu": args.hub_cpu, "agent_cpu": args.agent_cpu, "kiosk_cpu": args.kiosk_cpu,
+                    "start": args.start}
     try:
         wait_port(mqtt_port)
         db = work / "agent" / "events.db"
