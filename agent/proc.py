@@ -62,7 +62,7 @@ def realtime_main_thread() -> str:
     The shipped unit starts the agent under SCHED_RR priority 1 (CPUSchedulingPolicy=rr):
     the event loop, which serves every kiosk request, then preempts any ordinary task on
     the box at once, where under SCHED_OTHER Linux's EEVDF scheduler may first run a
-    background task's earned lag (measured: 1.5-3.5 ms, docs/benchmarks.md). Threads and
+    background task's earned lag (measured: up to 3.5 ms, docs/benchmarks.md). Threads and
     processes started afterwards must not inherit it (the log's writer thread, the
     sync worker): when the unit's CPUSchedulingResetOnFork=yes is missing (`chrt -r 1`
     by hand), set the reset-on-fork flag here. Call it before any thread starts.

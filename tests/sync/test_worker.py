@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, require_binary
-
 from sync import protocol
+from tests.conftest import require_binary, unavailable
 from tests.sync.agents import Poster, assert_healed, grows, post_events, sync_agent, sync_status
 from tests.sync.helpers import PREFIX, STORE, mqtt_client, wait_until
 from tests.sync.hubproc import HubProcess
@@ -51,10 +50,6 @@ def test_worker_is_a_background_child_named_for_ps(tmp_path, broker):
         assert children(agent.proc.pid) == [pid]
 
 
-def realtime_permitted(chrt: str) -> bool:
-    return subprocess.run([chrt, "--rr", "1", "true"], capture_output=True).returncode == 0
-
-
 @pytest.mark.parametrize("reset", [True, False], ids=["as-the-unit", "chrt-by-hand"])
 def test_only_the_event_loop_runs_realtime(tmp_path, broker, reset):
     """The shipped unit starts the agent under SCHED_RR 1 with reset-on-fork
@@ -62,9 +57,8 @@ def test_only_the_event_loop_runs_realtime(tmp_path, broker, reset):
     Nothing else may inherit it: not the log's writer nor any other thread, not the sync
     worker. By hand (`chrt --rr 1`, no reset-on-fork) the agent sets the flag itself."""
     chrt = require_binary("chrt")
-    if not realtime_permitted(chrt):
-        message = "SCHED_RR is not permitted here (needs root or CAP_SYS_NICE)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+    if subprocess.run([chrt, "--rr", "1", "true"], capture_output=True).returncode != 0:
+        unavailable("SCHED_RR is not permitted here (needs root or CAP_SYS_NICE)")
     launcher = [chrt, "--rr", *(["--reset-on-fork"] if reset else []), "1"]
     with HubProcess(tmp_path / "hub", broker) as hub, sync_agent(tmp_path, broker, launcher=launcher) as agent:
         pid = worker_pid(agent)
