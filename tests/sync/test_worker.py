@@ -42,7 +42,7 @@ def test_worker_is_a_background_child_named_for_ps(tmp_path, broker):
         assert status["PPid"] == str(agent.proc.pid)
         assert status["Name"] == "edge-agent-sync"
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
-        assert os.sched_getscheduler(agent.proc.pid) == os.SCHED_OTHER   # the API's loop stays normal
+        assert os.sched_getscheduler(agent.proc.pid) == os.SCHED_OTHER   # not started as the unit does: see below
         post_events(agent, 500)
         assert_healed(agent, hub)
         # The hub's snapshot is applied in the worker (SyncWorker.call): no apply process.
