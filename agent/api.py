@@ -24,7 +24,7 @@ from aiohttp import web
 
 from agent import events as ev
 from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception
-from agent.errors import StorageError, StorageFull
+from common.errors import StorageError, StorageFull
 from agent.inventory import Refused
 from agent.kiosk import setup_kiosk
 from agent.openapi import openapi_document

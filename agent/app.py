@@ -20,7 +20,7 @@ from agent import service
 from agent.api import start_api
 from agent.disk import DiskGuard
 from agent.log import SqliteEventLog
-from agent.logsetup import setup_logging
+from common.logsetup import setup_logging
 from agent.metrics import Metrics
 from agent.proc import realtime_main_thread
 from agent.settings import AgentConfig

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.disk import MIB
-from agent.errors import LogLocked, StorageError, StorageFull
+from common.errors import LogLocked, StorageError, StorageFull
 
 log = logging.getLogger("edge_agent.backup")
 

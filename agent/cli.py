@@ -18,7 +18,7 @@ import uuid
 import msgspec
 
 from agent import events as ev
-from agent.errors import StorageError
+from common.errors import StorageError
 from agent.inventory import Refused
 from agent.settings import AgentConfig, ConfigError, load_config
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.errors import StorageFull
+from common.errors import StorageFull
 
 log = logging.getLogger("edge_agent.disk")
 

@@ -22,13 +22,13 @@ from typing import Any, Callable, Iterable
 
 import aiosqlite
 
-from agent import clock
+from common import clock
 from agent import events as ev
-from agent.errors import LogLocked, StorageError, storage_error
+from common.errors import LogLocked, StorageError, storage_error
 from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, skus_touched
 from agent.reader import LogReader
-from agent.schema import (GENESIS, SCHEMA_SQL, apply_pragmas, in_write_transaction, insert_rows,
-                          take_checkpoint)
+from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, take_checkpoint
+from common.sqlite import in_write_transaction, insert_rows
 
 log = logging.getLogger("edge_agent.log")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from agent import events as ev
-from agent.errors import StorageError, storage_error
+from common.errors import StorageError, storage_error
 
 
 def open_readonly(path: str | Path) -> sqlite3.Connection:

@@ -23,9 +23,10 @@ from typing import Any, Awaitable, Callable
 import msgspec
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent import backup, clock
+from agent import backup
+from common import clock
 from agent.disk import MIB, DiskGuard
-from agent.notify import Notifier, watchdog_interval, watchdog_pings
+from common.notify import Notifier, watchdog_interval, watchdog_pings
 
 log = logging.getLogger("edge_agent.service")
 

@@ -1,33 +1,18 @@
-"""Configuration: TOML files plus environment overrides; the only reader of the environment.
+"""The agent's configuration: the sections of `agent.toml` (docs/operations.md lists every key).
 
-`load_config(path, AgentConfig, "EDGE_AGENT")` reads the file, applies every
-`EDGE_AGENT__SECTION__KEY=value` variable (the value parsed as a TOML value, falling back
-to a plain string), and validates the result strictly. Unknown keys and wrong types are a
-ConfigError naming the key and the file. The hub reuses the same loader.
+Loading, environment overrides and the shared sections (`[mqtt]`, `[log]`) live in
+common/config.py; `load_config(path, AgentConfig, "EDGE_AGENT")` reads this file's shape.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import re
-import tomllib
-from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
 
-from agent.events import END, STORE_ID_PATTERN
-
-T = TypeVar("T")
-
-
-class ConfigError(Exception):
-    """A configuration file or override that cannot be used; the message names the key."""
-
-
-class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+from agent.events import STORE_ID_PATTERN
+from common.config import (ConfigError, LogSection, MqttSection, Section, is_loopback,  # noqa: F401
+                           load_config, read_secret)
 
 
 class StoreSection(Section):
@@ -48,31 +33,6 @@ class ApiSection(Section):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     write_token: str = ""
     write_token_file: str = ""        # read the token from a file (systemd LoadCredential)
-
-
-class MqttSection(Section):
-    host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
-    topic_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*" + END)] = "retail"
-    protocol: Literal[4, 5] = 5
-    username: str = ""
-    password: str = ""
-    password_file: str = ""           # read the password from a file (systemd LoadCredential)
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    client_id: str = ""               # empty: edge-agent-{store_id} / edge-hub-{hub_id}
-    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
-    reconnect_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
-    reconnect_max_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_ca or self.tls_cert or self.tls_key)
-
-    def secret(self) -> str:
-        """Return the password, from `password_file` when set."""
-        return read_secret(self.password_file) if self.password_file else self.password
 
 
 class SyncSection(Section):
@@ -98,11 +58,6 @@ class ServiceSection(Section):
     misfire_grace_s: Annotated[int, msgspec.Meta(ge=1)] = 60
 
 
-class LogSection(Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["journal", "json", "text"] = "journal"
-
-
 class AgentConfig(Section):
     store: StoreSection
     storage: StorageSection = msgspec.field(default_factory=StorageSection)
@@ -124,87 +79,3 @@ class AgentConfig(Section):
                 f"api.host is {self.api.host!r}, which is not loopback, and no api.write_token is set:"
                 " anyone on the store's network could write stock. Set api.write_token"
                 " (or api.write_token_file) or bind api.host to 127.0.0.1.")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_secret(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
-
-
-_AT = re.compile(r" - at `\$\.?([^`]*)`")
-_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
-
-
-def _key_of(message: str) -> tuple[str, str]:
-    at = _AT.search(message)
-    where = at.group(1) if at else ""
-    text = _AT.sub("", message)
-    for pattern, label in ((_UNKNOWN, "unknown key"), (_MISSING, "missing key")):
-        found = pattern.search(text)
-        if found:
-            key = f"{where}.{found.group(1)}" if where else found.group(1)
-            return key, label
-    return where, text
-
-
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def env_overrides(prefix: str, environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Collect `PREFIX__SECTION__KEY` variables as {section: {key: value}}."""
-    found: dict[str, dict[str, Any]] = {}
-    lead = prefix + "__"
-    for name, raw in environ.items():
-        if not name.startswith(lead):
-            continue
-        parts = name[len(lead):].lower().split("__")
-        if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"environment {name}: expected {prefix}__SECTION__KEY")
-        found.setdefault(parts[0], {})[parts[1]] = _parse_env_value(raw)
-    return found
-
-
-def load_config(path: str | os.PathLike | None, cls: type[T], env_prefix: str,
-                environ: Mapping[str, str] | None = None) -> T:
-    """Load `cls` from a TOML file (None: defaults only) plus environment overrides.
-
-    Raises ConfigError naming the file and the key for anything that does not fit.
-    """
-    source = str(path) if path else "(no file)"
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config {source}: file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config {source}: not valid TOML: {exc}") from None
-    for section, keys in env_overrides(env_prefix, os.environ if environ is None else environ).items():
-        target = data.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"config {source}: {section} is not a table, cannot override {section}.*")
-        target.update(keys)
-    try:
-        return msgspec.convert(data, cls)
-    except msgspec.ValidationError as exc:
-        key, problem = _key_of(str(exc))
-        if problem in ("unknown key", "missing key"):
-            raise ConfigError(f"config {source}: {problem} {key}") from None
-        raise ConfigError(f"config {source}: {key}: {problem}") from None

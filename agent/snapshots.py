@@ -33,8 +33,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 
-from agent import clock
-from agent.errors import StorageError, storage_error
+from common import clock
+from common.errors import StorageError, storage_error
 from agent.proc import die_with_parent, lower_priority
 from agent.reader import open_readonly
 

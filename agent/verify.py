@@ -26,9 +26,10 @@ from typing import Callable
 import msgspec
 
 from agent import events as ev
-from agent.errors import storage_error
+from common.errors import storage_error
 from agent.reader import open_readonly
-from agent.schema import GENESIS, in_write_transaction, take_checkpoint
+from agent.schema import GENESIS, take_checkpoint
+from common.sqlite import in_write_transaction
 
 MAX_LISTED = 20
 

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from agent.errors import StorageError
+from common.errors import StorageError
 from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
 from agent.snapshots import Row, SnapshotStore, update_digest, write_rows
 from sync import protocol

@@ -47,7 +47,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.aio import wait_for
+from common.aio import wait_for
 
 log = logging.getLogger("edge_sync.mqtt")
 

@@ -27,8 +27,8 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
-from agent import clock
-from agent.aio import wait_for
+from common import clock
+from common.aio import wait_for
 from agent.reader import LogReader
 from agent.settings import AgentConfig
 from sync import protocol

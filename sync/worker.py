@@ -389,7 +389,7 @@ class SyncWorker:
         Raises what `fn` raised, or StorageError when the worker is not running or ends
         before it answers (a snapshot's message is then left unacknowledged and comes again).
         """
-        from agent.errors import StorageError
+        from common.errors import StorageError
 
         name = f"{fn.__module__}:{fn.__qualname__}"
         if name not in CALLABLE:
@@ -594,7 +594,7 @@ async def run_worker(sock: socket.socket, fresh: bool = False) -> int:
         return 1
     config = hello.config
     if fresh:
-        from agent.logsetup import setup_logging
+        from common.logsetup import setup_logging
 
         setup_logging(config.log.level, config.log.format)
     requests = _Requests()

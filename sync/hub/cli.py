@@ -18,9 +18,9 @@ import os
 import signal
 import sys
 
-from agent.errors import StorageError
-from agent.logsetup import setup_logging
-from agent.settings import ConfigError
+from common.errors import StorageError
+from common.logsetup import setup_logging
+from common.config import ConfigError
 from sync.hub.settings import DEFAULT_CONFIG, HubConfig, load_hub_config
 
 

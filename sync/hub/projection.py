@@ -26,7 +26,7 @@ import msgspec
 
 from agent.events import CURRENT_SCHEMA, EventDecodeError, decode_event
 from agent.inventory import effect
-from agent.schema import insert_rows
+from common.sqlite import insert_rows
 from sync.hub.availability import Published
 from sync.protocol import EventHead
 

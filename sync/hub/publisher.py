@@ -31,8 +31,8 @@ from typing import Callable
 
 import msgspec
 
-from agent import clock
-from agent.aio import wait_for
+from common import clock
+from common.aio import wait_for
 from agent.events import SKU_PATTERN
 from sync import protocol
 from sync.hub import availability as av

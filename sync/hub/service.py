@@ -22,8 +22,8 @@ import logging
 import os
 from typing import Awaitable, Callable
 
-from agent import clock
-from agent.notify import Notifier, watchdog_interval, watchdog_pings
+from common import clock
+from common.notify import Notifier, watchdog_interval, watchdog_pings
 from sync import protocol
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.settings import HubConfig

@@ -1,4 +1,4 @@
-"""The hub's configuration: the contract's hub keys, loaded by `agent.settings.load_config`.
+"""The hub's configuration: the contract's hub keys, loaded by `common.config.load_config`.
 
 `load_hub_config(path)` reads the TOML file with `EDGE_HUB__SECTION__KEY` overrides and
 raises ConfigError naming the key for anything that does not fit. `[[stores]]` is
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from agent.events import STORE_ID_PATTERN
-from agent.settings import ConfigError, LogSection, MqttSection, Section, load_config
+from common.config import ConfigError, LogSection, MqttSection, Section, load_config
 
 
 class HubSection(Section):

@@ -20,8 +20,8 @@ from typing import Callable, Iterator, TypeVar
 
 import aiosqlite
 
-from agent.errors import StorageError, storage_error
-from agent.schema import in_write_transaction, insert_rows
+from common.errors import StorageError, storage_error
+from common.sqlite import in_write_transaction, insert_rows
 from sync.protocol import EventHead
 
 log = logging.getLogger("edge_hub.store")

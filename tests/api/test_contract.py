@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from agent.errors import StorageError, StorageFull
+from common.errors import StorageError, StorageFull
 
 from .conftest import STORE
 

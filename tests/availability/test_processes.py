@@ -9,7 +9,7 @@ import time
 import uuid
 from contextlib import ExitStack
 
-from agent.clock import rfc3339
+from common.clock import rfc3339
 from sync import protocol
 from tests.support.agentproc import AgentProcess
 from tests.sync.helpers import mqtt_client, wait_until

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from agent import events as ev
-from agent.errors import LogLocked, StorageError
+from common.errors import LogLocked, StorageError
 from agent.inventory import Refused, fold
 from agent.log import SqliteEventLog
 from agent.reader import AS_OF_SUMS

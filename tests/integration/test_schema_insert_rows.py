@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from agent.schema import INSERT_CHUNK, insert_rows
+from common.sqlite import INSERT_CHUNK, insert_rows
 
 UPSERT_TAIL = " ON CONFLICT(k) DO UPDATE SET n = n + excluded.n"
 

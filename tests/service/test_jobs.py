@@ -14,7 +14,7 @@ from agent import service
 from agent.app import AgentContext
 from agent.backup import BackupError, check_backup, list_backups, restore, take_backup
 from agent.disk import MIB, DiskGuard
-from agent.errors import LogLocked, StorageFull
+from common.errors import LogLocked, StorageFull
 from agent.log import SqliteEventLog
 from agent.settings import AgentConfig
 from agent.verify import verify_log

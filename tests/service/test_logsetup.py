@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from agent.logsetup import setup_logging
+from common.logsetup import setup_logging
 
 
 @pytest.fixture

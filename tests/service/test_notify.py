@@ -3,7 +3,7 @@
 import os
 import socket
 
-from agent.notify import Notifier, watchdog_interval
+from common.notify import Notifier, watchdog_interval
 
 
 def _receiver(address):

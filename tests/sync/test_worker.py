@@ -141,7 +141,7 @@ async def test_call_runs_the_apply_in_the_worker_and_brings_its_exceptions_back(
     """SyncWorker.call over a real worker process (started as `python -m sync.worker FD`)."""
     import msgspec
 
-    from agent.errors import StorageError
+    from common.errors import StorageError
     from agent.log import SqliteEventLog
     from agent.settings import AgentConfig
     from sync.downlink import apply_payload

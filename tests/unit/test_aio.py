@@ -1,10 +1,10 @@
-"""agent.aio.wait_for: a timeout that never swallows the caller's cancellation."""
+"""common.aio.wait_for: a timeout that never swallows the caller's cancellation."""
 
 import asyncio
 
 import pytest
 
-from agent.aio import wait_for
+from common.aio import wait_for
 
 
 async def _cancel_as_it_completes(wait) -> str:
@@ -25,7 +25,7 @@ async def test_a_cancel_that_races_completion_is_raised():
 
 
 async def test_the_stdlib_wait_for_this_replaces_swallows_it_on_this_python():
-    # Documents why agent.aio exists: on 3.11 asyncio.wait_for loses this cancel (gh-86296).
+    # Documents why common.aio exists: on 3.11 asyncio.wait_for loses this cancel (gh-86296).
     import sys
 
     expected = "swallowed" if sys.version_info < (3, 12) else "cancelled"

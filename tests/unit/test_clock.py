@@ -4,7 +4,7 @@ import random
 import uuid
 from datetime import datetime, timezone
 
-from agent import clock
+from common import clock
 
 
 def reference_rfc3339(ts: float) -> str:

@@ -1,0 +1,48 @@
+"""SQLite helpers shared by every storage adapter (agent log, sync state, hub store)."""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def in_write_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(conn, *args)` between BEGIN IMMEDIATE and COMMIT; roll back and re-raise on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+INSERT_CHUNK = 256  # rows per multi-row statement, at most (12 columns: 3,072 parameters)
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, rows: list[tuple], tail: str = "") -> None:
+    """Run `head VALUES (?,..),(?,..),... tail` over `rows`, many rows per statement.
+
+    Same effect as `executemany(head + " VALUES (?,..)" + tail, rows)` at about half the
+    cost per row: one bind and step per chunk instead of per row. Chunks are powers of two
+    (256, 128, ..., 1), so the few distinct statements stay in sqlite3's statement cache.
+    (For the rowid tables: into a WITHOUT ROWID table with random keys it measured slower.)
+    """
+    if not rows:
+        return
+    width, at, total = len(rows[0]), 0, len(rows)
+    while at < total:
+        size = min(INSERT_CHUNK, 1 << ((total - at).bit_length() - 1))
+        conn.execute(_values_sql(head, tail, width, size), [value for row in rows[at:at + size] for value in row])
+        at += size
+
+
+@functools.lru_cache(maxsize=128)
+def _values_sql(head: str, tail: str, width: int, count: int) -> str:
+    one = "(" + ",".join("?" * width) + ")"
+    return f"{head} VALUES {','.join([one] * count)}{tail}"
