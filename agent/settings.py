@@ -6,6 +6,7 @@ common/config.py; `load_config(path, AgentConfig, "EDGE_AGENT")` reads this file
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -26,6 +27,7 @@ class StorageSection(Section):
     min_free_mb: Annotated[int, msgspec.Meta(ge=0)] = 64
     backup_dir: str = ""              # empty: <storage dir>/backups
     backup_keep: Annotated[int, msgspec.Meta(ge=1)] = 7
+    sync_path: str = ""               # the sync process's database; empty: <log's stem>.sync.db beside the log
 
 
 class ApiSection(Section):
@@ -42,6 +44,12 @@ class SyncSection(Section):
     max_inflight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     ack_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10
     rate_limit_eps: Annotated[int, msgspec.Meta(ge=0)] = 0   # events/s; 0 = unlimited
+    poll_interval_s: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.005   # how often sync looks for new events
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0   # how often sync records that it is alive
+    stall_after_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0   # no heartbeat this long: the agent restarts sync
+    restart_min_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0     # back-off between restarts of a dead sync
+    restart_max_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 5           # sync runs this much nicer than the agent
 
 
 class AvailabilitySection(Section):
@@ -79,3 +87,11 @@ class AgentConfig(Section):
                 f"api.host is {self.api.host!r}, which is not loopback, and no api.write_token is set:"
                 " anyone on the store's network could write stock. Set api.write_token"
                 " (or api.write_token_file) or bind api.host to 127.0.0.1.")
+
+
+def sync_db_path(config: AgentConfig) -> str:
+    """Where the sync process keeps its database: `storage.sync_path`, or `events.db` -> `events.sync.db`."""
+    if config.storage.sync_path:
+        return config.storage.sync_path
+    log_path = Path(config.storage.path)
+    return str(log_path.with_name(log_path.stem + ".sync.db"))
