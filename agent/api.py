@@ -30,7 +30,7 @@ from agent.kiosk import setup_kiosk
 from agent.openapi import openapi_document
 
 if TYPE_CHECKING:
-    from agent.app import AgentContext
+    from agent.context import AgentContext
 
 log = logging.getLogger("edge_agent.api")
 
@@ -46,7 +46,7 @@ class Api:
     def __init__(self, ctx: "AgentContext"):
         self.ctx = ctx
         self.log = ctx.log
-        self.reader = ctx.log.reader
+        self.reader = ctx.queries
         self.metrics = ctx.metrics
         token = ctx.config.write_token()
         self._token = token.encode() if token else None
@@ -142,11 +142,7 @@ class Api:
         here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
                  "available": row["available"]} if row is not None
                 else {"floor": 0, "backroom": 0, "reserved": 0, "available": 0})
-        snapshots = self.ctx.snapshots
-        if snapshots is None:
-            nearby, online, snapshot = [], None, None
-        else:
-            nearby, online, snapshot = snapshots.answer(sku)
+        nearby, online, snapshot = self.ctx.sync.answer(sku)
         return _json({"sku": sku, "here": here, "nearby": nearby, "online": online, "snapshot": snapshot})
 
     async def get_events(self, request: web.Request) -> web.Response:
@@ -162,13 +158,7 @@ class Api:
         return web.Response(body=body, content_type=_JSON)
 
     async def get_sync(self, request: web.Request) -> web.Response:
-        uplink = self.ctx.uplink
-        if uplink is not None:
-            return _json(uplink.status())
-        meta = self.ctx.snapshots.meta() if self.ctx.snapshots is not None else None
-        return _json({"last_seq": self.log.last_seq, "acked_seq": 0, "backlog": self.log.last_seq,
-                      "connected": False, "last_ack_at": None,
-                      "snapshot_version": meta["version"] if meta else None})
+        return _json(self.ctx.sync_status())
 
     # ------------------------------------------------------------ operations
 
@@ -232,7 +222,6 @@ async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str,
     when the address cannot be bound.
     """
     app = build_app(ctx)
-    ctx.extras["api_app"] = app
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_DRAIN_S)
     await runner.setup()
     site = web.TCPSite(runner, ctx.config.api.host, ctx.config.api.port, backlog=1024)

@@ -6,8 +6,9 @@
   CDN, the store may be offline).
 * `GET /v1/search?q=TEXT&limit=N` products whose SKU or catalog name matches:
   `{"query", "items": [{"sku", "name", "available"}]}`, exact SKU first. Names come
-  from the hub's catalog (`P/catalog`, agent.snapshots.CatalogStore); without a
-  catalog a SKU with stock history still matches itself.
+  from the hub's catalog (`P/catalog`, kept by the sync process in sync.db and read
+  through agent/syncview.py); without a catalog a SKU with stock history still
+  matches itself.
 * `GET /v1/stream` server-sent events: `hello` on connect, then `stock`
   `{"last_seq", "skus"}` after every commit that appended events, and a comment line as
   a heartbeat. A client that falls behind gets `resync` and should re-read everything.
@@ -44,11 +45,6 @@ _SKU = re.compile(SKU_PATTERN)
 
 def _static(name: str) -> bytes:
     return resources.files("agent").joinpath("static", name).read_bytes()
-
-
-def catalog_of(ctx: Any) -> Any:
-    """Return the agent's CatalogStore (`name(sku)`, `search(text, limit)`), or None without one."""
-    return getattr(ctx, "catalog", None) or ctx.extras.get("catalog")
 
 
 def search(text: str, catalog: Any, stock: Callable[[str], dict | None], limit: int) -> list[dict]:
@@ -142,7 +138,7 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
             return web.json_response(
                 {"error": {"code": "invalid_query", "field": "q",
                            "message": "q must be at most 200 characters"}}, status=400)
-        items = search(query, catalog_of(ctx), ctx.log.reader.stock, int(raw_limit))
+        items = search(query, ctx.sync, ctx.queries.stock, int(raw_limit))
         return web.json_response({"query": query, "items": items})
 
     async def stream(request: web.Request) -> web.StreamResponse:

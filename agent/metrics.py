@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent import events as ev
+from common import clock
 
 # Local API calls are sub-millisecond when healthy; the upper buckets catch fsync stalls.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -62,3 +63,45 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SyncCollector:
+    """The sync process's figures, read from sync.db at scrape time (`status()`: AgentContext.sync_status)."""
+
+    def __init__(self, status: Callable[[], dict]):
+        self._status = status
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._status()
+        last_ack = clock.parse_rfc3339(s["last_ack_at"]) if s["last_ack_at"] else 0
+        for name, value, text in (
+                ("edge_agent_sync_backlog", s["backlog"], "Events not yet acked by the hub."),
+                ("edge_agent_sync_acked_seq", s["acked_seq"], "The hub's last ack (the cursor)."),
+                ("edge_agent_sync_sent_seq", s["sent_seq"], "The last seq published."),
+                ("edge_agent_sync_connected", int(s["connected"]), "1 when the sync process is connected to the broker."),
+                ("edge_agent_sync_last_ack_timestamp_seconds", last_ack, "When the last ack arrived (Unix time; 0: never)."),
+                ("edge_agent_sync_heartbeat_age_seconds",
+                 -1 if s["heartbeat_age_s"] is None else s["heartbeat_age_s"],
+                 "Seconds since the sync process last recorded itself alive (-1: never)."),
+                ("edge_agent_snapshot_version", s["snapshot_version"] or 0, "Version of the held availability snapshot.")):
+            yield GaugeMetricFamily(name, text, value=value)
+        counters = s["counters"]
+        for name, value, text in (
+                ("edge_agent_sync_reconnects", s["reconnects"], "Reconnects to the broker."),
+                ("edge_agent_sync_resends", s["resends"], "Resends after an ack timeout."),
+                ("edge_agent_sync_rewinds", s["rewinds"], "Acks below the cursor (cursor rewound)."),
+                ("edge_agent_sync_ack_alarms", s["ack_alarms"], "Acks above the log's end (ignored)."),
+                ("edge_agent_sync_events_sent", s["events_sent"], "Events published (resends included)."),
+                ("edge_agent_sync_restarts", s.get("sync_restarts", 0), "Times the agent restarted its sync process."),
+                ("edge_agent_snapshots_applied", counters.get("snapshots_applied", 0), "Availability snapshots applied."),
+                ("edge_agent_snapshots_ignored", counters.get("snapshots_ignored", 0),
+                 "Availability snapshots ignored: version not newer than the held one.")):
+            yield CounterMetricFamily(name, text, value=value)
+        dropped = CounterMetricFamily("edge_agent_downlink_dropped", "Downlink messages dropped as malformed, by reason.",
+                                      labels=["reason"])
+        for key, value in sorted(counters.items()):
+            if key.startswith("dropped_"):
+                dropped.add_metric([key[len("dropped_"):]], value)
+        yield dropped

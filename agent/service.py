@@ -20,12 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import msgspec
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent import backup
-from common import clock
-from agent.disk import MIB, DiskGuard
+from agent.disk import MIB
 from common.notify import Notifier, watchdog_interval, watchdog_pings
 
 log = logging.getLogger("edge_agent.service")
@@ -57,53 +55,29 @@ async def backup_log(ctx) -> backup.BackupResult:
 
 async def check_disk(ctx) -> bool:
     """Re-read free space now (logging a transition once); return True when writes are allowed."""
-    guard: DiskGuard | None = ctx.extras.get("disk")
-    return True if guard is None else guard.refresh()
+    return True if ctx.disk is None else ctx.disk.refresh()
 
 
 def status_line(ctx) -> str:
     """Return the one-line STATUS= text: seq, sync backlog and last ack, disk state."""
     parts = [f"seq {ctx.log.last_seq}"]
-    if ctx.uplink is not None:
-        sync = ctx.uplink.status()
+    if ctx.config.sync.enabled:
+        sync = ctx.sync_status()
         parts.append(f"backlog {sync['backlog']}")
         parts.append(f"last ack {sync['last_ack_at'] or 'never'}")
         parts.append("hub connected" if sync["connected"] else "hub disconnected")
+        if sync["alarm"]:
+            parts.append(f"ALARM: {sync['alarm']}")
     else:
         parts.append("sync disabled")
-    guard: DiskGuard | None = ctx.extras.get("disk")
-    if guard is not None and guard.full:
+    if ctx.disk is not None and ctx.disk.full:
         parts.append("DISK FULL: writes refused")
     return ", ".join(parts)
 
 
-async def heartbeat(ctx) -> bool:
-    """Send STATUS= to systemd and publish the retained online status; return True if published.
-
-    Publishing needs the sync engineer's MQTT client (`ctx.uplink.mqtt`) and a live
-    connection; with sync disabled or offline it is skipped (the will covers offline).
-    """
-    notifier: Notifier | None = ctx.extras.get("notifier")
-    if notifier is not None:
-        notifier.send(f"STATUS={status_line(ctx)}")
-    uplink = ctx.uplink
-    mqtt = getattr(uplink, "mqtt", None)
-    if mqtt is None or not getattr(mqtt, "connected", False):
-        return False
-    from sync import protocol
-
-    config = ctx.config
-    sync = uplink.status()
-    # The same fields as the uplink's birth message (accept drives the hub's compression).
-    status = protocol.Status(
-        store_id=config.store.id, state="online", at=clock.utc_now(),
-        client_id=config.mqtt.client_id or f"edge-agent-{config.store.id}",
-        accept=[protocol.ZLIB_JSON] if config.mqtt.protocol == 5 else [])
-    payload = msgspec.structs.asdict(status) | {
-        "last_seq": sync["last_seq"], "acked_seq": sync["acked_seq"], "backlog": sync["backlog"]}
-    await mqtt.publish(protocol.status_topic(config.mqtt.topic_prefix, config.store.id),
-                       msgspec.json.encode(payload), qos=1, retain=True)
-    return True
+async def heartbeat(ctx) -> None:
+    """Send STATUS= to systemd (the sync process publishes the store's retained MQTT status itself)."""
+    ctx.notifier.send(f"STATUS={status_line(ctx)}")
 
 
 # ----------------------------------------------------------------- scheduler
@@ -154,8 +128,8 @@ def build_scheduler(ctx) -> AsyncIOScheduler:
 async def run_service(ctx, stop: asyncio.Event | None = None, *,
                       notifier: Notifier | None = None, environ: dict | None = None) -> None:
     """Notify systemd and run the scheduled jobs until cancelled (see the module docstring)."""
-    notifier = notifier or Notifier.from_environ(environ)
-    ctx.extras["notifier"] = notifier
+    notifier = notifier or ctx.notifier
+    ctx.notifier = notifier
     while not ctx.ready:
         await asyncio.sleep(0.02)
     scheduler = build_scheduler(ctx)

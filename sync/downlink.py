@@ -1,22 +1,22 @@
-"""Hub -> agent: apply availability snapshots and the catalog from their retained topics.
+"""Hub -> store: apply availability snapshots and the catalog from their retained topics.
 
-Subscribes (on the agent's one MqttClient) to `P/stores/{store_id}/availability` and
+Runs in `edge-agent sync`. Subscribes to `P/stores/{store_id}/availability` and
 `P/catalog`. The MQTT adapter acknowledges a message only after the handler returns, so
-a snapshot is acked after it committed; a retained snapshot published while the agent
-was offline arrives again on (re)connect and is applied then if it is newer.
-
-A snapshot is inflated, decoded, validated and written by `apply_payload` in the
-snapshot store's worker process (`SnapshotStore.apply_in_worker`), so a 100,000-SKU
-payload never holds this process's event loop or GIL: kiosk reads keep being answered
-from the previous snapshot until the new one commits. The handler only awaits it.
+a snapshot is acked after it committed to sync.db (sync/state.py); a retained snapshot
+published while the store was offline arrives again on (re)connect and is applied then if
+it is newer. The agent reads sync.db read-only (agent/syncview.py): kiosk reads keep
+being answered from the previous snapshot until the new one commits, and a 100,000-SKU
+payload is decoded in this process, never in the one that answers the kiosks.
 
 Bad input (not JSON, wrong shape, another store's id, a SKU or count that breaks the
-contract) is logged, counted (`drops[reason]`, `edge_agent_downlink_dropped`) and
-acknowledged: redelivering it would not make it valid. The held snapshot stays.
+contract) is logged, counted (`dropped_<reason>` in sync.db's counters, exposed by the
+agent as `edge_agent_downlink_dropped_total{reason}`) and acknowledged: redelivering it
+would not make it valid. The held snapshot stays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import logging
@@ -29,7 +29,7 @@ import msgspec
 
 from common.errors import StorageError
 from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
-from agent.snapshots import Row, SnapshotStore, update_digest, write_rows
+from sync.ports import Row, SyncState
 from sync import protocol
 
 log = logging.getLogger("edge_sync.downlink")
@@ -75,6 +75,19 @@ class _Catalog(msgspec.Struct, frozen=True):
 _head_decoder = msgspec.json.Decoder(_SnapshotHead)
 _items_decoder = msgspec.json.Decoder(list[_Item])
 _catalog_decoder = msgspec.json.Decoder(_Catalog)
+
+
+def update_digest(h, rows: list[Row]) -> None:
+    """Feed rows into a running sha256, a chunk at a time (equal digests: same content, same order)."""
+    if rows:  # each item's JSON is unique to its content, so the JSON alone is digested
+        h.update(b"\n".join(row[1] for row in rows) + b"\n")
+
+
+def digest_of(rows: list[Row]) -> bytes:
+    """Return the digest of a whole snapshot's rows."""
+    h = hashlib.sha256()
+    update_digest(h, rows)
+    return h.digest()
 
 
 class Malformed(ValueError):
@@ -137,23 +150,15 @@ def rows_from(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list
     return rows, digest.digest()
 
 
-def apply_payload(path: str, applied_at: str, payload: bytes, content_type: str | None,
-                  store_id: str) -> tuple:
-    """Decode, check and store one snapshot message (runs in the snapshot worker process).
-
-    Returns ("malformed", reason, text) or ("done", ApplyOutcome, version, items).
-    Raises StorageError when the snapshot file cannot commit.
-    """
+def decode_snapshot(payload: bytes, content_type: str | None, store_id: str) -> tuple[_SnapshotHead, list[Row], bytes]:
+    """Inflate, decode and check one snapshot message; return (head, rows, digest). Raises Malformed."""
     gc.disable()  # 100,000s of acyclic objects: full collections would only cost time
     try:
         head = decode_head(plain(payload, content_type), store_id)
         rows, digest = rows_from(head.items)
-    except Malformed as bad:
-        return ("malformed", bad.reason, str(bad))
     finally:
         gc.enable()
-    return ("done", write_rows(path, head.version, head.generated_at, applied_at, rows, digest),
-            head.version, len(rows))
+    return head, rows, digest
 
 
 _SKUS = re.compile(r"(?:[A-Za-z0-9._:-]{1,64}\n)*")
@@ -171,19 +176,17 @@ def _check_ids(items: list[_Item], start: int) -> None:
 
 
 class Downlink:
-    """Applies the hub's snapshots and catalog for one store; attach it to the agent's MqttClient."""
+    """Applies the hub's snapshots and catalog for one store to the sync process's database."""
 
-    def __init__(self, mqtt, prefix: str, store_id: str, snapshots: SnapshotStore,
-                 metrics=None):
+    def __init__(self, mqtt, prefix: str, store_id: str, state: SyncState):
         self.mqtt = mqtt
         self.prefix = prefix
         self.store_id = store_id
-        self.snapshots = snapshots
+        self.state = state
         self.applied = 0
         self.ignored = 0
         self.drops: dict[str, int] = {}
         self.last_apply_s: float | None = None
-        self._metrics = _Metrics(metrics.registry) if metrics is not None else None
 
     def attach(self) -> None:
         """Subscribe the availability and catalog topics (before or after the client starts)."""
@@ -191,73 +194,50 @@ class Downlink:
         self.mqtt.subscribe(protocol.catalog_topic(self.prefix), self.on_catalog)
 
     async def on_availability(self, message) -> None:
-        """Apply one snapshot message; returns normally (so it is acked) unless storage failed."""
+        """Apply one snapshot message; returns normally (so it is acked) unless storage failed.
+
+        Decoding runs on a thread, so the uplink's acks keep being handled meanwhile.
+        """
         started = time.perf_counter()
         try:
-            result = await self.snapshots.apply_in_worker(
-                apply_payload, message.payload, getattr(message, "content_type", None), self.store_id)
+            head, rows, digest = await asyncio.to_thread(
+                decode_snapshot, message.payload, getattr(message, "content_type", None), self.store_id)
+        except Malformed as bad:
+            await self._drop(bad.reason, str(bad), len(message.payload))
+            return
+        try:
+            outcome = await self.state.apply_snapshot(head.version, head.generated_at, rows, digest)
         except StorageError:
             log.exception("downlink: could not store snapshot for %s; left unacknowledged", self.store_id)
             raise
         took = time.perf_counter() - started   # receive to commit
-        if result[0] == "malformed":
-            self._drop(result[1], result[2], len(message.payload))
-            return
-        _, outcome, version, count = result
         if not outcome.applied:
-            self._ignore(version, outcome.held_version)
+            self.ignored += 1
+            await self.state.add_counts({"snapshots_ignored": 1})
+            log.info("downlink: ignored availability snapshot %d for %s: holding %s",
+                     head.version, self.store_id, outcome.held_version)
             return
         self.applied += 1
         self.last_apply_s = took
-        if self._metrics:
-            self._metrics.applied.inc()
-            self._metrics.version.set(version)
-            self._metrics.apply_seconds.observe(self.last_apply_s)
+        await self.state.add_counts({"snapshots_applied": 1})
         log.info("downlink: applied availability snapshot %d for %s (%d items, %d changed, %d removed,"
-                 " %d bytes, %.3f s)", version, self.store_id, count, outcome.changed,
-                 outcome.removed, len(message.payload), self.last_apply_s)
+                 " %d bytes, %.3f s)", head.version, self.store_id, len(rows), outcome.changed,
+                 outcome.removed, len(message.payload), took)
 
     async def on_catalog(self, message) -> None:
         """Apply a catalog message if its version is newer; bad payloads are dropped and counted."""
         try:
             catalog = _catalog_decoder.decode(plain(message.payload, getattr(message, "content_type", None)))
         except Malformed as bad:
-            self._drop("catalog", f"catalog: {bad}", len(message.payload))
+            await self._drop("catalog", f"catalog: {bad}", len(message.payload))
             return
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._drop("catalog", f"catalog: {exc}", len(message.payload))
+            await self._drop("catalog", f"catalog: {exc}", len(message.payload))
             return
-        if await self.snapshots.catalog.apply(catalog.version, [(i.sku, i.name) for i in catalog.items]):
+        if await self.state.apply_catalog(catalog.version, [(i.sku, i.name) for i in catalog.items]):
             log.info("downlink: applied catalog %d (%d items)", catalog.version, len(catalog.items))
 
-    def _ignore(self, version: int, held: int | None) -> None:
-        self.ignored += 1
-        if self._metrics:
-            self._metrics.ignored.inc()
-        log.info("downlink: ignored availability snapshot %d for %s: holding %s",
-                 version, self.store_id, held)
-
-    def _drop(self, reason: str, text: str, size: int) -> None:
+    async def _drop(self, reason: str, text: str, size: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
-        if self._metrics:
-            self._metrics.dropped.labels(reason).inc()
+        await self.state.add_counts({f"dropped_{reason}": 1})
         log.warning("downlink: dropped a %d-byte message for %s (%s): %s", size, self.store_id, reason, text[:300])
-
-
-class _Metrics:
-    def __init__(self, registry):
-        from prometheus_client import Counter, Gauge, Histogram
-
-        self.applied = Counter("edge_agent_snapshots_applied", "Availability snapshots applied.",
-                               registry=registry)
-        self.ignored = Counter("edge_agent_snapshots_ignored",
-                               "Availability snapshots ignored: version not newer than the held one.",
-                               registry=registry)
-        self.dropped = Counter("edge_agent_downlink_dropped",
-                               "Downlink messages dropped as malformed, by reason.", ["reason"],
-                               registry=registry)
-        self.version = Gauge("edge_agent_snapshot_version", "Version of the held availability snapshot.",
-                             registry=registry)
-        self.apply_seconds = Histogram(
-            "edge_agent_snapshot_apply_seconds", "Time from receiving a snapshot to its commit.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=registry)

@@ -290,21 +290,24 @@ async def test_availability_of_a_sku_not_stocked_here_is_zero_here(agent):
     assert body["here"] == {"floor": 0, "backroom": 0, "reserved": 0, "available": 0}
 
 
-async def test_availability_uses_the_snapshot_store_when_wired(agent, monkeypatch):
-    class Snapshots:
-        def answer(self, sku):
-            found = ([{"store_id": "store-0043", "available": 9}], 120) if sku == "A1" else ([], None)
-            return (*found, self.meta())
+async def test_availability_merges_the_snapshot_the_sync_process_stored(agent):
+    import msgspec
 
-        def meta(self):
-            return {"version": 7, "generated_at": "2026-11-27T13:00:00.000Z", "age_s": 4.5, "stale": False}
+    from agent.settings import sync_db_path
+    from sync.state import SqliteSyncState
 
-    monkeypatch.setattr(agent.ctx, "snapshots", Snapshots())
+    state = await SqliteSyncState.open(sync_db_path(agent.ctx.config), STORE)
+    try:
+        item = msgspec.json.encode({"sku": "A1", "nearby": [{"store_id": "store-0043", "available": 9}], "online": 120})
+        await state.apply_snapshot(7, "2026-11-27T13:00:00.000Z", [("A1", item, 120)], b"d")
+    finally:
+        await state.close()
     status, body = await agent.get("/v1/availability/A1")
     assert status == 200
     assert body["nearby"] == [{"store_id": "store-0043", "available": 9}] and body["online"] == 120
-    assert body["snapshot"]["version"] == 7
+    assert body["snapshot"]["version"] == 7 and body["snapshot"]["generated_at"] == "2026-11-27T13:00:00.000Z"
     assert (await agent.get("/v1/sync"))[1]["snapshot_version"] == 7
+    assert (await agent.get("/v1/availability/B2"))[1]["nearby"] == []
 
 
 # ------------------------------------------------------------ events, sync
@@ -331,19 +334,28 @@ async def test_bad_events_query_is_400_naming_it(agent, query, field):
     assert_error(body, "invalid", field)
 
 
-async def test_sync_reports_unsynced_until_an_uplink_is_wired(agent, monkeypatch):
-    await agent.post(cmd("c1", receive()))
-    assert await agent.get("/v1/sync") == (200, {
-        "last_seq": 1, "acked_seq": 0, "backlog": 1, "connected": False, "last_ack_at": None,
-        "snapshot_version": None})
+async def test_sync_reports_what_the_sync_process_recorded(agent):
+    from agent.settings import sync_db_path
+    from sync.ports import UplinkStatus
+    from sync.state import SqliteSyncState
 
-    class Uplink:
-        def status(self):
-            return {"last_seq": 1, "acked_seq": 1, "backlog": 0, "connected": True,
-                    "last_ack_at": "2026-11-27T13:00:00.000Z", "snapshot_version": None}
-
-    monkeypatch.setattr(agent.ctx, "uplink", Uplink())
-    assert (await agent.get("/v1/sync"))[1]["acked_seq"] == 1
+    await agent.post(cmd("c1", receive(), receive("B")))
+    _, before = await agent.get("/v1/sync")
+    contract = ("last_seq", "acked_seq", "backlog", "connected", "last_ack_at", "snapshot_version")
+    assert {k: before[k] for k in contract} == {
+        "last_seq": 2, "acked_seq": 0, "backlog": 2, "connected": False, "last_ack_at": None,
+        "snapshot_version": None}
+    assert before["heartbeat_age_s"] is None   # sync never ran
+    state = await SqliteSyncState.open(sync_db_path(agent.ctx.config), STORE)
+    try:
+        await state.store_cursor(1, "2026-11-27T13:00:00.000Z", UplinkStatus(connected=True, sent_seq=2))
+    finally:
+        await state.close()
+    _, after = await agent.get("/v1/sync")
+    assert {k: after[k] for k in contract} == {
+        "last_seq": 2, "acked_seq": 1, "backlog": 1, "connected": True,
+        "last_ack_at": "2026-11-27T13:00:00.000Z", "snapshot_version": None}
+    assert after["sent_seq"] == 2 and 0 <= after["heartbeat_age_s"] < 5
 
 
 # ------------------------------------------------------- metrics, routing

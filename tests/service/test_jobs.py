@@ -11,7 +11,9 @@ import pytest
 
 from agent import events as ev
 from agent import service
-from agent.app import AgentContext
+from agent.context import AgentContext
+from agent.metrics import Metrics
+from agent.syncview import SqliteSyncView
 from agent.backup import BackupError, check_backup, list_backups, restore, take_backup
 from agent.disk import MIB, DiskGuard
 from common.errors import LogLocked, StorageFull
@@ -39,8 +41,10 @@ def make_config(tmp_path: Path, **storage) -> AgentConfig:
 async def ctx(tmp_path):
     config = make_config(tmp_path, backup_keep=2)
     event_log = await SqliteEventLog.open(config.storage.path, STORE)
-    context = AgentContext(config=config, log=event_log)
+    view = SqliteSyncView(tmp_path / "events.sync.db")
+    context = AgentContext(config=config, log=event_log, queries=event_log.reader, sync=view, metrics=Metrics())
     yield context
+    view.close()
     await event_log.close()
 
 
@@ -145,33 +149,26 @@ async def test_restore_cli_puts_the_backup_back_and_keeps_the_old_log(ctx, tmp_p
     assert list(tmp_path.glob("events.db.before-restore-*"))
 
 
-async def test_heartbeat_skips_publishing_when_sync_is_disabled(ctx, tmp_path):
+async def test_heartbeat_sends_the_status_line_with_sync_disabled(ctx, tmp_path):
     sent = []
-    ctx.extras["notifier"] = types.SimpleNamespace(send=lambda *lines: sent.append(lines))
-    assert await service.heartbeat(ctx) is False
+    ctx.notifier = types.SimpleNamespace(send=lambda *lines: sent.append(lines))
+    await service.heartbeat(ctx)
     assert sent == [("STATUS=seq 0, sync disabled",)]
 
 
-async def test_heartbeat_publishes_the_retained_online_status(ctx):
-    published = []
+async def test_status_line_shows_what_the_sync_process_recorded(ctx, tmp_path):
+    from sync.ports import UplinkStatus
+    from sync.state import SqliteSyncState
 
-    class FakeMqtt:
-        connected = True
-
-        def publish(self, topic, payload, qos=1, retain=False):
-            published.append((topic, json.loads(payload), qos, retain))
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-            return future
-
-    ctx.uplink = types.SimpleNamespace(mqtt=FakeMqtt(), status=lambda: {
-        "last_seq": 7, "acked_seq": 5, "backlog": 2, "connected": True, "last_ack_at": "2026-11-27T13:05:00.123Z"})
-    assert await service.heartbeat(ctx) is True
-    topic, payload, qos, retain = published[0]
-    assert topic == f"retail/stores/{STORE}/status" and qos == 1 and retain
-    assert payload["v"] == 1 and payload["state"] == "online" and payload["store_id"] == STORE
-    assert payload["backlog"] == 2 and payload["at"].endswith("Z")
-    assert "backlog 2, last ack 2026-11-27T13:05:00.123Z" in service.status_line(ctx)
+    ctx.config.sync.enabled = True
+    for i in range(7):
+        await ctx.log.append(command(f"s{i}"))
+    state = await SqliteSyncState.open(tmp_path / "events.sync.db", STORE)
+    try:
+        await state.store_cursor(5, "2026-11-27T13:05:00.123Z", UplinkStatus(connected=True))
+        assert "backlog 2, last ack 2026-11-27T13:05:00.123Z, hub connected" in service.status_line(ctx)
+    finally:
+        await state.close()
 
 
 async def test_a_failing_job_is_logged_once_per_reason(ctx, caplog):
@@ -233,7 +230,7 @@ def test_disk_guard_refuses_below_the_floor_and_resumes_after_the_cache_expires(
 
 async def test_disk_check_job_refreshes_the_guard_at_once(ctx):
     fs = FakeFs(100)
-    ctx.extras["disk"] = guard = DiskGuard("/state", 64 * MIB, statvfs=fs.statvfs, monotonic=lambda: 0.0)
+    ctx.disk = guard = DiskGuard("/state", 64 * MIB, statvfs=fs.statvfs, monotonic=lambda: 0.0)
     assert await service.check_disk(ctx) is True
     fs.free = 1 * MIB
     assert await service.check_disk(ctx) is False and guard.full

@@ -1,0 +1,59 @@
+"""What the agent's handlers and scheduled jobs share: built once by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.disk import DiskGuard
+from agent.metrics import Metrics
+from agent.ports import EventLog, LogQueries, SyncView
+from agent.settings import AgentConfig
+from agent.supervisor import SyncSupervisor
+from common.notify import Notifier
+
+
+@dataclass
+class AgentContext:
+    """The agent's parts. `supervisor` is None when this process does not run sync itself."""
+
+    config: AgentConfig
+    log: EventLog
+    queries: LogQueries
+    sync: SyncView
+    metrics: Metrics
+    disk: DiskGuard | None = None
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
+    supervisor: SyncSupervisor | None = None
+    ready: bool = False
+    api_addresses: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        """The API's base URL, e.g. http://127.0.0.1:8080 (valid once serving)."""
+        host, port = self.api_addresses[0]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def sync_status(self) -> dict:
+        """The GET /v1/sync answer: the contract's keys first, then the sync process's diagnostics.
+
+        `connected` is the sync process's last word, and false once its heartbeat is older
+        than three intervals (a dead or frozen sync says nothing).
+        """
+        last_seq = self.log.last_seq
+        s = self.sync.status()
+        fresh = s["beat_age_s"] is not None and s["beat_age_s"] <= 3 * self.config.sync.heartbeat_s
+        meta = self.sync.snapshot_meta()
+        answer = {
+            "last_seq": last_seq, "acked_seq": s["acked_seq"], "backlog": max(0, last_seq - s["acked_seq"]),
+            "connected": bool(s["connected"] and fresh), "last_ack_at": s["last_ack_at"],
+            "snapshot_version": meta["version"] if meta else None,
+            "enabled": self.config.sync.enabled,
+            "sent_seq": s["sent_seq"], "inflight_batches": s["inflight_batches"], "reconnects": s["reconnects"],
+            "resends": s["resends"], "rewinds": s["rewinds"], "ack_alarms": s["ack_alarms"], "alarm": s["alarm"],
+            "events_sent": s["events_sent"], "heartbeat_age_s": s["beat_age_s"], "sync_pid": s["pid"],
+            "counters": s["counters"],
+        }
+        if self.supervisor is not None:
+            answer["sync_restarts"] = self.supervisor.restarts
+            answer["sync_stalls"] = self.supervisor.stalls
+        return answer

@@ -1,0 +1,193 @@
+"""`edge-agent sync`: the store's sync process and its composition root.
+
+settings -> sync.db (SqliteSyncState, its only writer) -> events.db read-only
+(SqliteLogFeed) -> MQTT client -> uplink + downlink -> heartbeat, in one TaskGroup.
+
+`edge-agent run` starts this process as a child (agent/supervisor.py) and supervises it;
+it can also run alone, under a unit of its own (`edge-agent run --no-sync` then). The two
+processes share nothing but SQLite files: this one reads the log and writes its own
+progress (cursor, status, heartbeat, snapshot, catalog) to sync.db, which the agent reads.
+It may start before the agent: it waits for the log to exist. Killed at any moment, it
+loses nothing: the cursor moves only on the hub's ack and is durable before that ack
+message is acknowledged; a restart resends from it, and the hub deduplicates.
+
+Under systemd on its own (NOTIFY_SOCKET set) it sends READY=1 and WATCHDOG=1 itself; as
+the agent's child it gets no NOTIFY_SOCKET, and the agent watches its heartbeat in sync.db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from agent.settings import AgentConfig, sync_db_path
+from common import clock
+from common.aio import wait_for
+from common.config import ConfigError, load_config
+from common.errors import StorageError
+from common.logsetup import setup_logging
+from common.notify import Notifier, watchdog_interval, watchdog_pings
+from common.proc import die_with_parent
+from sync import protocol
+from sync.downlink import Downlink
+from sync.feed import SqliteLogFeed
+from sync.mqtt import MqttClient
+from sync.state import SqliteSyncState
+from sync.uplink import Uplink, agent_mqtt
+
+log = logging.getLogger("edge_sync.app")
+
+LOG_WAIT_S = 0.5
+PARENT_ENV = "EDGE_SYNC_PARENT"   # set by agent/supervisor.py
+
+
+async def open_feed(config: AgentConfig, stop: asyncio.Event) -> SqliteLogFeed | None:
+    """Open the log read-only, waiting for the agent to create it; None when stopped first.
+
+    Raises StorageError when the log belongs to another store.
+    """
+    path = Path(config.storage.path)
+    waited = False
+    while not stop.is_set():
+        if path.exists():
+            feed = SqliteLogFeed(path)
+            owner = feed.store_id()
+            if owner is not None:
+                if owner != config.store.id:
+                    feed.close()
+                    raise StorageError(f"sync: the log at {path} belongs to store {owner!r}, not {config.store.id!r}")
+                return feed
+            feed.close()
+        if not waited:
+            log.info("sync: waiting for the log at %s (is edge-agent run started?)", path)
+            waited = True
+        try:
+            await wait_for(stop.wait(), LOG_WAIT_S)
+        except TimeoutError:
+            pass
+    return None
+
+
+async def adopt_legacy_cursor(state: SqliteSyncState, feed: SqliteLogFeed) -> None:
+    """Carry over the cursor that older agents kept inside events.db, once (saves a full resend)."""
+    if await state.cursor() != (0, None):
+        return
+    legacy = feed.legacy_cursor()
+    if legacy is not None and legacy[0] > 0:
+        await state.store_cursor(legacy[0], legacy[1] or clock.utc_now())
+        log.info("sync: took the cursor %d from the log's sync_cursor table", legacy[0])
+
+
+def status_payload(config: AgentConfig, uplink: Uplink, last_seq: int) -> bytes:
+    """The retained online status: the birth message's fields plus the log's position."""
+    status = protocol.Status(
+        store_id=config.store.id, state="online", at=clock.utc_now(),
+        client_id=config.mqtt.client_id or f"edge-agent-{config.store.id}",
+        accept=[protocol.ZLIB_JSON] if config.mqtt.protocol == 5 else [])
+    acked = uplink.acked_seq
+    return msgspec.json.encode(msgspec.structs.asdict(status) | {
+        "last_seq": last_seq, "acked_seq": acked, "backlog": max(0, last_seq - acked)})
+
+
+async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink, mqtt: MqttClient,
+                    feed: SqliteLogFeed) -> None:
+    """Record this process alive every `sync.heartbeat_s`; publish the retained status as the agent's did."""
+    every = config.sync.heartbeat_s
+    publish_every = max(1, round(config.service.heartbeat_interval_s / every))
+    beats = 0
+    topic = protocol.status_topic(config.mqtt.topic_prefix, config.store.id)
+    while True:
+        await state.beat()
+        if beats % publish_every == 0 and mqtt.connected:
+            mqtt.publish(topic, status_payload(config, uplink, feed.last_seq()), qos=1, retain=True)
+        beats += 1
+        await asyncio.sleep(every)
+
+
+async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier | None = None) -> None:
+    """Run the store's sync until `stop` is set; return after publishing offline and closing.
+
+    Raises StorageError when sync.db or the log cannot be used (the supervisor restarts us).
+    """
+    notifier = notifier or Notifier.from_environ()
+    state = await SqliteSyncState.open(sync_db_path(config), config.store.id)
+    feed = None
+    try:
+        feed = await open_feed(config, stop)
+        if feed is None:
+            return
+        await adopt_legacy_cursor(state, feed)
+        mqtt = agent_mqtt(config)
+        uplink = await Uplink.open(config, feed, state, mqtt)
+        Downlink(mqtt, config.mqtt.topic_prefix, config.store.id, state).attach()
+        await mqtt.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                background = [tasks.create_task(uplink.run(), name="uplink"),
+                              tasks.create_task(heartbeat(config, state, uplink, mqtt, feed), name="heartbeat")]
+                interval = watchdog_interval() if config.service.watchdog else None
+                if interval:
+                    background.append(tasks.create_task(watchdog_pings(notifier, interval), name="watchdog"))
+                notifier.send("READY=1", f"MAINPID={os.getpid()}", "STATUS=syncing")
+                log.info("sync: started for %s (cursor %d, log at %d, db %s)", config.store.id,
+                         uplink.acked_seq, feed.last_seq(), state.path)
+                await stop.wait()
+                notifier.send("STOPPING=1")
+                for task in background:
+                    task.cancel()
+        finally:
+            await asyncio.shield(mqtt.stop())   # publishes the offline status, then disconnects
+    finally:
+        if feed is not None:
+            feed.close()
+        await state.close()
+        log.info("sync: stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent sync", description="The store's sync process")
+    parser.add_argument("--config", help="the agent's TOML config (default $EDGE_AGENT_CONFIG or"
+                                         " /etc/edge-agent/agent.toml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sync process; SIGTERM/SIGINT stop it cleanly (exit 0). 2: configuration, 3: storage."""
+    args = build_parser().parse_args(argv)
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():   # started by edge-agent run: end with it
+        die_with_parent(int(parent))
+    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or "/etc/edge-agent/agent.toml"
+    if not args.config and not os.path.exists(path):
+        path = None
+    try:
+        config = load_config(path, AgentConfig, "EDGE_AGENT")
+    except ConfigError as exc:
+        print(f"edge-agent sync: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(run())
+    except (StorageError, ExceptionGroup) as exc:
+        storage = exc.subgroup(StorageError) if isinstance(exc, ExceptionGroup) else exc
+        if storage is None:
+            raise
+        for error in getattr(storage, "exceptions", [storage]):
+            log.error("%s", error)
+        return 3
+    return 0

@@ -1,0 +1,289 @@
+"""The sync process's own database (sync.db): cursor, status, snapshot and catalog.
+
+`SqliteSyncState` is the only writer of sync.db, as the agent's log is the only writer of
+events.db; the agent reads this file read-only (agent/syncview.py) for GET /v1/sync, the
+availability merge and the catalog search. One connection writes, on a thread of its
+own (asyncio.to_thread, one write at a time under a lock), in WAL mode with
+synchronous=FULL: a write has reached the disk when its call returns, so the cursor and
+a snapshot are acknowledged to the broker only after they are durable. Checkpoints run
+from this connection only (SQLite 3.40's WAL-reset bug).
+
+The tables are the interface between the two processes; `SCHEMA_VERSION` names their
+shape and agent/syncview.py checks it. The snapshot is derived data: losing the file
+loses nothing the hub's retained messages cannot bring back, and the cursor falls back
+to 0, which only means a resend the hub deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import msgspec
+
+from common import clock
+from common.errors import StorageError, storage_error
+from common.sqlite import in_write_transaction
+from sync.ports import ApplyOutcome, Row, UplinkStatus
+
+SCHEMA_VERSION = "1"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursor (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    acked_seq   INTEGER NOT NULL,
+    last_ack_at TEXT
+);
+CREATE TABLE IF NOT EXISTS status (
+    id               INTEGER PRIMARY KEY CHECK (id = 1),
+    pid              INTEGER NOT NULL,
+    started_at       TEXT NOT NULL,
+    beat_at          REAL NOT NULL,          -- Unix time of the last heartbeat
+    connected        INTEGER NOT NULL,
+    reconnects       INTEGER NOT NULL,
+    sent_seq         INTEGER NOT NULL,
+    inflight_batches INTEGER NOT NULL,
+    resends          INTEGER NOT NULL,
+    rewinds          INTEGER NOT NULL,
+    ack_alarms       INTEGER NOT NULL,
+    alarm            TEXT,
+    events_sent      INTEGER NOT NULL,
+    counters         TEXT NOT NULL           -- JSON object: the downlink's counts
+);
+CREATE TABLE IF NOT EXISTS availability_snapshot (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    version      INTEGER NOT NULL,
+    generated_at TEXT NOT NULL,
+    applied_at   TEXT NOT NULL,
+    digest       BLOB NOT NULL,
+    items        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS availability_items (
+    sku    TEXT PRIMARY KEY,
+    item   BLOB NOT NULL,      -- the item's JSON as received: {"sku", "nearby": [...], "online"}
+    online INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS catalog_meta (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    items   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catalog_items (
+    sku  TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+_STATUS_UPSERT = (
+    "INSERT INTO status(id, pid, started_at, beat_at, connected, reconnects, sent_seq, inflight_batches,"
+    " resends, rewinds, ack_alarms, alarm, events_sent, counters) VALUES (1,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at,"
+    " beat_at = excluded.beat_at, connected = excluded.connected, reconnects = excluded.reconnects,"
+    " sent_seq = excluded.sent_seq, inflight_batches = excluded.inflight_batches,"
+    " resends = excluded.resends, rewinds = excluded.rewinds, ack_alarms = excluded.ack_alarms,"
+    " alarm = excluded.alarm, events_sent = excluded.events_sent, counters = excluded.counters")
+
+
+class SqliteSyncState:
+    """sync.db's only writer; see the module docstring. Open with `await SqliteSyncState.open(...)`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, now: Callable[[], float]):
+        self.path = path
+        self._conn = conn
+        self._now = now
+        self._lock = asyncio.Lock()
+        self._pid = os.getpid()
+        self._started_at = clock.rfc3339(now())
+        self._status = UplinkStatus()
+        self._counters: dict[str, int] = {}
+        self._snapshot_version: int | None = None
+        self._catalog_version: int | None = None
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike, store_id: str, *,
+                   now: Callable[[], float] = time.time) -> "SqliteSyncState":
+        """Open (creating if needed) sync.db for `store_id`; raises StorageError naming the cause.
+
+        A file that belongs to another store is refused: its cursor would be another store's.
+        """
+        path = Path(path)
+        try:
+            conn = await asyncio.to_thread(_open, path, store_id)
+        except sqlite3.Error as exc:
+            raise storage_error(f"open {path}", exc) from exc
+        self = cls(path, conn, now=now)
+        self._snapshot_version, self._catalog_version, self._counters = await self._run(_held)
+        await self.beat()
+        return self
+
+    async def close(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._conn.close)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, transaction: bool = False) -> Any:
+        async with self._lock:
+            try:
+                if transaction:
+                    return await asyncio.to_thread(in_write_transaction, self._conn, fn, *args)
+                return await asyncio.to_thread(fn, self._conn, *args)
+            except sqlite3.Error as exc:
+                raise storage_error(f"sync state {getattr(fn, '__name__', 'write')}", exc) from exc
+
+    # ----------------------------------------------------------- cursor, status
+
+    async def cursor(self) -> tuple[int, str | None]:
+        row = await self._run(lambda conn: conn.execute(
+            "SELECT acked_seq, last_ack_at FROM cursor WHERE id = 1").fetchone())
+        return (row[0], row[1]) if row else (0, None)
+
+    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None) -> None:
+        if status is not None:
+            self._status = status
+        values = self._status_row()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO cursor(id, acked_seq, last_ack_at) VALUES (1, ?, ?)"
+                         " ON CONFLICT(id) DO UPDATE SET acked_seq = excluded.acked_seq,"
+                         " last_ack_at = excluded.last_ack_at", (acked_seq, at))
+            conn.execute(_STATUS_UPSERT, values)
+
+        await self._run(write, transaction=True)
+
+    async def store_status(self, status: UplinkStatus) -> None:
+        self._status = status
+        await self.beat()
+
+    async def beat(self) -> None:
+        values = self._status_row()
+        await self._run(lambda conn: conn.execute(_STATUS_UPSERT, values), transaction=True)
+
+    async def add_counts(self, counts: dict[str, int]) -> None:
+        for key, n in counts.items():
+            self._counters[key] = self._counters.get(key, 0) + n
+        await self.beat()
+
+    def _status_row(self) -> tuple:
+        s = self._status
+        return (self._pid, self._started_at, self._now(), int(s.connected), s.reconnects, s.sent_seq,
+                s.inflight_batches, s.resends, s.rewinds, s.ack_alarms, s.alarm, s.events_sent,
+                msgspec.json.encode(self._counters).decode())
+
+    # ------------------------------------------------------------- snapshot
+
+    @property
+    def snapshot_version(self) -> int | None:
+        return self._snapshot_version
+
+    async def apply_snapshot(self, version: int, generated_at: str, rows: Sequence[Row],
+                             digest: bytes) -> ApplyOutcome:
+        applied_at = clock.rfc3339(self._now())
+        outcome = await self._run(_apply_snapshot, version, generated_at, applied_at, rows, digest,
+                                  transaction=True)
+        if outcome.applied:
+            self._snapshot_version = version
+        return outcome
+
+    # -------------------------------------------------------------- catalog
+
+    @property
+    def catalog_version(self) -> int | None:
+        return self._catalog_version
+
+    async def apply_catalog(self, version: int, items: Sequence[tuple[str, str]]) -> bool:
+        if self._catalog_version is not None and version <= self._catalog_version:
+            return False
+        done = await self._run(_apply_catalog, version, list(items), transaction=True)
+        if done:
+            self._catalog_version = version
+        return done
+
+    # ---------------------------------------------------------- maintenance
+
+    async def wal_checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Checkpoint sync.db's WAL from its writer; return SQLite's (busy, log, checkpointed)."""
+        if mode not in ("PASSIVE", "TRUNCATE"):
+            raise ValueError(f"wal_checkpoint: unknown mode {mode!r}")
+        return await self._run(lambda conn: tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()))
+
+
+# --------------------------------------------------------------- SQL, on the thread
+
+
+def _open(path: Path, store_id: str) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise StorageError(f"storage: {path} cannot use WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA_SQL)
+        owner = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if owner is None:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?), ('schema', ?)",
+                         (store_id, SCHEMA_VERSION))
+        elif owner[0] != store_id:
+            raise StorageError(f"storage: {path} belongs to store {owner[0]!r}, not {store_id!r}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _held(conn: sqlite3.Connection) -> tuple[int | None, int | None, dict[str, int]]:
+    snap = conn.execute("SELECT version FROM availability_snapshot WHERE id = 1").fetchone()
+    cat = conn.execute("SELECT version FROM catalog_meta WHERE id = 1").fetchone()
+    counters = conn.execute("SELECT counters FROM status WHERE id = 1").fetchone()
+    return (snap[0] if snap else None, cat[0] if cat else None,
+            msgspec.json.decode(counters[0]) if counters else {})
+
+
+def _apply_snapshot(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str,
+                    rows: Sequence[Row], digest: bytes) -> ApplyOutcome:
+    """Write only what changed: an upsert that skips equal rows, then the SKUs no longer listed."""
+    held = conn.execute("SELECT version, digest FROM availability_snapshot WHERE id = 1").fetchone()
+    if held is not None and version <= held[0]:
+        return ApplyOutcome(False, held[0])
+    changed = removed = 0
+    if held is None or held[1] != digest:
+        before = conn.total_changes
+        conn.executemany(
+            "INSERT INTO availability_items(sku, item, online) VALUES (?, ?, ?)"
+            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online"
+            " WHERE item IS NOT excluded.item", rows)
+        changed = conn.total_changes - before
+        # Every listed SKU is in the table now; as many rows as SKUs means none is left over.
+        if conn.execute("SELECT COUNT(*) FROM availability_items").fetchone()[0] != len(rows):
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_skus (sku TEXT PRIMARY KEY) WITHOUT ROWID")
+            conn.execute("DELETE FROM temp.snapshot_skus")
+            conn.executemany("INSERT OR IGNORE INTO temp.snapshot_skus(sku) VALUES (?)", ((r[0],) for r in rows))
+            removed = conn.execute(
+                "DELETE FROM availability_items WHERE sku NOT IN (SELECT sku FROM temp.snapshot_skus)").rowcount
+            conn.execute("DELETE FROM temp.snapshot_skus")
+    conn.execute(
+        "INSERT INTO availability_snapshot(id, version, generated_at, applied_at, digest, items)"
+        " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version,"
+        " generated_at = excluded.generated_at, applied_at = excluded.applied_at,"
+        " digest = excluded.digest, items = excluded.items",
+        (version, generated_at, applied_at, digest, len(rows)))
+    return ApplyOutcome(True, held[0] if held else None, changed, removed)
+
+
+def _apply_catalog(conn: sqlite3.Connection, version: int, rows: list[tuple[str, str]]) -> bool:
+    held = conn.execute("SELECT version FROM catalog_meta WHERE id = 1").fetchone()
+    if held is not None and version <= held[0]:
+        return False
+    conn.execute("DELETE FROM catalog_items")
+    conn.executemany("INSERT OR REPLACE INTO catalog_items(sku, name) VALUES (?, ?)", rows)
+    conn.execute("INSERT INTO catalog_meta(id, version, items) VALUES (1, ?, ?)"
+                 " ON CONFLICT(id) DO UPDATE SET version = excluded.version, items = excluded.items",
+                 (version, len(rows)))
+    return True
