@@ -11,7 +11,8 @@ no frames, no RPC. The supervisor
   sync), so a stuck uplink never needs the whole store service restarted;
 - on stop, sends SIGTERM (the child publishes its offline status and exits 0) and
   SIGKILLs it after `STOP_TIMEOUT_S`. The child also dies with the agent: it asks the
-  kernel for SIGTERM when its parent dies (sync/app.py, EDGE_SYNC_PARENT).
+  kernel for SIGKILL when its parent dies (sync/app.py, EDGE_SYNC_PARENT), so a crashed
+  agent is one crashed service and the broker publishes the store's offline will.
 """
 
 from __future__ import annotations

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sync process; SIGTERM/SIGINT stop it cleanly (exit 0). 2: configuration, 3: storage."""
     args = build_parser().parse_args(argv)
     parent = os.environ.get(PARENT_ENV, "")
-    if parent.isdigit():   # started by edge-agent run: end with it
-        die_with_parent(int(parent))
+    if parent.isdigit():   # started by edge-agent run: die with it, as one service (the broker sends our will)
+        die_with_parent(int(parent), signal.SIGKILL)
     path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or "/etc/edge-agent/agent.toml"
     if not args.config and not os.path.exists(path):
         path = None

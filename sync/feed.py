@@ -99,7 +99,13 @@ class SqliteLogFeed:
                                           " ORDER BY seq", (after_seq, last)).fetchall()
             except sqlite3.Error as exc:
                 raise storage_error("read the log", exc) from exc
-            bodies = b",".join(body if schema == ev.CURRENT_SCHEMA else ev.encode(ev.decode_event(body))
-                               for schema, body in rows)
+            bodies = b",".join(current_body(schema, body) for schema, body in rows)
             return Batch(after_seq + 1, last, count, bodies)
         return Batch(after_seq + 1, last, count, self._one(_BATCH_JOIN, (after_seq, last))[0])
+
+
+def current_body(schema: int, body: bytes) -> bytes:
+    """Return an event body at the current schema (upcast and re-encoded only when it was older)."""
+    if schema == ev.CURRENT_SCHEMA:
+        return body
+    return ev.encode(ev.decode_event(body))

@@ -76,7 +76,7 @@ class AgentProcess:
     def __init__(self, tmp_path: Path, store_id: str = "store-0042", *, write_token: str = "",
                  db_path: Path | None = None, sections: Mapping[str, Mapping[str, Any]] | None = None,
                  env: Mapping[str, str] | None = None, synchronous: str = "FULL",
-                 launcher: Sequence[str] = ()):
+                 launcher: Sequence[str] = (), run_args: Sequence[str] = ()):
         self.dir = Path(tmp_path)
         self.store_id = store_id
         self.write_token = write_token
@@ -86,7 +86,8 @@ class AgentProcess:
         self.sections = {k: dict(v) for k, v in (sections or {}).items()}
         self.synchronous = synchronous
         self.env = dict(env or {})
-        self.launcher = list(launcher)   # e.g. ["chrt", "--rr", "1"]: must exec the agent (same pid)
+        self.launcher = list(launcher)   # e.g. ["nice", "-n", "5"]: must exec the agent (same pid)
+        self.run_args = list(run_args)   # after `run`, e.g. ["--no-sync"]
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -131,7 +132,7 @@ class AgentProcess:
         out = open(self.output_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [*self.launcher, *agent_command(), "--config", str(self.config_path), "run"],
+                [*self.launcher, *agent_command(), "run", "--config", str(self.config_path), *self.run_args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         finally:
             out.close()
@@ -180,6 +181,14 @@ class AgentProcess:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        """The pids of the agent's child processes (its sync process), from /proc."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+        return [int(pid) for pid in text.split()]
 
     def output(self) -> str:
         try:

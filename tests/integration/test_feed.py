@@ -1,4 +1,5 @@
-"""The uplink's batches, cut and joined inside SQLite, against the cut done in Python."""
+"""The sync process's read-only view of the log (sync/feed.py): batches cut and joined inside SQLite
+against the cut done in Python, and the data_version poll that tells it of new events."""
 
 import msgspec
 import pytest
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from agent import events as ev
 from agent.log import SqliteEventLog
 from agent.reader import LogReader
+from sync.feed import SqliteLogFeed
 
 
 def _received(i: int, ref_len: int) -> dict:
@@ -47,26 +49,37 @@ def varied_log(tmp_path_factory):
     lens = [(i * 37) % 128 for i in range(60)]
     asyncio.run(_log_with(path, lens))
     reader = LogReader(path)
-    yield reader, reader.events_after(0, 1000)
+    rows = reader.events_after(0, 1000)
     reader.close()
+    feed = SqliteLogFeed(path)
+    yield feed, rows
+    feed.close()
+
+
+def _cut(feed, after, max_events, max_bytes):
+    batch = feed.batch(after, max_events, max_bytes)
+    if batch is None:
+        return None
+    assert batch.first_seq == after + 1
+    return batch.last_seq, batch.count, batch.bodies
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(after=st.integers(0, 61), max_events=st.integers(1, 70), max_bytes=st.integers(1, 8_000))
 def test_joined_batch_is_the_python_cut(varied_log, after, max_events, max_bytes):
     reader, rows = varied_log
-    assert reader.joined_batch(after, max_events, max_bytes) == _python_cut(rows, after, max_events, max_bytes)
+    assert _cut(reader, after, max_events, max_bytes) == _python_cut(rows, after, max_events, max_bytes)
 
 
 def test_an_event_larger_than_the_byte_cap_goes_alone(varied_log):
     reader, rows = varied_log
-    last, count, joined = reader.joined_batch(0, 500, 10)
+    last, count, joined = _cut(reader, 0, 500, 10)
     assert (last, count, joined) == (1, 1, rows[0][1])
 
 
 def test_joined_bodies_decode_in_seq_order(varied_log):
     reader, _ = varied_log
-    last, count, joined = reader.joined_batch(10, 25, 1_000_000)
+    last, count, joined = _cut(reader, 10, 25, 1_000_000)
     seqs = [e["seq"] for e in msgspec.json.decode(b"[" + joined + b"]")]
     assert (last, count, seqs) == (35, 25, list(range(11, 36)))
 
@@ -76,11 +89,11 @@ async def test_events_at_an_older_schema_take_the_upcasting_path(tmp_path, monke
     await _log_with(path, [3, 5, 8])
     monkeypatch.setattr(ev, "CURRENT_SCHEMA", 2)  # every stored event (schema 1) is now older
     upcast = []
-    monkeypatch.setattr("agent.reader.current_body",
+    monkeypatch.setattr("sync.feed.current_body",
                         lambda schema, body: upcast.append(schema) or body.replace(b'"schema":1', b'"schema":2'))
-    reader = LogReader(path)
+    reader = SqliteLogFeed(path)
     try:
-        last, count, joined = reader.joined_batch(0, 10, 1_000_000)
+        last, count, joined = _cut(reader, 0, 10, 1_000_000)
     finally:
         reader.close()
     assert (last, count, upcast) == (3, 3, [1, 1, 1])
@@ -89,4 +102,26 @@ async def test_events_at_an_older_schema_take_the_upcasting_path(tmp_path, monke
 
 def test_nothing_after_the_end_is_none(varied_log):
     reader, _ = varied_log
-    assert reader.joined_batch(60, 10, 1000) is None
+    assert _cut(reader, 60, 10, 1000) is None
+
+
+async def test_changed_tells_of_a_commit_by_the_writer_and_only_then(tmp_path):
+    path = tmp_path / "events.db"
+    await _log_with(path, [3])
+    feed = SqliteLogFeed(path)
+    try:
+        assert feed.changed() is True          # the first poll: unknown before
+        assert feed.changed() is False
+        assert feed.last_seq() == 1
+        log = await SqliteEventLog.open(path, "store-1")
+        try:
+            assert feed.changed() is False       # opening the log commits nothing new
+            await log.append(ev.decode_command(msgspec.json.encode(
+                {"command_id": "late", "events": [_received(1, 4)]})))
+            assert feed.changed() is True and feed.last_seq() == 2
+            assert feed.changed() is False
+        finally:
+            await log.close()
+        assert feed.store_id() == "store-1"
+    finally:
+        feed.close()
