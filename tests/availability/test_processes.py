@@ -204,7 +204,7 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-async def test_the_apply_worker_does_not_outlive_the_agent(tmp_path, broker):
+async def test_the_sync_process_that_applies_snapshots_does_not_outlive_the_agent(tmp_path, broker):
     agent = store_agent(tmp_path, broker, "store-a")
     with agent:
         wait_until(lambda: agent.request("GET", "/v1/sync")[1]["connected"], 20, "the agent to connect")
@@ -212,12 +212,12 @@ async def test_the_apply_worker_does_not_outlive_the_agent(tmp_path, broker):
             await publish(broker, protocol.availability_topic(PREFIX, "store-a"),
                           snapshot("store-a", version, **{"SKU-9": 3}))
             wait_until(lambda: (availability(agent, "SKU-9")["snapshot"] or {}).get("version") == version,
-                       20, f"snapshot {version} to be applied (the worker process starts)")
+                       20, f"snapshot {version} to be applied by the sync process")
             workers = _children(agent.proc.pid)
-            assert workers, "the apply worker should be a child of the agent"
+            assert workers, "the sync process should be a child of the agent"
             if stop == "kill":
                 agent.kill()
             else:
                 assert agent.terminate() == 0
-            wait_until(lambda: not _alive(workers), 10, f"the apply worker to exit after the agent's {stop}")
+            wait_until(lambda: not _alive(workers), 10, f"the sync process to exit after the agent's {stop}")
             agent.start()
