@@ -194,19 +194,54 @@ def cmd_rebuild(args: argparse.Namespace, cfg: AgentConfig) -> int:
     return 0
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
+    return path if args.config or os.path.exists(path) else None
+
+
 def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent import app
 
     cfg.check_exposure()
-    return app.main(cfg)
+    return app.main(cfg, config_path=_config_path(args), start_sync=not args.no_sync)
+
+
+def cmd_sync(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    """Replace this process with the store's sync process (the agent imports nothing of sync)."""
+    path = _config_path(args)
+    argv = [sys.executable, "-m", "sync", *(["--config", os.path.abspath(path)] if path else [])]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+CONFIG_HELP = f"TOML config (default $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG})"
+
+
+class _Sub:
+    """Adds subcommands that also take --config after their name (as a systemd unit writes it)."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        parser = self._sub.add_parser(name, **kwargs)
+        # SUPPRESS: without the option here, the value given before the subcommand stays.
+        parser.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="Store edge inventory agent")
-    parser.add_argument("--config", help=f"TOML config (default $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--config", help=CONFIG_HELP)
+    sub = _Sub(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
-    sub.add_parser("run", help="run the agent service (HTTP API, sync)").set_defaults(fn=cmd_run)
+    run = sub.add_parser("run", help="run the store's service (HTTP API, kiosk, and its sync process)")
+    run.add_argument("--no-sync", action="store_true", dest="no_sync",
+                     help="do not start edge-agent sync (it runs under a unit of its own)")
+    run.set_defaults(fn=cmd_run)
+    sub.add_parser("sync", help="run the store's sync process alone (MQTT uplink and downlink)").set_defaults(
+        fn=cmd_sync)
     sub.add_parser("init", help="create the log (idempotent)").set_defaults(fn=cmd_init)
 
     rec = sub.add_parser("record", help="append one event from the shell")

@@ -1,8 +1,14 @@
-"""The SQLite log with real files: idempotency, group commit, append-only, time travel, verify."""
+"""The SQLite log with real files, what the EventLog contract (test_ports.py) does not say.
+
+Retries batched with new commands, group commit into one transaction, chunked inserts,
+append-only triggers, the flock, the store id, projection checkpoints, the time-travel
+query plan, verify and rebuild.
+"""
 
 import asyncio
 import sqlite3
 import tempfile
+import threading
 
 import msgspec
 import pytest
@@ -11,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from agent import events as ev
 from common.errors import LogLocked, StorageError
 from agent.inventory import Refused, fold
-from agent.log import SqliteEventLog
+from agent.log import WRITER_THREAD, SqliteEventLog
 from agent.reader import AS_OF_SUMS
 from agent.schema import SCHEMA_SQL
 from agent.verify import rebuild_projections, verify_log
@@ -41,22 +47,6 @@ def stored_events(path):
         conn.close()
 
 
-async def test_same_command_twice_appends_once(log):
-    first = await log.append(cmd("c1", receive(), receive(qty=2)))
-    again = await log.append(cmd("c1", receive(), receive(qty=2)))
-    assert (first.first_seq, first.last_seq, first.duplicate) == (1, 2, False)
-    assert (again.first_seq, again.last_seq, again.duplicate) == (1, 2, True)
-    assert log.reader.last_seq() == 2
-
-
-async def test_same_command_id_with_other_body_is_a_conflict(log):
-    await log.append(cmd("c1", receive()))
-    with pytest.raises(Refused) as info:
-        await log.append(cmd("c1", receive(qty=3)))
-    assert info.value.code == "command_conflict"
-    assert log.reader.last_seq() == 1
-
-
 async def test_retry_that_would_be_refused_now_answers_the_original_seqs(log):
     await log.append(cmd("stock", receive(qty=1)))
     reserve = {"type": "reserved", "sku": "A", "qty": 1, "reservation_id": "r1"}
@@ -84,18 +74,48 @@ async def test_retries_batched_with_new_commands_append_only_the_new_ones(log):
     assert verify_log(log.path).ok
 
 
-async def test_concurrent_commands_group_commit_with_own_results(log):
-    await log.append(cmd("stock", receive(qty=50)))
-    jobs = [log.append(cmd(f"r{i}", {"type": "reserved", "sku": "A", "qty": 1, "reservation_id": f"res{i}"}))
-            for i in range(80)]
-    results = await asyncio.gather(*jobs, return_exceptions=True)
-    accepted = [r for r in results if not isinstance(r, Exception)]
-    refused = [r for r in results if isinstance(r, Refused)]
-    assert len(accepted) == 50 and len(refused) == 30
-    assert all(r.code == "insufficient_stock" for r in refused)
-    assert sorted(r.first_seq for r in accepted) == list(range(2, 52))
-    assert log.reader.stock("A")["reserved"] == 50
-    assert verify_log(log.path).ok
+async def test_appends_waiting_together_share_one_commit(log):
+    await log.append(cmd("stock", receive(qty=100)))
+    blocker = sqlite3.connect(log.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next transaction waits (busy_timeout) for this one
+    commits = []
+    log.add_listener(lambda events: commits.append([e.seq for e in events]))
+    tasks = [asyncio.ensure_future(log.append(cmd(f"r{i}", {"type": "reserved", "sku": "A", "qty": 1,
+                                                            "reservation_id": f"res{i}"}))) for i in range(40)]
+    await asyncio.sleep(0)  # every append is queued while the writer is held
+    blocker.execute("COMMIT")
+    blocker.close()
+    results = await asyncio.gather(*tasks)
+    assert sorted(r.first_seq for r in results) == list(range(2, 42))
+    assert len(commits) <= 2 and sorted(seq for c in commits for seq in c) == list(range(2, 42))
+
+
+async def test_appends_take_a_projection_checkpoint_every_n_events(log):
+    for i in range(12):
+        await log.append(cmd(f"c{i}", receive(sku=f"S{i % 2}", qty=1)))
+    seqs = [row[0] for row in sqlite3.connect(log.path).execute("SELECT seq FROM checkpoints ORDER BY seq")]
+    assert seqs == [5, 10]
+    assert log.reader.stock_as_of("S0", 5)["backroom"] == 3
+
+
+async def test_a_maintenance_step_after_close_is_refused(tmp_path):
+    log = await SqliteEventLog.open(tmp_path / "events.db", "store-1")
+    await log.close()
+    with pytest.raises(StorageError, match="closing"):
+        await log.wal_checkpoint()
+    await log.close()  # a second close does nothing
+
+
+async def test_open_failures_leave_no_writer_thread_and_free_the_lock(tmp_path):
+    (tmp_path / "events.db").write_bytes(b"not a database" * 512)
+    with pytest.raises(StorageError, match="storage: open .*events.db"):
+        await SqliteEventLog.open(tmp_path / "events.db", "store-1")
+    assert WRITER_THREAD not in {t.name for t in threading.enumerate()}
+    (tmp_path / "events.db").unlink()
+    log = await SqliteEventLog.open(tmp_path / "events.db", "store-1")  # the flock was released
+    assert WRITER_THREAD in {t.name for t in threading.enumerate()}
+    await log.close()
+    assert WRITER_THREAD not in {t.name for t in threading.enumerate()}
 
 
 async def test_commands_of_every_chunk_size_store_every_event_once(log):
@@ -109,14 +129,6 @@ async def test_commands_of_every_chunk_size_store_every_event_once(log):
     assert len({e.event_id for e in stored}) == len(stored)
     assert [e.qty for e in stored if e.command_id == "c257"] == [1 + i % 5 for i in range(257)]
     assert verify_log(log.path).ok
-
-
-async def test_refused_command_appends_nothing(log):
-    await log.append(cmd("c1", receive(qty=1)))
-    with pytest.raises(Refused):
-        await log.append(cmd("c2", receive(qty=5), {"type": "reserved", "sku": "A", "qty": 7, "reservation_id": "r"}))
-    assert log.reader.last_seq() == 1
-    assert log.reader.stock("A")["backroom"] == 1
 
 
 async def test_update_and_delete_on_events_are_refused_by_sqlite(log):
@@ -142,36 +154,6 @@ async def test_log_of_another_store_is_refused(tmp_path):
     await first.close()
     with pytest.raises(StorageError, match="belongs to store 'store-1'"):
         await SqliteEventLog.open(tmp_path / "e.db", "store-2")
-
-
-async def test_time_travel_equals_fold_of_prefix(log):
-    intents = [receive(qty=10), {"type": "sold", "sku": "A", "qty": 3, "location": "backroom"},
-               {"type": "moved", "sku": "A", "qty": 4, "from": "backroom", "to": "floor"},
-               receive(sku="B", qty=1), {"type": "counted", "sku": "A", "location": "floor", "counted": 9},
-               {"type": "reserved", "sku": "A", "qty": 2, "reservation_id": "r"},
-               {"type": "adjusted", "sku": "A", "location": "floor", "delta": -1, "reason": "damaged"},
-               {"type": "reservation_fulfilled", "reservation_id": "r"}]
-    await log.append(cmd("early", receive(sku="Z", qty=2)))  # then never again: its last checkpoint row is old
-    for round_ in range(4):  # 33 events: several checkpoints at checkpoint_every=5
-        for i, intent in enumerate(intents):
-            if intent["type"].startswith("reserv"):
-                intent = {**intent, "reservation_id": f"r{round_}"}
-            await log.append(cmd(f"c{round_}-{i}", intent))
-    events = stored_events(log.path)
-    checkpoints = sqlite3.connect(log.path).execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
-    assert checkpoints >= 5
-    for n in range(1, len(events) + 1):
-        state = fold("store-1", events[:n])
-        for sku in ("A", "B", "Z"):
-            row = state.stock.get(sku)
-            got = log.reader.stock_as_of(sku, n)
-            if row is None:
-                assert got is None, (sku, n)
-                continue
-            assert (got["floor"], got["backroom"], got["reserved"], got["last_seq"]) == (
-                row.floor, row.backroom, row.reserved, row.last_seq), (sku, n)
-    assert log.reader.stock_as_of("B", 3) is None
-    assert log.reader.stock_as_of("A", len(events)) == log.reader.stock("A")
 
 
 def test_time_travel_walks_a_seq_range_not_the_log(tmp_path):

@@ -77,21 +77,26 @@ def _effective_syscalls(unit: str, tool: str) -> set[str]:
     return allowed
 
 
-def test_agent_unit_lets_the_sync_worker_lower_its_own_priority_only():
-    """The sync worker puts itself under SCHED_IDLE (agent.proc.lower_priority): the unit
-    must allow sched_setscheduler while the rest of @resources stays denied."""
+def test_agent_unit_lets_the_agent_renice_its_sync_child_only():
+    """The agent starts `edge-agent sync` `sync.nice` steps nicer (agent/supervisor.py): the unit
+    allows setpriority while the rest of @resources, sched_setscheduler included, stays denied."""
     tool = require_binary("systemd-analyze")
     allowed = _effective_syscalls("edge-agent.service", tool)
-    assert "sched_setscheduler" in allowed
-    assert not {"setpriority", "sched_setaffinity", "setrlimit", "nice"} & allowed
-    assert {"clone", "prctl", "socketpair"} <= allowed
+    assert "setpriority" in allowed
+    assert not {"sched_setscheduler", "sched_setaffinity", "setrlimit"} & allowed
+    assert {"clone", "execve", "prctl", "wait4"} <= allowed
 
 
-def test_agent_unit_runs_only_the_event_loop_realtime():
-    """The agent's main thread (the event loop, every kiosk request) at SCHED_RR 1; what it
-    starts gets ordinary scheduling back; the process can raise nothing itself
-    (tests/sync/test_worker.py checks the threads of a process started this way)."""
+def test_no_unit_uses_realtime_scheduling():
+    """Scheduling is the kernel's: no real-time class, and no way for the process to take one."""
+    for unit in UNITS:
+        lines = (ROOT / "systemd" / unit).read_text().splitlines()
+        assert not [l for l in lines if l.startswith(("CPUScheduling", "LimitRTPRIO"))], unit
+        assert "RestrictRealtime=yes" in lines, unit
+        assert "CapabilityBoundingSet=" in lines, unit
+
+
+def test_agent_unit_starts_the_agent_as_the_tests_do():
     lines = (ROOT / "systemd" / "edge-agent.service").read_text().splitlines()
-    for line in ("CPUSchedulingPolicy=rr", "CPUSchedulingPriority=1", "CPUSchedulingResetOnFork=yes",
-                 "LimitRTPRIO=0", "CapabilityBoundingSet="):
-        assert line in lines, line
+    assert "ExecStart=/usr/local/bin/edge-agent run --config /etc/edge-agent/agent.toml" in lines
+    assert "Environment=MALLOC_ARENA_MAX=2" in lines

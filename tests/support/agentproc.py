@@ -76,7 +76,8 @@ class AgentProcess:
     def __init__(self, tmp_path: Path, store_id: str = "store-0042", *, write_token: str = "",
                  db_path: Path | None = None, sections: Mapping[str, Mapping[str, Any]] | None = None,
                  env: Mapping[str, str] | None = None, synchronous: str = "FULL",
-                 launcher: Sequence[str] = (), run_args: Sequence[str] = ()):
+                 launcher: Sequence[str] = (), run_args: Sequence[str] = (),
+                 wait_connected: bool = False):
         self.dir = Path(tmp_path)
         self.store_id = store_id
         self.write_token = write_token
@@ -88,6 +89,7 @@ class AgentProcess:
         self.env = dict(env or {})
         self.launcher = list(launcher)   # e.g. ["nice", "-n", "5"]: must exec the agent (same pid)
         self.run_args = list(run_args)   # after `run`, e.g. ["--no-sync"]
+        self.wait_connected = wait_connected   # start() also waits for the sync process's connection
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -107,6 +109,8 @@ class AgentProcess:
             self._spawn()
             try:
                 self.wait_ready(timeout)
+                if self.wait_connected:
+                    self._wait_connected(timeout)
                 return self
             except AgentStartError:
                 # Another test may have taken the port between our probe and the bind.
@@ -155,6 +159,14 @@ class AgentProcess:
                 self.kill()
                 raise AgentStartError(f"agentproc: not ready on {self.url} after {timeout}s:\n"
                                       f"{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def _wait_connected(self, timeout: float) -> None:
+        """Poll GET /v1/sync until the sync process reports its broker connection."""
+        deadline = time.monotonic() + timeout
+        while self.request("GET", "/v1/sync")[1].get("connected") is not True:
+            if time.monotonic() > deadline or not self.running:
+                raise AgentStartError(f"agentproc: sync not connected after {timeout}s:\n{self.output()[-4000:]}")
             time.sleep(0.05)
 
     def terminate(self, timeout: float = 20.0) -> int:

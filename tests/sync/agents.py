@@ -21,7 +21,7 @@ def sync_agent(tmp_path, broker, launcher=(), **sync) -> AgentProcess:
         "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
         "sync": options,
         "service": {"backup_interval_s": 0},
-    }, launcher=launcher)
+    }, launcher=launcher, wait_connected=True)
 
 
 def post_events(agent: AgentProcess, n: int) -> tuple[int, int]:
