@@ -1,7 +1,9 @@
 """`edge-agent`: the agent's command line.
 
-Every subcommand reads the TOML config (`--config`, default $EDGE_AGENT_CONFIG or
-/etc/edge-agent/agent.toml) with EDGE_AGENT__SECTION__KEY overrides. Exit codes: 0 ok,
+Every subcommand reads the TOML config (`--config PATH`, before or after the subcommand,
+the later one winning; default $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml) with
+EDGE_AGENT__SECTION__KEY overrides. `run` is the store's service and starts `sync` as its
+child unless `--no-sync`; `sync` runs the store's sync process alone. Exit codes: 0 ok,
 1 a check failed (verify) or a write was refused, 2 bad usage or configuration,
 3 storage trouble.
 """
@@ -25,10 +27,15 @@ from agent.settings import AgentConfig, ConfigError, load_config
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The config file: --config, else $EDGE_AGENT_CONFIG or DEFAULT_CONFIG when it exists, else None."""
     path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
-    if not args.config and not os.path.exists(path):
-        path = None  # no file: defaults plus environment (store.id must then come from EDGE_AGENT__STORE__ID)
+    return path if args.config or os.path.exists(path) else None
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    # No file: defaults plus environment (store.id must then come from EDGE_AGENT__STORE__ID).
+    path = _config_path(args)
     try:
         return load_config(path, AgentConfig, "EDGE_AGENT")
     except ConfigError as exc:
@@ -194,11 +201,6 @@ def cmd_rebuild(args: argparse.Namespace, cfg: AgentConfig) -> int:
     return 0
 
 
-def _config_path(args: argparse.Namespace) -> str | None:
-    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
-    return path if args.config or os.path.exists(path) else None
-
-
 def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent import app
 
@@ -207,12 +209,18 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
 
 def cmd_sync(args: argparse.Namespace, cfg: AgentConfig) -> int:
-    """Replace this process with the store's sync process (the agent imports nothing of sync)."""
+    """Replace this process with the store's sync process, `python -m sync`; never returns.
+
+    An exec, not an import: the agent's package uses nothing of `sync`, and the process
+    (pid, signals, exit status) is then the sync process's own. The config has been read
+    once here, so a bad one exits 2 before anything starts; without a file the child reads
+    the same EDGE_AGENT__* environment.
+    """
     path = _config_path(args)
     argv = [sys.executable, "-m", "sync", *(["--config", os.path.abspath(path)] if path else [])]
     sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, argv)
-    return 0  # not reached
 
 
 CONFIG_HELP = f"TOML config (default $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG})"

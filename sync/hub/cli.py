@@ -1,12 +1,12 @@
 """`edge-hub`: the reference hub's command line.
 
-    edge-hub --config hub.toml run              the long-running service (SIGTERM: clean stop)
-    edge-hub --config hub.toml export --store ID   the store's events as JSON lines, seq order
-    edge-hub --config hub.toml stats            acked positions, counts, conflicts, rejections
+    edge-hub run --config hub.toml              the long-running service (SIGTERM: clean stop)
+    edge-hub export --config hub.toml --store ID   the store's events as JSON lines, seq order
+    edge-hub stats --config hub.toml            acked positions, counts, conflicts, rejections
 
-The config defaults to $EDGE_HUB_CONFIG or /etc/edge-hub/hub.toml, with
-EDGE_HUB__SECTION__KEY overrides. Exit codes: 0 ok, 2 bad usage or configuration,
-3 storage trouble.
+`--config` goes before or after the subcommand (the later one wins). The config defaults
+to $EDGE_HUB_CONFIG or /etc/edge-hub/hub.toml, with EDGE_HUB__SECTION__KEY overrides.
+Exit codes: 0 ok, 2 bad usage or configuration, 3 storage trouble.
 """
 
 from __future__ import annotations
@@ -73,16 +73,18 @@ def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = f"TOML config (default $EDGE_HUB_CONFIG or {DEFAULT_CONFIG})"
+    # Every subcommand takes --config too (`edge-hub run --config F`, as the unit writes it).
+    # SUPPRESS: a subcommand without it leaves the value given before the subcommand alone.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(prog="edge-hub", description="The reference hub for Store Edge Agents.")
-    parser.add_argument("--config", help=f"TOML config (default $EDGE_HUB_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument("--config", help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the hub service")
-    run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
-    export = sub.add_parser("export", help="print a store's events as JSON lines in seq order")
+    sub.add_parser("run", parents=[after], help="run the hub service")
+    export = sub.add_parser("export", parents=[after], help="print a store's events as JSON lines in seq order")
     export.add_argument("--store", required=True, help="store id")
-    export.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
-    stats = sub.add_parser("stats", help="print acked positions and counters as JSON")
-    stats.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    sub.add_parser("stats", parents=[after], help="print acked positions and counters as JSON")
     return parser
 
 
@@ -91,7 +93,6 @@ COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.config = getattr(args, "sub_config", None) or args.config
     try:
         cfg = _config(args)
     except ConfigError as exc:
