@@ -204,7 +204,8 @@ class Demo:
             "availability": {"max_age_s": self.max_age_s},
             "log": {"format": "text"},
         }))
-        store.child = self.spawn(store_id, [*console_script("edge-agent", "agent.cli"), "--config", str(config), "run"])
+        # As the unit starts it (systemd/edge-agent.service).
+        store.child = self.spawn(store_id, [*console_script("edge-agent", "agent.cli"), "run", "--config", str(config)])
         return store
 
     async def wait_ready(self, session: aiohttp.ClientSession, store: Store, timeout: float = 30.0) -> None:
@@ -260,18 +261,49 @@ class Demo:
         return await asyncio.start_unix_server(handle, path=str(path))
 
     async def read_stdin(self) -> None:
-        """Take commands typed at the demo's terminal (not when stdin is not a terminal)."""
-        if not sys.stdin or not sys.stdin.isatty():
+        """Take commands typed at the demo's terminal, or piped to it, one per line, until EOF.
+
+        The event loop watches stdin (`add_reader`) and reads only what is there: no
+        thread ever blocks in readline, so nothing is left for the stop to wait on, and
+        Ctrl-C stops the demo at once whatever the prompt is doing. A stdin the loop
+        cannot watch (/dev/null, a regular file) has no commands to give: it is ignored.
+        """
+        if sys.stdin is None:
             return
+        fd = sys.stdin.fileno()
         loop = asyncio.get_running_loop()
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        pending = bytearray()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
                 return
-            if line.strip().split()[:1] == ["status"]:
-                self.say(await self.status_table())
-            elif line.strip():
-                self.say(self.command(line))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                loop.remove_reader(fd)
+                lines.put_nowait(None)
+                return
+            pending.extend(chunk)
+            while (end := pending.find(b"\n")) >= 0:
+                lines.put_nowait(bytes(pending[:end]))
+                del pending[:end + 1]
+
+        try:
+            loop.add_reader(fd, readable)
+        except (OSError, ValueError):
+            return
+        try:
+            while (line := await lines.get()) is not None:
+                text = line.decode(errors="replace").strip()
+                if text.split()[:1] == ["status"]:
+                    self.say(await self.status_table())
+                elif text:
+                    self.say(self.command(text))
+        finally:
+            loop.remove_reader(fd)
 
     async def status_table(self) -> str:
         rows = [f"{'store':<10} {'link':<5} {'mqtt':<9} {'last_seq':>8} {'acked':>8} {'backlog':>8}"]
