@@ -4,16 +4,18 @@
 `LogQueries`) and reads what the sync process writes (`SyncView`, read-only on sync.db).
 Implementations: agent/log.py (`SqliteEventLog`), agent/reader.py (`LogReader`) and
 agent/syncview.py (`SqliteSyncView`). tests/integration/test_ports.py runs one contract
-suite per role against each implementation.
+suite for `EventLog` and one for `LogQueries` against each of their implementations.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from agent import events as ev
-    from agent.log import AppendResult
+    from agent.logstore import AppendResult
 
 
 class LogQueries(Protocol):
@@ -38,11 +40,18 @@ class LogQueries(Protocol):
 class EventLog(Protocol):
     """The store's append-only log and its projections; the only writer of its database."""
 
-    last_seq: int
+    path: Path  # the database file (backups and the WAL job look at its size)
+    last_seq: int  # the highest seq answered to a caller
     reader: LogQueries
 
     async def append(self, command: "ev.AppendCommand") -> "AppendResult":
-        """Append a command's events, all or none; idempotent by command_id (see SqliteEventLog)."""
+        """Append a command's events, all or none; idempotent by command_id.
+
+        A retry with the same body answers duplicate=True with the original seqs and appends
+        nothing. Raises Refused (nothing appended) when the store's rules refuse it or the
+        command_id was used with another body (`command_conflict`); StorageError when the
+        log cannot commit or is closing.
+        """
 
     def add_listener(self, fn: Callable[[list], None]) -> None:
         """Call `fn(events)` on the event loop after every commit that appended events."""
@@ -53,11 +62,11 @@ class EventLog(Protocol):
     async def wal_checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         """Checkpoint the WAL from the writer; return SQLite's (busy, log, checkpointed)."""
 
-    async def backup_to(self, target: str) -> int:
+    async def backup_to(self, target: str | os.PathLike) -> int:
         """Copy the database to `target` online; return the last seq the copy holds."""
 
     async def close(self) -> None:
-        """Finish queued writes, stop the writer, release the lock."""
+        """Finish queued writes, stop the writer, release the lock; later appends raise StorageError."""
 
 
 class SyncView(Protocol):
