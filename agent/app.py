@@ -30,6 +30,7 @@ from agent.settings import AgentConfig, sync_db_path
 from agent.supervisor import SyncSupervisor
 from agent.syncview import SqliteSyncView
 from common.logsetup import setup_logging
+from common.notify import Notifier
 
 log = logging.getLogger("edge_agent.app")
 
@@ -56,7 +57,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     supervisor = (SyncSupervisor(config, config_path, view)
                   if config.sync.enabled and start_sync else None)
     ctx = AgentContext(config=config, log=event_log, queries=event_log.reader, sync=view,
-                       metrics=Metrics(), disk=disk, supervisor=supervisor)
+                       metrics=Metrics(), disk=disk, notifier=Notifier.from_environ(),
+                       supervisor=supervisor)
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     ctx.metrics.registry.register(SyncCollector(ctx.sync_status))
     event_log.add_listener(ctx.metrics.count_events)
