@@ -1,19 +1,27 @@
 """The uplink: ship the store's log to the hub in batches; only the hub's ack moves the cursor.
 
-Runs in `edge-agent sync`, as the imperative shell around the pure rules of
-sync/rules.py: it feeds them what happens (the log grew, an ack arrived, the connection
-changed, a batch left, time passed) and carries out what they decide:
+Runs in `edge-agent sync` as the imperative shell around the pure rules of sync/rules.py:
+it tells them what happened (the log grew, an ack arrived, the cursor was stored, the
+connection changed, a batch left, time passed) and carries out what they decide:
 
 * Batches are consecutive events `first_seq..last_seq` (at most `sync.batch_max_events`
-  and `sync.batch_max_bytes`), cut and joined inside SQLite (sync/feed.py) on a thread,
-  published at QoS 1 on `P/stores/{id}/events`, up to `sync.max_inflight` beyond the ack.
-* The cursor lives in sync.db (sync/state.py) and moves only when the hub's retained ack
-  says so (a PUBACK means nothing here); it is durable before the ack message is
-  acknowledged (the MQTT adapter acks after the handler returns).
+  and `sync.batch_max_bytes`), cut and joined inside SQLite (`LogFeed.batch`) on a
+  thread that also builds the payload (`protocol.encode_joined_batch`), and published at
+  QoS 1 on `P/stores/{id}/events`, up to `sync.max_inflight` beyond the ack. While acks
+  are awaited the next window is read ahead, so a freed window is filled by publishing;
+  a resend or a rewind drops what was read ahead. `sync.rate_limit_eps` caps events per
+  second (one batch at a time, no read-ahead).
 * New events are learned from the log itself: `feed.changed()` (PRAGMA data_version) is
-  polled every `sync.poll_interval_s`; the agent sends no message.
-* The status (connected, counters, alarm) goes to sync.db at once on a resend, rewind,
-  alarm or connection change, otherwise at most every STATUS_EVERY_S while sending.
+  polled every `sync.poll_interval_s`, then `feed.last_seq()`; the agent sends nothing.
+  The feed is used by one thread at a time: the poll skips a round while a read is in flight.
+* The cursor lives in sync.db (`SyncState`) and moves only on the hub's ack (a PUBACK
+  means nothing here). It is committed before the ack handler returns, and the MQTT
+  adapter acknowledges the ack message only after that.
+* The status goes to sync.db at once on a resend, a rewind, an alarm or a connection
+  change, otherwise at most every STATUS_EVERY_S while sending.
+
+The app (sync/app.py) builds the client (`agent_mqtt`), the uplink (`await Uplink.open`),
+starts the client and runs `uplink.run()`; the uplink never starts or stops the client.
 """
 
 from __future__ import annotations
@@ -21,21 +29,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import astuple
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from agent.settings import AgentConfig
 from common import clock
 from common.aio import wait_for
-from sync import protocol
+from sync import protocol, rules
 from sync.mqtt import LastWill, Message, MqttClient, MqttError
 from sync.ports import LogFeed, SyncState, UplinkStatus
-from sync.rules import (AckArrived, Alarm, BatchSent, ConnectionChanged, Limits, LogGrew, Note, Send,
-                        StoreCursor, Tick, Window, decide, next_deadline)
+from sync.rules import (AckArrived, Alarm, BatchSent, ConnectionChanged, CursorStored, LogGrew, Note, Send,
+                        StoreCursor, Tick)
 
 log = logging.getLogger("edge_sync.uplink")
 
 STATUS_EVERY_S = 0.1
+HEADROOM = 128   # bytes of the payload around the joined events, kept below sync.batch_max_bytes
 
 
 def agent_mqtt(config: AgentConfig) -> MqttClient:
@@ -52,71 +60,102 @@ def agent_mqtt(config: AgentConfig) -> MqttClient:
                                     max_inflight=max(20, 2 * config.sync.max_inflight))
 
 
+class Outgoing(NamedTuple):
+    """A batch read from the log, its payload built, ready to publish."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    payload: bytes
+
+
+def _urgent(status: UplinkStatus) -> tuple:
+    """The fields whose change is persisted at once (connection, counters, alarm)."""
+    return status.connected, status.resends, status.rewinds, status.ack_alarms, status.alarm
+
+
 class Uplink:
     """Ships the log; see the module docstring. Build with `await Uplink.open(...)`."""
 
     def __init__(self, config: AgentConfig, feed: LogFeed, state: SyncState, mqtt: MqttClient, *,
-                 acked_seq: int = 0, last_ack_at: str | None = None,
+                 acked_seq: int, last_ack_at: str | None,
                  now: Callable[[], str] = clock.utc_now, monotonic: Callable[[], float] = time.monotonic):
         self.store_id = config.store.id
         self.sync = config.sync
         self.feed, self.state, self.mqtt = feed, state, mqtt
-        self.limits = Limits(config.sync.max_inflight, config.sync.ack_timeout_s)
+        self.limits = rules.Limits(config.sync.max_inflight, config.sync.ack_timeout_s)
         self._now, self._monotonic = now, monotonic
-        self.window = Window(acked_seq=acked_seq, sent_seq=acked_seq, last_seq=max(acked_seq, feed.last_seq()),
-                             progress_at=monotonic())
-        self.last_ack_at = last_ack_at
-        self.events_sent = 0
+        self.window = rules.start(acked_seq, last_ack_at, feed.last_seq(), monotonic())
         self._topic = protocol.events_topic(config.mqtt.topic_prefix, self.store_id)
         self._wake = asyncio.Event()
-        self._saved: tuple | None = None
-        self._saved_at = 0.0
+        self._ready: list[Outgoing] = []                          # read ahead, continuing sent_seq
+        self._reading: tuple[int, asyncio.Task] | None = None     # (read after seq, its task)
+        self._writes = asyncio.Lock()    # one sync.db write at a time, so statuses land in order
+        self._saved: UplinkStatus | None = None
+        self._saved_at = float("-inf")
+        self._send_at = float("-inf")    # rate limit: no publish before this monotonic time
+        # Subscribed before the app starts the client: the retained ack comes with the first connect.
         mqtt.subscribe(protocol.ack_topic(config.mqtt.topic_prefix, self.store_id), self.on_ack)
         mqtt.on_connection_change(self._on_connection)
 
     @classmethod
     async def open(cls, config: AgentConfig, feed: LogFeed, state: SyncState, mqtt: MqttClient,
                    **kwargs) -> "Uplink":
-        """Load the cursor from `state`, clamped to the log's end (a log restored from a backup)."""
+        """Load the cursor from `state`, clamped (and stored) at the log's end when beyond it.
+
+        Raises StorageError when sync.db cannot be read or written.
+        """
         acked, at = await state.cursor()
         last = feed.last_seq()
         if acked > last:
-            log.error("sync: the stored cursor says %d but the log ends at %d (restored from a backup?);"
-                      " starting from the log's end", acked, last)
+            log.error("sync: the stored cursor says %d but the log ends at %d (log restored from a"
+                      " backup?); starting from the log's end", acked, last)
             acked = last
+            await state.store_cursor(acked, at or kwargs.get("now", clock.utc_now)())
         return cls(config, feed, state, mqtt, acked_seq=acked, last_ack_at=at, **kwargs)
 
     @property
     def acked_seq(self) -> int:
         return self.window.acked_seq
 
+    @property
+    def last_ack_at(self) -> str | None:
+        return self.window.last_ack_at
+
+    @property
+    def last_seq(self) -> int:
+        """The log's end as last seen (read without touching the feed)."""
+        return self.window.last_seq
+
     def status(self) -> UplinkStatus:
+        """The uplink's diagnostics now (what sync.db's status row holds)."""
         w = self.window
         return UplinkStatus(connected=w.connected, reconnects=self.mqtt.reconnects, sent_seq=w.sent_seq,
                             inflight_batches=len(w.inflight), resends=w.resends, rewinds=w.rewinds,
-                            ack_alarms=w.ack_alarms, alarm=w.alarm, events_sent=self.events_sent)
+                            ack_alarms=w.ack_alarms, alarm=w.alarm, events_sent=w.events_sent)
 
     # ------------------------------------------------------------- the rules
 
-    def _decide(self, message) -> list:
-        """Feed one message to the rules; log what they note; return the other actions."""
-        self.window, actions = decide(self.window, message, self._monotonic(), self.limits)
-        rest = []
+    def _decide(self, message: rules.Message) -> list[rules.Action]:
+        """Feed one message to the rules; log their alarms and notes; return every action."""
+        self.window, actions = rules.decide(self.window, message, self._monotonic(), self.limits)
         for action in actions:
             if isinstance(action, Alarm):
                 log.error("%s", action.text)
             elif isinstance(action, Note):
                 log.warning("%s", action.text)
-            else:
-                rest.append(action)
-        return rest
+        return actions
 
     def _on_connection(self, up: bool) -> None:
         self._decide(ConnectionChanged(up))
         self._wake.set()
 
     async def on_ack(self, message: Message) -> None:
-        """Handle the hub's ack; returns after the cursor is durably written (then it is acked)."""
+        """Handle the hub's ack; return only after the cursor (and status) are committed.
+
+        Raises StorageError when the write fails: the adapter then leaves the message
+        unacknowledged, and its redelivery asks for the write again.
+        """
         if not message.payload:
             return  # a cleared retained ack
         try:
@@ -127,89 +166,157 @@ class Uplink:
         if ack.store_id != self.store_id:
             log.warning("sync: ignoring an ack for store %s on %s", ack.store_id, message.topic)
             return
-        for action in self._decide(AckArrived(ack.store_id, ack.acked_seq)):
+        actions = self._decide(AckArrived(ack.store_id, ack.acked_seq, self._now()))
+        self._wake.set()   # the window slid (or was rewound): the loop sends while we write
+        for action in actions:
             if isinstance(action, StoreCursor):
-                at = self._now()
-                await self.state.store_cursor(action.acked_seq, at, self.status())
-                self.last_ack_at = at
-                self._mark_saved()
+                async with self._writes:
+                    status = self.status()
+                    await self.state.store_cursor(action.acked_seq, action.at, status)
+                    self._saved, self._saved_at = status, self._monotonic()
+                self._decide(CursorStored(action.acked_seq, action.at))
         await self._save_status()
-        self._wake.set()
 
     # ------------------------------------------------------------------ send
 
-    def _read(self, after: int, count: int) -> list:
-        """Read up to `count` consecutive batches after `after` (on a thread); payloads built here."""
-        out, cap = [], self.sync.batch_max_bytes - 128
+    def _read(self, after: int, count: int) -> list[Outgoing]:
+        """Read up to `count` consecutive batches after `after` (on a thread), payloads built here."""
+        out, cap = [], self.sync.batch_max_bytes - HEADROOM
         while len(out) < count:
             batch = self.feed.batch(after, self.sync.batch_max_events, cap)
             if batch is None:
                 break
-            out.append((batch.first_seq, batch.last_seq, batch.count,
-                        protocol.encode_joined_batch(self.store_id, batch.first_seq, batch.last_seq, batch.bodies)))
+            payload = protocol.encode_joined_batch(self.store_id, batch.first_seq, batch.last_seq, batch.bodies)
+            out.append(Outgoing(batch.first_seq, batch.last_seq, batch.count, payload))
             after = batch.last_seq
         return out
 
-    async def _send(self, action: Send) -> None:
+    def _start_read(self, after: int, count: int) -> None:
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._read, after, count))
+        self._reading = (after, task)
+
+    async def _collect(self) -> None:
+        """Wait for the read in flight; keep its batches if they still continue what is ready.
+
+        Raises what the read raised (StorageError).
+        """
+        if self._reading is None:
+            return
+        after, task = self._reading
+        await asyncio.wait([task])
+        self._reading = None
+        batches = task.result()
+        if (self._ready[-1].last_seq if self._ready else self.window.sent_seq) == after:
+            self._ready.extend(batches)
+
+    async def _take(self, after: int, count: int) -> list[Outgoing]:
+        """Return up to `count` consecutive batches starting at `after + 1` (read ahead or read now)."""
+        await self._collect()
+        self._ready = [b for b in self._ready if b.first_seq > after]
+        if self._ready and self._ready[0].first_seq != after + 1:
+            self._ready.clear()     # a resend or a rewind moved sent_seq back
+        if not self._ready:
+            self._start_read(after, count)
+            await self._collect()
+        taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+    def _read_ahead(self) -> None:
+        """Start reading the batches after the last one sent or ready, while acks are awaited."""
+        if self._reading is not None or self.sync.rate_limit_eps or not self.window.connected:
+            return
+        want = self.limits.max_inflight - len(self._ready)
+        after = self._ready[-1].last_seq if self._ready else self.window.sent_seq
+        if want > 0 and after < self.window.last_seq:
+            self._start_read(after, want)
+
+    async def _send(self, send: Send) -> int:
+        """Publish what `send` allows; return how many batches left."""
         rate = self.sync.rate_limit_eps
-        batches = await asyncio.to_thread(self._read, action.after_seq, 1 if rate else action.batches)
-        for first, last, count, payload in batches:
-            # An ack may have rewound the cursor while the batches were read: start over then.
-            if first != self.window.sent_seq + 1 or not self.mqtt.connected:
-                return
+        batches = await self._take(send.after_seq, 1 if rate else send.batches)
+        for i, out in enumerate(batches):
+            # An ack may have rewound the cursor while the batches were read.
+            if out.first_seq != self.window.sent_seq + 1 or not self.mqtt.connected:
+                self._ready[:0] = batches[i:]
+                return i
             try:
-                self.mqtt.publish(self._topic, payload, qos=1).add_done_callback(_quiet)
+                self.mqtt.publish(self._topic, out.payload, qos=1).add_done_callback(_quiet)
             except MqttError as exc:
-                log.error("sync: could not publish %d..%d: %s", first, last, exc)
-                return
-            self._decide(BatchSent(first, last))
-            self.events_sent += count
+                log.error("sync: could not publish %d..%d: %s", out.first_seq, out.last_seq, exc)
+                self._ready[:0] = batches[i:]
+                return i
+            self._decide(BatchSent(out.first_seq, out.last_seq))
             if rate:
-                await asyncio.sleep(count / rate)
+                self._send_at = self._monotonic() + out.count / rate
+        return len(batches)
 
-    # -------------------------------------------------------------- status
-
-    def _mark_saved(self) -> None:
-        self._saved, self._saved_at = astuple(self.status()), self._monotonic()
+    # ---------------------------------------------------------------- status
 
     async def _save_status(self) -> None:
+        """Persist the status when it changed: urgent fields at once, the rest at most every 100 ms."""
         status = self.status()
-        now = astuple(status)
-        if now == self._saved:
+        if status == self._saved:
             return
-        old = self._saved
-        urgent = old is None or now[0] != old[0] or now[4:8] != old[4:8]   # connection, counters, alarm
-        if urgent or self._monotonic() - self._saved_at >= STATUS_EVERY_S:
+        if (self._saved is not None and _urgent(status) == _urgent(self._saved)
+                and self._monotonic() - self._saved_at < STATUS_EVERY_S):
+            return
+        async with self._writes:
+            status = self.status()
             await self.state.store_status(status)
-            self._saved, self._saved_at = now, self._monotonic()
+            self._saved, self._saved_at = status, self._monotonic()
 
-    # ----------------------------------------------------------------- loop
+    # ------------------------------------------------------------------ loop
 
-    async def step(self) -> None:
-        """One round: look at the log, let the rules decide, send, save the status, wait."""
+    def _poll(self) -> None:
+        if self._reading is not None and not self._reading[1].done():
+            return    # the feed is busy on the read thread
         if self.feed.changed():
             self._decide(LogGrew(self.feed.last_seq()))
+
+    async def step(self) -> None:
+        """One round: look at the log, let the rules decide, send, persist the status, wait."""
         self._wake.clear()
-        for action in self._decide(Tick()):
-            if isinstance(action, Send):
-                await self._send(action)
+        self._poll()
+        actions = self._decide(Tick())
+        await self._save_status()          # a resend shows in sync.db before its batches leave
+        send = next((a for a in actions if isinstance(a, Send)), None)
+        if send is not None and self._monotonic() >= self._send_at:
+            if await self._send(send) and any(isinstance(a, Send) for a in self._decide(Tick())):
+                self._wake.set()           # room left and more to send: no sleep
+        self._read_ahead()
         await self._save_status()
-        if self._wake.is_set():
-            return
+        if not self._wake.is_set():
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        now = self._monotonic()
         timeout = self.sync.poll_interval_s
-        deadline = next_deadline(self.window, self.limits)
+        deadline = rules.next_deadline(self.window, self.limits)
         if deadline is not None:
-            timeout = max(0.001, min(timeout, deadline - self._monotonic()))
+            timeout = min(timeout, deadline - now)
+        if self._send_at > now:
+            timeout = min(timeout, self._send_at - now)
         try:
-            await wait_for(self._wake.wait(), timeout)
+            await wait_for(self._wake.wait(), max(0.0, timeout))
         except TimeoutError:
             pass
 
     async def run(self) -> None:
-        """Ship the log until cancelled (the app starts and stops the MQTT client)."""
+        """Ship the log until cancelled (the app starts and stops the MQTT client).
+
+        Raises StorageError when the log or sync.db fails. On the way out it waits for a
+        read in flight, so the app may close the feed after this returns.
+        """
         self._decide(ConnectionChanged(self.mqtt.connected))
-        while True:
-            await self.step()
+        try:
+            while True:
+                await self.step()
+        finally:
+            if self._reading is not None:
+                task = self._reading[1]
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()    # retrieved: the loop's own error, if any, is the one raised
 
 
 def _quiet(future: asyncio.Future) -> None:
