@@ -96,8 +96,7 @@ def status_payload(config: AgentConfig, uplink: Uplink, last_seq: int) -> bytes:
         "last_seq": last_seq, "acked_seq": acked, "backlog": max(0, last_seq - acked)})
 
 
-async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink, mqtt: MqttClient,
-                    feed: SqliteLogFeed) -> None:
+async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink, mqtt: MqttClient) -> None:
     """Record this process alive every `sync.heartbeat_s`; publish the retained status as the agent's did."""
     every = config.sync.heartbeat_s
     publish_every = max(1, round(config.service.heartbeat_interval_s / every))
@@ -106,7 +105,7 @@ async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink,
     while True:
         await state.beat()
         if beats % publish_every == 0 and mqtt.connected:
-            mqtt.publish(topic, status_payload(config, uplink, feed.last_seq()), qos=1, retain=True)
+            mqtt.publish(topic, status_payload(config, uplink, uplink.last_seq), qos=1, retain=True)
         beats += 1
         await asyncio.sleep(every)
 
@@ -131,13 +130,13 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(uplink.run(), name="uplink"),
-                              tasks.create_task(heartbeat(config, state, uplink, mqtt, feed), name="heartbeat")]
+                              tasks.create_task(heartbeat(config, state, uplink, mqtt), name="heartbeat")]
                 interval = watchdog_interval() if config.service.watchdog else None
                 if interval:
                     background.append(tasks.create_task(watchdog_pings(notifier, interval), name="watchdog"))
                 notifier.send("READY=1", f"MAINPID={os.getpid()}", "STATUS=syncing")
                 log.info("sync: started for %s (cursor %d, log at %d, db %s)", config.store.id,
-                         uplink.acked_seq, feed.last_seq(), state.path)
+                         uplink.acked_seq, uplink.last_seq, state.path)
                 await stop.wait()
                 notifier.send("STOPPING=1")
                 for task in background:

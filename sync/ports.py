@@ -3,8 +3,8 @@
 `edge-agent sync` reads the agent's log (`LogFeed`, read-only: the agent is its only
 writer) and keeps its own progress in its own database (`SyncState`, of which it is the
 only writer). Implementations: sync/feed.py (`SqliteLogFeed`) and sync/state.py
-(`SqliteSyncState`); tests/sync/test_ports.py runs one contract suite per role against
-each implementation, the in-memory ones of the unit tests included.
+(`SqliteSyncState`). tests/sync/test_state.py holds SqliteSyncState to these rules and
+tests/sync/test_uplink_shell.py drives the uplink through in-memory implementations.
 """
 
 from __future__ import annotations
