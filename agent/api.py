@@ -23,7 +23,8 @@ import msgspec
 from aiohttp import web
 
 from agent import events as ev
-from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception
+from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception, only_params
+from agent.api_errors import int_param as _int_param
 from common.errors import StorageError, StorageFull
 from agent.inventory import Refused
 from agent.kiosk import setup_kiosk
@@ -121,6 +122,7 @@ class Api:
     # ---------------------------------------------------------------- reads
 
     async def get_stock(self, request: web.Request) -> web.Response:
+        only_params(request.query, "as_of_seq")
         sku = _sku(request)
         raw = request.query.get("as_of_seq")
         if raw is None:
@@ -137,6 +139,7 @@ class Api:
         return _json(row)
 
     async def get_availability(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         sku = _sku(request)
         row = self.reader.stock(sku)
         here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
@@ -147,6 +150,7 @@ class Api:
 
     async def get_events(self, request: web.Request) -> web.Response:
         """Return a page of the log in seq order, bodies as stored (current schema)."""
+        only_params(request.query, "after_seq", "limit")
         query = request.query
         after = _int_param("after_seq", query.get("after_seq", "0"), 0)
         limit = _int_param("limit", query.get("limit", str(EVENTS_PAGE_DEFAULT)), 1, EVENTS_PAGE_MAX)
@@ -158,24 +162,29 @@ class Api:
         return web.Response(body=body, content_type=_JSON)
 
     async def get_sync(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         return _json(self.ctx.sync_status())
 
     # ------------------------------------------------------------ operations
 
     async def healthz(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         if self.ctx.ready:
             return _json({"status": "ready", "last_seq": self.log.last_seq})
         return _json({"status": "not_ready"}, 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         if self.metrics is None:
             raise ApiError(404, "not_found", "metrics are not enabled in this agent")
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def openapi(self, request: web.Request) -> web.Response:
+        only_params(request.query)
         if self._openapi is None:
             routes = [(r.method, r.resource.canonical) for r in request.app.router.routes()
                       if r.resource is not None]
@@ -257,15 +266,3 @@ def _sku(request: web.Request) -> str:
     if not _SKU.fullmatch(sku):
         raise ApiError(400, "invalid", f"sku {sku[:80]!r} does not match {ev.SKU_PATTERN}", "sku")
     return sku
-
-
-def _int_param(name: str, raw: str, low: int, high: int | None = None) -> int:
-    """Parse a query parameter as a decimal integer in [low, high]; ApiError naming it otherwise."""
-    # 18 digits keep the value inside SQLite's 64-bit integers (and int()'s digit limit).
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise ApiError(400, "invalid", f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
-    value = int(raw)
-    if value < low or (high is not None and value > high):
-        bound = f"{low} to {high}" if high is not None else f">= {low}"
-        raise ApiError(400, "invalid", f"{name} must be {bound}, got {value}", name)
-    return value

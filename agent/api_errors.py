@@ -1,7 +1,9 @@
-"""The local API's error answers: `{"error": {"code", "message", "field"?}}`.
+"""The local API's error answers: `{"error": {"code", "message", "field"?}}`, and query parsing.
 
 Every refusal the API gives goes through `error_response`, so the shape, the
 content type and the refused-requests metric are the same for all of them.
+`only_params` and `int_param` are the one way every GET handler (agent/api.py,
+agent/kiosk.py) reads its query string.
 """
 
 from __future__ import annotations
@@ -70,3 +72,30 @@ def from_http_exception(exc: web.HTTPException, method: str, path: str) -> web.R
         message = exc.reason or code
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
     return error_response(status, code, message, headers=headers or None)
+
+
+def only_params(query, *allowed: str) -> None:
+    """Refuse a query parameter the endpoint does not take, or one given twice: 400 naming it.
+
+    An ignored parameter would answer something else than was asked (`?as_of=` on
+    /v1/stock/{sku} answered the current stock as if it were the past).
+    """
+    for name in query:
+        if name not in allowed:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no query parameters"
+            raise ApiError(400, "invalid", f"unknown query parameter {name[:40]!r}: this endpoint {takes}", name[:64])
+        if len(query.getall(name)) > 1:
+            raise ApiError(400, "invalid", f"query parameter {name} is given more than once", name)
+
+
+def int_param(name: str, raw: str, low: int, high: int | None = None) -> int:
+    """Parse a query parameter as a decimal integer in [low, high]; ApiError naming it otherwise."""
+    # ASCII digits only (str.isdigit also takes "²", which int() refuses); 18 digits keep the
+    # value inside SQLite's 64-bit integers and int()'s digit limit.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, "invalid", f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        bound = f"{low} to {high}" if high is not None else f">= {low}"
+        raise ApiError(400, "invalid", f"{name} must be {bound}, got {value}", name)
+    return value

@@ -16,9 +16,13 @@ building the current Struct.
 from __future__ import annotations
 
 import re
+from operator import attrgetter
 from typing import Annotated, Any, Callable, Literal, Union
 
 import msgspec
+
+from common import jsoncheck
+from common.clock import parse_rfc3339
 
 # `(?![\s\S])` is "end of string": msgspec matches with re.search, where `$` also matches
 # before a trailing newline ("A1\n" would pass); the lookahead means the same in ECMA
@@ -259,15 +263,62 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+def valid_time(text: str) -> bool:
+    """True when `text` is an RFC 3339 UTC time as the contract writes it and a real date-time.
+
+    TIME_PATTERN checks the shape; this also refuses what the pattern lets through, such
+    as month 13, February 30 or 25:00. A leap second (:60) is refused too: Unix time has
+    none and the agent's clock never writes one.
+    """
+    if not _TIME.match(text):
+        return False
+    try:
+        parse_rfc3339(text)
+    except ValueError:
+        return False
+    return True
+
+
+_TIME = re.compile(TIME_PATTERN)
+_occurred_at = attrgetter("occurred_at")
+
+
 def decode_command(body: bytes) -> AppendCommand:
-    """Decode a POST /v1/events body; raises msgspec.ValidationError / DecodeError."""
-    return _command_decoder.decode(body)
+    """Decode a POST /v1/events body.
+
+    Raises msgspec.DecodeError when the body is not JSON, msgspec.ValidationError (its
+    message names the field, see `field_of`) when it does not fit: also for JSON nested
+    too deep to decode, an `occurred_at` that is no real date-time and a key given twice
+    in one object. Nothing else, on any input.
+    """
+    try:
+        command = _command_decoder.decode(body)
+    except RecursionError:
+        where = jsoncheck.deep_path(body, _DEEP, keep=3)
+        raise msgspec.ValidationError(f"JSON nested too deep to decode - at `$.{where or 'events'}`") from None
+    times = list(map(_occurred_at, command.events))
+    if times.count(None) != len(times):
+        for i, text in enumerate(times):
+            if text is not None and not valid_time(text):
+                raise msgspec.ValidationError(
+                    f"Invalid RFC 3339 date-time {text!r} - at `$.events[{i}].occurred_at`")
+    # The body fit the types, so it is at most three levels deep and json reads it safely.
+    duplicate = jsoncheck.duplicate_key(body)
+    if duplicate is not None:
+        parent, _, key = duplicate.rpartition(".")
+        raise msgspec.ValidationError(f"Object contains duplicate field `{key}` - at `${'.' if parent else ''}{parent}`")
+    return command
+
+
+_DEEP = 64  # where `deep_path` looks for the field holding too deep a value; real bodies nest 3
 
 
 def decode_event(body: bytes) -> AnyEvent:
     """Decode one stored or synced event, upcasting older schema versions.
 
-    Raises EventDecodeError when the bytes are not an event of any known version.
+    Raises EventDecodeError when the bytes are not an event of any known version, on any
+    input (JSON nested too deep to decode, a body that is not an object, an upcaster that
+    fails on what it was given).
     """
     try:
         event = _event_decoder.decode(body)
@@ -275,9 +326,17 @@ def decode_event(body: bytes) -> AnyEvent:
         event = None
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"event is not JSON: {exc}") from exc
+    except RecursionError:
+        raise EventDecodeError("event: JSON nested too deep to decode") from None
     if event is not None and event.schema == _CURRENT.get(type_of(event), CURRENT_SCHEMA):
         return event
-    return _upcast(_dict_decoder.decode(body))
+    try:
+        data = _dict_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(f"event is not a JSON object: {exc}") from None
+    except RecursionError:
+        raise EventDecodeError("event: JSON nested too deep to decode") from None
+    return _upcast(data)
 
 
 def _upcast(data: dict[str, Any]) -> AnyEvent:
@@ -289,8 +348,11 @@ def _upcast(data: dict[str, Any]) -> AnyEvent:
         step = _UPCASTERS.get((etype, version))
         if step is None:
             raise EventDecodeError(f"no upcaster for {etype} schema {version}")
-        data = step(dict(data))
-        version = data.get("schema")
+        try:
+            data = step(dict(data))
+        except Exception as exc:  # an old event the upcaster cannot read is not an event of that version
+            raise EventDecodeError(f"upcaster for {etype} schema {version} failed: {type(exc).__name__}: {exc}") from exc
+        version = data.get("schema") if isinstance(data, dict) else None
         if not isinstance(version, int):
             raise EventDecodeError(f"upcaster for {etype} did not set an integer schema")
     if version != _CURRENT[etype]:
@@ -299,6 +361,8 @@ def _upcast(data: dict[str, Any]) -> AnyEvent:
         return msgspec.convert(data, AnyEvent)
     except msgspec.ValidationError as exc:
         raise EventDecodeError(f"{etype} schema {version}: {exc}") from exc
+    except RecursionError:
+        raise EventDecodeError(f"{etype} schema {version}: nested too deep") from None
 
 
 def type_of(event: Event) -> str:
@@ -307,7 +371,7 @@ def type_of(event: Event) -> str:
 
 
 _FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_MISSING = re.compile(r"(?:missing required|duplicate) field `([^`]+)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
 

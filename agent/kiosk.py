@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from agent.api_errors import ApiError, int_param, only_params
 from agent.events import SKU_PATTERN
 
 log = logging.getLogger("edge_agent.kiosk")
@@ -116,10 +117,12 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
     assets = {name: (_static(name), kind) for name, kind in STATIC_FILES.items()}
 
     async def index(request: web.Request) -> web.Response:
+        only_params(request.query)
         return web.Response(body=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
 
     async def asset(request: web.Request) -> web.Response:
+        only_params(request.query)
         found = assets.get(request.match_info["name"])
         if found is None:
             raise web.HTTPNotFound()
@@ -128,20 +131,16 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
                             headers={"Cache-Control": "no-cache"})
 
     async def search_handler(request: web.Request) -> web.Response:
+        only_params(request.query, "q", "limit")
         query = request.query.get("q", "")
-        raw_limit = request.query.get("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= SEARCH_LIMIT_MAX:
-            return web.json_response(
-                {"error": {"code": "invalid_query", "field": "limit",
-                           "message": f"limit must be an integer from 1 to {SEARCH_LIMIT_MAX}"}}, status=400)
+        limit = int_param("limit", request.query.get("limit", "20"), 1, SEARCH_LIMIT_MAX)
         if len(query) > 200:
-            return web.json_response(
-                {"error": {"code": "invalid_query", "field": "q",
-                           "message": "q must be at most 200 characters"}}, status=400)
-        items = search(query, ctx.sync, ctx.queries.stock, int(raw_limit))
+            raise ApiError(400, "invalid", "q must be at most 200 characters", "q")
+        items = search(query, ctx.sync, ctx.queries.stock, limit)
         return web.json_response({"query": query, "items": items})
 
     async def stream(request: web.Request) -> web.StreamResponse:
+        only_params(request.query)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no"})

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from common.errors import StorageError
-from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN
+from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN, valid_time
 from sync.ports import Row, SyncState
 from sync import protocol
 
@@ -72,9 +72,22 @@ class _Catalog(msgspec.Struct, frozen=True):
     items: list[_CatalogItem]
 
 
-_head_decoder = msgspec.json.Decoder(_SnapshotHead)
-_items_decoder = msgspec.json.Decoder(list[_Item])
-_catalog_decoder = msgspec.json.Decoder(_Catalog)
+class _Decoder:
+    """A msgspec JSON decoder that raises msgspec.DecodeError, not RecursionError, for JSON nested too deep."""
+
+    def __init__(self, type_):
+        self._decoder = msgspec.json.Decoder(type_)
+
+    def decode(self, payload):
+        try:
+            return self._decoder.decode(payload)
+        except RecursionError:
+            raise msgspec.DecodeError("JSON nested too deep to decode") from None
+
+
+_head_decoder = _Decoder(_SnapshotHead)
+_items_decoder = _Decoder(list[_Item])
+_catalog_decoder = _Decoder(_Catalog)
 
 
 def update_digest(h, rows: list[Row]) -> None:
@@ -122,6 +135,8 @@ def decode_head(payload: bytes, store_id: str) -> _SnapshotHead:
         raise Malformed("decode", f"availability: not JSON: {exc}") from None
     if head.store_id != store_id:
         raise Malformed("store_id", f"availability: snapshot for store {head.store_id!r} on {store_id!r}'s topic")
+    if not valid_time(head.generated_at):
+        raise Malformed("shape", f"availability: generated_at {head.generated_at!r} is not a real date-time")
     return head
 
 
@@ -137,7 +152,7 @@ def rows_from(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list
         part = slices[start:start + chunk]
         try:
             items = _items_decoder.decode(b"[" + b",".join(part) + b"]")
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:  # ValidationError is one; JSON nested too deep too
             raise Malformed("item", f"availability: items (from item {start}): {exc}") from None
         _check_ids(items, start)
         # The item's JSON is stored as received: valid, and nothing to re-encode.
@@ -148,6 +163,16 @@ def rows_from(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list
             raise Malformed("item", f"availability: a SKU is listed twice (items {start}..{start + len(part) - 1})")
         update_digest(digest, new)
     return rows, digest.digest()
+
+
+def decode_catalog(payload: bytes, content_type: str | None) -> _Catalog:
+    """Decode a `P/catalog` message (inflated when its content type says zlib); raises Malformed("catalog")."""
+    try:
+        return _catalog_decoder.decode(plain(payload, content_type))
+    except Malformed as bad:
+        raise Malformed("catalog", f"catalog: {bad}") from None
+    except msgspec.DecodeError as exc:
+        raise Malformed("catalog", f"catalog: {exc}") from None
 
 
 def decode_snapshot(payload: bytes, content_type: str | None, store_id: str) -> tuple[_SnapshotHead, list[Row], bytes]:
@@ -227,12 +252,9 @@ class Downlink:
     async def on_catalog(self, message) -> None:
         """Apply a catalog message if its version is newer; bad payloads are dropped and counted."""
         try:
-            catalog = _catalog_decoder.decode(plain(message.payload, getattr(message, "content_type", None)))
+            catalog = decode_catalog(message.payload, getattr(message, "content_type", None))
         except Malformed as bad:
-            await self._drop("catalog", f"catalog: {bad}", len(message.payload))
-            return
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._drop("catalog", f"catalog: {exc}", len(message.payload))
+            await self._drop(bad.reason, str(bad), len(message.payload))
             return
         if await self.state.apply_catalog(catalog.version, [(i.sku, i.name) for i in catalog.items]):
             log.info("downlink: applied catalog %d (%d items)", catalog.version, len(catalog.items))

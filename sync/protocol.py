@@ -2,7 +2,8 @@
 
 Every payload is a UTF-8 JSON object with `"v": 1` (see docs/protocol.md). Topic helpers
 take the configured prefix `P` (default `retail`). Decoders raise `ProtocolError` naming
-what did not fit; they never raise msgspec's errors.
+what did not fit, on any input: never msgspec's errors, nor RecursionError for JSON
+nested deeper than msgspec can decode.
 
 An event batch is built by joining the events' canonical bodies as stored in the log, so
 the agent never re-encodes an event on the way out (`encode_batch`), and the hub reads
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import re
 from operator import attrgetter
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import msgspec
 
-from agent.events import STORE_ID_PATTERN
+from agent.events import STORE_ID_PATTERN, AnyEvent
+from common import jsoncheck
 
 VERSION = 1
 _STORE_ID = re.compile(STORE_ID_PATTERN)
@@ -37,6 +39,12 @@ class StoreMismatch(ProtocolError):
     """An event in a batch names another store than the batch."""
 
     reason = "store_mismatch"
+
+
+class DuplicateKey(ProtocolError):
+    """A JSON object in the payload has a key twice (decoders keep one value, the raw body both)."""
+
+    reason = "duplicate_key"
 
 
 # ---------------------------------------------------------------------------- topics
@@ -218,6 +226,8 @@ def decode(payload: bytes, cls: type[msgspec.Struct]):
         return decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"{cls.__name__}: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"{cls.__name__}: JSON nested too deep to decode") from None
 
 
 def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes]) -> bytes:
@@ -251,9 +261,10 @@ def _heads_decoder(view) -> msgspec.json.Decoder:
 def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple[EventHead, bytes]]]:
     """Decode an events payload and the head of each event; return (batch, [(head, raw body)]).
 
-    Raises ProtocolError when the payload is not a v1 batch, when its events are not
-    exactly first_seq..last_seq in order, and StoreMismatch when an event's store_id
-    differs from the batch's. The raw bodies (bytes-like msgspec.Raw) are returned as
+    Raises ProtocolError when the payload is not a v1 batch (JSON nested too deep
+    included), when its events are not exactly first_seq..last_seq in order,
+    StoreMismatch when an event's store_id differs from the batch's, and DuplicateKey
+    when any object in the payload has a key twice. The raw bodies (bytes-like msgspec.Raw) are returned as
     sent, for the hub to store unchanged.
 
     `view`: what each head is decoded as, EventHead or a subclass (or a tagged union of
@@ -265,12 +276,16 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
         batch = _batch_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"events payload: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("events payload: JSON nested too deep to decode") from None
     try:
         heads = _heads_decoder(view).decode(payload).events
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         if view is EventHead:
             raise ProtocolError(f"events payload: {exc}") from None
         return decode_batch(payload)
+    except RecursionError:
+        raise ProtocolError("events payload: JSON nested too deep to decode") from None
     first, last = batch.first_seq, batch.last_seq
     if last < first:
         raise ProtocolError(f"events payload: last_seq {last} < first_seq {first}")
@@ -288,4 +303,44 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
                                         f" {head.store_id!r}")
                 raise StoreMismatch(f"events payload: event seq {head.seq} is for store {head.store_id!r},"
                                     f" the batch for {store_id!r}")
+    if not _canonical(payload, batch):
+        try:
+            where = jsoncheck.duplicate_key(payload)
+        except ValueError as exc:  # msgspec read it as JSON; json may still refuse (nesting)
+            raise ProtocolError(f"events payload: {exc}") from None
+        if where is not None:
+            raise DuplicateKey(f"events payload: key {where} appears twice")
     return batch, list(zip(heads, batch.events))
+
+
+def _canonical_events_decoder() -> msgspec.json.Decoder:
+    # Every current event type with all its fields required, in the agent's encoding order.
+    members = tuple(
+        msgspec.defstruct(f"Canonical{cls.__name__}", [(f.encode_name, Any) for f in msgspec.structs.fields(cls)],
+                          tag=cls.__struct_config__.tag, tag_field="type", forbid_unknown_fields=True,
+                          frozen=True, gc=False)
+        for cls in get_args(AnyEvent))
+    events = msgspec.defstruct("CanonicalEvents", [("events", list[Union[members]])], frozen=True, gc=False)
+    return msgspec.json.Decoder(events)
+
+
+_canonical_decoder = _canonical_events_decoder()
+
+
+def _canonical(payload: bytes, batch: EventBatch) -> bool:
+    """True when `payload` is exactly the agent's encoding of a batch of current-schema events.
+
+    Re-encoding decoded objects writes each key once, so a payload byte-equal to that
+    re-encoding has no duplicated key: the agent's batches need no second look (one more
+    decode, not a parse into dicts). Anything else (another encoder's spacing or key
+    order, an older schema) gets the exact check instead.
+    """
+    head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,"events":' % (
+        batch.store_id.encode(), batch.first_seq, batch.last_seq)
+    if not (payload.startswith(head) and payload.endswith(b"}")):
+        return False
+    try:
+        events = _canonical_decoder.decode(payload).events
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False
+    return payload[len(head):-1] == _encoder.encode(events)

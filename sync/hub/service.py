@@ -7,9 +7,13 @@
     service.jobs     extra long-running `async def job()` callables started by `run`
     service.add_commit_listener(fn)     fn(acked: dict[store_id, acked_seq]) after each commit
 
-Rules kept here (docs/protocol.md): a batch is refused (logged, counted, recorded in
-`rejections`, nothing stored) when its payload does not decode, when the topic's,
-payload's or an event's store_id differ, or when the store is not in `[[stores]]`.
+Rules kept here (docs/protocol.md): a batch is refused (counted, recorded in
+`rejections`, logged at most once a minute per store and reason, nothing stored) when
+its payload does not decode (JSON nested too deep and duplicated keys included), when
+the topic's, payload's or an event's store_id differ, when the store is not in
+`[[stores]]`, or when it reaches past the store's ack + `ingest.max_ahead`. A refused
+message is acknowledged like a stored one, so no bad message holds one of the broker's
+in-flight slots; a batch refused as too far ahead also gets the store's current ack.
 Batches that wait together are stored in one transaction; only after that commit are
 the stores' retained acks published and the MQTT messages acknowledged.
 """
@@ -26,6 +30,7 @@ from common import clock
 from common.notify import Notifier, watchdog_interval, watchdog_pings
 from sync import protocol
 from sync.hub.publisher import AvailabilityPublisher
+from sync.hub.refusal import RefusalLog
 from sync.hub.settings import HubConfig
 from sync.hub.store import HubReader, HubStore, Incoming, Rejection
 from sync.mqtt import Message, MqttClient
@@ -47,6 +52,7 @@ class HubService:
         self.jobs: list[Callable[[], Awaitable[None]]] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self._now = now
+        self.refusals = RefusalLog(log, config.ingest.refusal_log_interval_s)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._listeners: list[Callable[[dict[str, int]], None]] = []
         # What each event's head is decoded as (protocol.decode_batch's view): the ingest hooks
@@ -59,7 +65,8 @@ class HubService:
     @classmethod
     async def open(cls, config: HubConfig) -> "HubService":
         """Open the hub's database and build its MQTT client (not yet connected)."""
-        store = await HubStore.open(config.storage.path, config.store_ids(), config.storage.synchronous)
+        store = await HubStore.open(config.storage.path, config.store_ids(), config.storage.synchronous,
+                                    config.ingest.rejections_kept)
         mqtt = MqttClient.from_settings(config.mqtt, f"edge-hub-{config.hub.id}", max_inflight=64)
         return cls(config, store, mqtt)
 
@@ -72,11 +79,21 @@ class HubService:
     async def handle_events(self, message: Message) -> None:
         """The MQTT handler for `P/stores/+/events`: returns once the batch is committed.
 
-        Refusals are recorded and return normally (the message is acked and dropped);
-        a storage failure raises, so the message stays unacked and comes back.
+        Refusals are recorded and return normally (the message is acked and dropped), also
+        for a decoder failing in a way it should not; a storage failure raises, so the
+        message stays unacked and comes back.
         """
+        item = self._incoming(message)
+        if isinstance(item, Rejection):
+            self.counters[f"rejected_{item.reason}"] += 1
+            self.refusals.refused(item.store_id, item.reason, item.topic, item.detail)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        await future
+
+    def _incoming(self, message: Message) -> Incoming | Rejection:
+        """Decode and check one events message: the batch to store, or why it is refused."""
         topic_store = protocol.store_of(self.prefix, message.topic, "events")
-        item: Incoming | Rejection
         try:
             if topic_store not in self.store_ids:
                 raise _Refuse("unknown_store", f"store {topic_store!r} is not in [[stores]]")
@@ -84,17 +101,21 @@ class HubService:
             if batch.store_id != topic_store:
                 raise _Refuse("store_mismatch",
                               f"topic is for {topic_store!r}, payload for {batch.store_id!r}")
-            item = Incoming(topic_store, events)
+            acked = self.store.acked(topic_store)
+            if batch.last_seq > acked + self.config.ingest.max_ahead:
+                # The store's own agent never gets this far ahead: restating the ack tells it
+                # where the hub is, and it sends from its cursor again anyway.
+                return Rejection(message.topic, topic_store, "too_far_ahead",
+                                 f"seqs {batch.first_seq}..{batch.last_seq} reach past ack {acked}"
+                                 f" + ingest.max_ahead {self.config.ingest.max_ahead}", restate_ack=True)
+            return Incoming(topic_store, events)
         except protocol.ProtocolError as exc:
-            item = Rejection(message.topic, topic_store, exc.reason, str(exc))
+            return Rejection(message.topic, topic_store, exc.reason, str(exc))
         except _Refuse as exc:
-            item = Rejection(message.topic, topic_store, exc.reason, exc.detail)
-        if isinstance(item, Rejection):
-            self.counters[f"rejected_{item.reason}"] += 1
-            log.warning("hub: refused a message on %s (%s): %s", item.topic, item.reason, item.detail)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        await future
+            return Rejection(message.topic, topic_store, exc.reason, exc.detail)
+        except Exception as exc:  # a decoder bug: refusing beats holding an in-flight slot for ever
+            log.exception("hub: decoding a message on %s failed", message.topic)
+            return Rejection(message.topic, topic_store, "decoder_error", f"{type(exc).__name__}: {exc}")
 
     async def _writer(self) -> None:
         limit = self.config.ingest.max_messages_per_commit
@@ -120,6 +141,8 @@ class HubService:
             if result is not None:
                 touched.add(item.store_id)
                 self._count(item.store_id, result)
+            elif item.restate_ack:
+                touched.add(item.store_id)
             if not future.done():
                 future.set_result(None)
         acked = {store_id: self.store.acked(store_id) for store_id in touched}

@@ -43,6 +43,11 @@ class CatalogSection(Section):
 
 class IngestSection(Section):
     max_messages_per_commit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256
+    # A batch reaching past the store's ack + max_ahead is refused (and acked): a leaked
+    # store credential cannot plant events far ahead of what the store has written.
+    max_ahead: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    rejections_kept: Annotated[int, msgspec.Meta(ge=1)] = 10_000   # newest rows of the rejections table
+    refusal_log_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60   # one WARNING per store and reason
 
 
 class HubConfig(Section):

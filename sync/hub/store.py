@@ -8,6 +8,9 @@ jobs) use their own read-only connections.
 sent it. `stores.acked_seq` is the contiguous prefix 1..acked_seq held for the store,
 written in the same transaction as the events that move it. Events after a gap are kept
 and count toward the ack once the gap fills.
+
+`rejections` keeps the newest `rejections_kept` refused messages (a store can send any
+number of bad ones); `rejection_counts` counts every refusal by reason, for ever.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ CREATE TABLE IF NOT EXISTS conflicts (
     PRIMARY KEY (store_id, seq, event_id)
 ) WITHOUT ROWID;
 
--- Messages refused before anything was stored (undecodable, store mismatch, unknown store).
+-- Messages refused before anything was stored (undecodable, store mismatch, unknown store,
+-- duplicate key, seqs too far ahead): the newest ones only, see HubStore.rejections_kept.
 CREATE TABLE IF NOT EXISTS rejections (
     id          INTEGER PRIMARY KEY,
     received_at TEXT NOT NULL,
@@ -63,7 +67,15 @@ CREATE TABLE IF NOT EXISTS rejections (
     reason      TEXT NOT NULL,
     detail      TEXT NOT NULL
 );
+
+-- Every refusal ever, by reason (the rejections table keeps only the newest).
+CREATE TABLE IF NOT EXISTS rejection_counts (
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+
+REJECTIONS_KEPT = 10_000
 
 _WALK_CHUNK = 5000
 
@@ -78,12 +90,17 @@ class Incoming:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A message refused before storage, to be recorded and counted."""
+    """A message refused before storage, to be recorded and counted.
+
+    `restate_ack`: publish the store's current ack after the commit (a refused batch
+    of a configured store, so its sender learns where the hub is).
+    """
 
     topic: str
     store_id: str | None
     reason: str
     detail: str
+    restate_ack: bool = False
 
 
 @dataclass
@@ -113,8 +130,9 @@ class HubStore:
     """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
 
     def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int],
-                 max_held: dict[str, int]):
+                 max_held: dict[str, int], rejections_kept: int = REJECTIONS_KEPT):
         self.path = path
+        self.rejections_kept = rejections_kept
         self._db = db
         self._acked = acked
         # The highest seq held per store. While it equals the ack (nothing held beyond a
@@ -128,7 +146,7 @@ class HubStore:
 
     @classmethod
     async def open(cls, path: str | Path, store_ids: set[str] | list[str],
-                   synchronous: str = "FULL") -> "HubStore":
+                   synchronous: str = "FULL", rejections_kept: int = REJECTIONS_KEPT) -> "HubStore":
         """Open (creating) the database and compute each store's contiguous prefix.
 
         Raises StorageError when SQLite cannot open or set it up.
@@ -148,6 +166,9 @@ class HubStore:
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA_SQL)
+            # A database from before rejection_counts: count what its rejections table holds.
+            conn.execute("INSERT INTO rejection_counts(reason, count) SELECT reason, COUNT(*) FROM rejections"
+                         " WHERE NOT EXISTS (SELECT 1 FROM rejection_counts) GROUP BY reason")
             known = set(store_ids) | {r[0] for r in conn.execute("SELECT store_id FROM stores")}
             max_held = dict(conn.execute("SELECT store_id, MAX(seq) FROM events GROUP BY store_id"))
             return {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}, max_held
@@ -157,7 +178,7 @@ class HubStore:
         except sqlite3.Error as exc:
             await db.close()
             raise storage_error("set up hub database", exc) from exc
-        return cls(path, db, acked, max_held)
+        return cls(path, db, acked, max_held, rejections_kept)
 
     def acked(self, store_id: str) -> int:
         """Return the store's contiguous prefix (0 when nothing is held)."""
@@ -197,11 +218,15 @@ class HubStore:
         max_held: dict[str, int] = {}
         walk: set[str] = set()
         new_events: dict[str, list] = {}
+        rejected = 0
         for item in items:
             if isinstance(item, Rejection):
                 conn.execute("INSERT INTO rejections(received_at, topic, store_id, reason, detail)"
-                             " VALUES (?,?,?,?,?)", (now, item.topic, item.store_id, item.reason,
+                             " VALUES (?,?,?,?,?)", (now, item.topic[:300], item.store_id, item.reason,
                                                      item.detail[:500]))
+                conn.execute("INSERT INTO rejection_counts(reason, count) VALUES (?, 1)"
+                             " ON CONFLICT(reason) DO UPDATE SET count = count + 1", (item.reason,))
+                rejected += 1
                 results.append(None)
                 continue
             store_id = item.store_id
@@ -219,6 +244,10 @@ class HubStore:
         for store_id, stored in new_events.items():
             for hook in self.ingest_hooks:
                 hook(conn, store_id, stored)
+        if rejected:
+            # Ids only grow (the newest row is never deleted), so this keeps the newest rows.
+            conn.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
+                         (self.rejections_kept,))
         for store_id in walk:
             acked[store_id] = _walk(conn, store_id, acked[store_id])
         for store_id, seq in acked.items():
@@ -311,7 +340,7 @@ class HubReader:
             after_seq = rows[-1][0]
 
     def stats(self) -> dict:
-        """Return per-store counts (held, max seq, acked, conflicts) and rejections by reason."""
+        """Return per-store counts (held, max seq, acked, conflicts) and every rejection ever, by reason."""
         stores: dict[str, dict] = {}
         for store_id, held, max_seq in self._all(
                 "SELECT store_id, COUNT(*), MAX(seq) FROM events GROUP BY store_id"):
@@ -320,5 +349,5 @@ class HubReader:
             stores.setdefault(store_id, {"events": 0, "max_seq": 0, "conflicts": 0})["acked_seq"] = acked
         for store_id, n in self._all("SELECT store_id, COUNT(*) FROM conflicts GROUP BY store_id"):
             stores.setdefault(store_id, {"events": 0, "max_seq": 0, "acked_seq": 0})["conflicts"] = n
-        rejected = dict(self._all("SELECT reason, COUNT(*) FROM rejections GROUP BY reason"))
+        rejected = dict(self._all("SELECT reason, count FROM rejection_counts"))
         return {"stores": stores, "rejected": rejected}

@@ -40,3 +40,13 @@ def test_unknown_key_and_missing_stores_and_duplicates_are_errors(tmp_path):
     path.write_text('[[stores]]\nid = "s1"\n[[stores]]\nid = "s1"\n')
     with pytest.raises(ConfigError, match="listed twice"):
         load_hub_config(path, environ={})
+
+
+def test_ingest_window_and_rejection_keys_have_defaults_and_overrides(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text('[ingest]\nmax_ahead = 50\n[[stores]]\nid = "s1"\n')
+    config = load_hub_config(path, environ={"EDGE_HUB__INGEST__REJECTIONS_KEPT": "7"})
+    assert (config.ingest.max_ahead, config.ingest.rejections_kept, config.ingest.refusal_log_interval_s) == (50, 7, 60)
+    path.write_text('[ingest]\nmax_ahead = 0\n[[stores]]\nid = "s1"\n')
+    with pytest.raises(ConfigError, match="max_ahead"):
+        load_hub_config(path, environ={})
