@@ -54,22 +54,6 @@ AS_OF_SUMS = ("SELECT COUNT(*), COALESCE(SUM(d_floor), 0), COALESCE(SUM(d_backro
               " COALESCE(SUM(d_reserved), 0), MAX(seq) FROM events WHERE seq > ? AND seq <= ? AND sku = ?")
 
 
-# The uplink's batch, cut and joined inside SQLite (one statement step each, the GIL
-# released throughout) instead of a Python loop over the rows on a worker thread, which
-# held the interpreter lock against the kiosk's event loop. The cut keeps the longest
-# prefix after `after` within the event and byte caps (at least one event).
-_BATCH_CUT = """
-SELECT COUNT(*), MAX(seq), MAX(schema <> ?4) FROM (
-    SELECT seq, schema, SUM(LENGTH(body) + 1) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS size
-    FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2)
-WHERE size <= ?3 OR seq = ?1 + 1
-"""
-# An aggregate over an ordered subquery is not flattened (SQLite's rule 16), so the
-# bodies are concatenated in seq order; the hub refuses a batch that is not in order.
-_BATCH_JOIN = ("SELECT CAST(GROUP_CONCAT(body, ',') AS BLOB) FROM"
-               " (SELECT body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq)")
-
-
 class LogReader:
     """Read-only access to the log and its projections. Not for concurrent threads."""
 
@@ -128,21 +112,6 @@ class LogReader:
         rows = self._all("SELECT seq, schema, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                          (after_seq, limit))
         return [(seq, current_body(schema, body)) for seq, schema, body in rows]
-
-    def joined_batch(self, after_seq: int, max_events: int, max_bytes: int) -> tuple[int, int, bytes] | None:
-        """Return (last_seq, count, bodies joined by commas) of the next uplink batch, or None.
-
-        The batch is the events after `after_seq`, at most `max_events` of them and at most
-        `max_bytes` of bodies and commas (but always at least one event), each at the
-        current schema. None when no event follows `after_seq`.
-        """
-        count, last, old = self._one(_BATCH_CUT, (after_seq, max_events, max_bytes, ev.CURRENT_SCHEMA))
-        if not count:
-            return None
-        if old:  # events stored at an older schema are upcast one by one
-            rows = self.events_after(after_seq, count)
-            return last, count, b",".join(body for _, body in rows)
-        return last, count, self._one(_BATCH_JOIN, (after_seq, last))[0]
 
     def iter_bodies(self, after_seq: int = 0, chunk: int = 5000) -> Iterator[bytes]:
         """Yield every event body after `after_seq` in seq order (for export)."""

@@ -1,7 +1,8 @@
 """The hub's SQLite: every store's events once each, conflicts, rejections, ack positions.
 
-One aiosqlite connection writes (WAL, synchronous=FULL by default); every write is one
-function run on its thread inside one transaction. Readers (export, stats, other hub
+One sqlite3 connection writes (WAL, synchronous=FULL by default), used only on one thread
+of the store's own (`_Writer`); every write is one function run there inside one
+transaction. Readers (export, stats, other hub
 jobs) use their own read-only connections.
 
 `events` holds each (store_id, seq) once, with the event's raw JSON body as the store
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-import aiosqlite
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction, insert_rows
@@ -126,10 +128,31 @@ def _walk(conn: sqlite3.Connection, store_id: str, acked: int) -> int:
             return acked
 
 
+class _Writer:
+    """The writer connection and the one thread that uses it (SQLite's single writer)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-hub-writer")
+        self.conn: sqlite3.Connection | None = None
+
+    async def open(self, path: Path) -> None:
+        self.conn = await self.call(lambda: sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn(*args)` on the writer's thread; return its result (or raise its error)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.call(self.conn.close)
+            self.conn = None
+        self._pool.shutdown(wait=True)
+
+
 class HubStore:
     """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
 
-    def __init__(self, path: Path, db: aiosqlite.Connection, acked: dict[str, int],
+    def __init__(self, path: Path, db: _Writer, acked: dict[str, int],
                  max_held: dict[str, int], rejections_kept: int = REJECTIONS_KEPT):
         self.path = path
         self.rejections_kept = rejections_kept
@@ -156,9 +179,11 @@ class HubStore:
         sync = synchronous.upper()
         if sync not in ("FULL", "NORMAL", "EXTRA"):
             raise StorageError(f"storage.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        db = _Writer()
         try:
-            db = await aiosqlite.connect(path, isolation_level=None)
+            await db.open(path)
         except sqlite3.Error as exc:
+            await db.close()
             raise storage_error("open hub database", exc) from exc
 
         def setup(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
@@ -174,7 +199,7 @@ class HubStore:
             return {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}, max_held
 
         try:
-            acked, max_held = await db._execute(setup, db._conn)  # noqa: SLF001 - one hop for the setup
+            acked, max_held = await db.call(setup, db.conn)
         except sqlite3.Error as exc:
             await db.close()
             raise storage_error("set up hub database", exc) from exc
@@ -205,7 +230,7 @@ class HubStore:
             return out
 
         try:
-            results, acked, max_held = await self._db._execute(run, self._db._conn)  # noqa: SLF001
+            results, acked, max_held = await self._db.call(run, self._db.conn)
         except sqlite3.Error as exc:
             raise storage_error("store events", exc) from exc
         self._acked.update(acked)
@@ -293,7 +318,7 @@ class HubStore:
         For other hub modules' durable state. Raises StorageError (rolled back) on SQLite errors.
         """
         try:
-            return await self._db._execute(in_write_transaction, self._db._conn, fn)  # noqa: SLF001
+            return await self._db.call(in_write_transaction, self._db.conn, fn)
         except sqlite3.Error as exc:
             raise storage_error("hub write", exc) from exc
 

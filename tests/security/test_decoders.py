@@ -265,9 +265,15 @@ def test_the_agents_own_batches_take_the_canonical_path():
     assert not protocol._canonical(batch(1, 2), protocol.decode_batch(batch(1, 2))[0])  # other key order
 
 
-async def test_downlink_drops_a_deep_catalog_instead_of_failing_its_handler():
+async def test_downlink_drops_a_deep_catalog_instead_of_failing_its_handler(tmp_path):
     from sync.mqtt import Message
-    link = downlink.Downlink(None, "retail", "store-a", None)
-    payload = CATALOG[:-1] + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}"
-    await link.on_catalog(Message("retail/catalog", payload, 1, True))
-    assert link.drops == {"catalog": 1}
+    from sync.state import SqliteSyncState
+
+    state = await SqliteSyncState.open(tmp_path / "events.sync.db", "store-a")
+    try:
+        link = downlink.Downlink(None, "retail", "store-a", state)
+        payload = CATALOG[:-1] + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}"
+        await link.on_catalog(Message("retail/catalog", payload, 1, True))
+        assert link.drops == {"catalog": 1} and state.catalog_version is None
+    finally:
+        await state.close()
