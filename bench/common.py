@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -83,11 +84,21 @@ class Tree:
         return f"{head}+changes" if dirty else head
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment a store process gets: the unit's, this tree's package first."""
+        """The environment a store process gets: the unit's, this tree's package first.
+
+        Start it in "/" (cwd="/"), as systemd does: `python -m sync` and `python -c` put the
+        working directory ahead of PYTHONPATH on sys.path."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("EDGE_AGENT__") and k not in ("NOTIFY_SOCKET", "PYTHONPATH")}
         env.update(STORE_ENV, PYTHONPATH=str(self.root), **extra)
         return env
+
+    def build_log(self, path: Path, store_id: str, n: int, skus: int) -> None:
+        """`build_log` with this tree's own code (its log's tables), in a process of its own."""
+        code = ("import asyncio, sys; from pathlib import Path; from bench.common import build_log; "
+                "asyncio.run(build_log(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))")
+        subprocess.run([str(self.bin / "python"), "-c", code, str(path), store_id, str(n), str(skus)],
+                       env=self.env(), cwd="/", check=True)
 
     def agent_argv(self, config: Path) -> list[str]:
         """`edge-agent run --config F`, as the unit starts it; a tree whose command line takes
@@ -95,7 +106,7 @@ class Tree:
         probe = subprocess.run(
             [str(self.bin / "python"), "-c",
              "from agent.cli import build_parser; build_parser().parse_args(['run', '--config', 'x'])"],
-            env=self.env(), capture_output=True)
+            env=self.env(), cwd="/", capture_output=True)
         head = [str(self.bin / "edge-agent")]
         return [*head, "run", "--config", str(config)] if probe.returncode == 0 else [
             *head, "--config", str(config), "run"]
@@ -127,9 +138,9 @@ def others_running() -> list[str]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        text = b" ".join(argv).decode(errors="replace")
-        if "pytest" in text or ("bench/" in text and text.split()[0].endswith("python")):
-            found.append(f"{entry.name}: {text[:80]}")
+        names = [Path(a.decode(errors="replace")).name for a in argv[:3]]
+        if "pytest" in names or any(a.startswith(b"bench/") or b"/bench/" in a for a in argv[1:2]):
+            found.append(f"{entry.name}: {b' '.join(argv).decode(errors='replace')[:80]}")
     return found
 
 
@@ -201,3 +212,23 @@ def rollup_kib(pid: int) -> dict[str, int]:
         key, value, *_ = line.split()
         out[key.rstrip(":")] = int(value)
     return out
+
+
+def unique_kib(pids: list[int]) -> int:
+    """The physical memory the processes `pids` map, each page counted once however many of
+    them map it (pages other processes map too count in full). Needs root (page frame numbers)."""
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if line.endswith("[vsyscall]"):
+                    continue
+                pagemap.seek(start // (PAGE_KIB * 1024) * 8)
+                raw = pagemap.read((end - start) // (PAGE_KIB * 1024) * 8)
+                for (entry,) in struct.iter_unpack("<Q", raw):
+                    if entry >> 63:   # present in RAM
+                        frames.add(entry & ((1 << 55) - 1))
+    if frames == {0}:
+        raise PermissionError("bench: /proc/PID/pagemap shows no page frame numbers (not root?)")
+    return len(frames) * PAGE_KIB
