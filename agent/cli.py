@@ -22,15 +22,10 @@ import msgspec
 from agent import events as ev
 from common.errors import StorageError
 from agent.inventory import Refused
-from agent.settings import AgentConfig, ConfigError, load_config
-
-DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
-
+from agent.settings import DEFAULT_CONFIG, AgentConfig, ConfigError, config_path, load_config
 
 def _config_path(args: argparse.Namespace) -> str | None:
-    """The config file: --config, else $EDGE_AGENT_CONFIG or DEFAULT_CONFIG when it exists, else None."""
-    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
-    return path if args.config or os.path.exists(path) else None
+    return config_path(args.config)
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:

@@ -13,21 +13,13 @@ from pathlib import Path
 from typing import Iterator
 
 from agent import events as ev
-from common.errors import StorageError, storage_error
+from common import sqlite as common_sqlite
+from common.errors import storage_error
 
 
 def open_readonly(path: str | Path) -> sqlite3.Connection:
-    """Open the database read-only; raises StorageError when there is no log there."""
-    path = Path(path)
-    if not path.exists():
-        raise StorageError(f"storage: no log at {path} (run `edge-agent init` or `edge-agent run` first)")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
-    except sqlite3.Error as exc:
-        raise storage_error("open read-only", exc) from exc
-    return conn
+    """Open the log read-only; raises StorageError when there is no log there."""
+    return common_sqlite.open_readonly(path, f"no log at {path} (run `edge-agent init` or `edge-agent run` first)")
 
 
 def stock_row(sku: str, floor: int, backroom: int, reserved: int, last_seq: int) -> dict:

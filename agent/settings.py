@@ -6,6 +6,7 @@ common/config.py; `load_config(path, AgentConfig, "EDGE_AGENT")` reads this file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -95,3 +96,15 @@ def sync_db_path(config: AgentConfig) -> str:
         return config.storage.sync_path
     log_path = Path(config.storage.path)
     return str(log_path.with_name(log_path.stem + ".sync.db"))
+
+
+DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+
+
+def config_path(given: str | None) -> str | None:
+    """The agent's config file: `given` (--config), else $EDGE_AGENT_CONFIG or DEFAULT_CONFIG when it exists.
+
+    None: no file, defaults plus environment (store.id must then come from EDGE_AGENT__STORE__ID).
+    """
+    path = given or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG
+    return path if given or os.path.exists(path) else None

@@ -19,6 +19,7 @@ import msgspec
 
 from common import clock
 from common.errors import StorageError, storage_error
+from common.sqlite import open_readonly
 
 SCHEMA_VERSION = "1"   # the shape of sync.db this reader understands (sync/state.py)
 
@@ -52,17 +53,14 @@ class SqliteSyncView:
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is None and self.path.exists():
+            conn = open_readonly(self.path, f"no sync database at {self.path}")
             try:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False)
-                conn.execute("PRAGMA busy_timeout=5000")
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):   # created, its tables not yet committed
-                    return None
-                raise storage_error(f"open {self.path} read-only", exc) from exc
             except sqlite3.Error as exc:
-                raise storage_error(f"open {self.path} read-only", exc) from exc
+                conn.close()
+                if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
+                    return None   # created, its tables not yet committed
+                raise storage_error(f"read {self.path}", exc) from exc
             if row is None:
                 conn.close()
                 return None

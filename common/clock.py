@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 
 def rfc3339(ts: float) -> str:

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from common.errors import StorageError, storage_error
+
 T = TypeVar("T")
+
+
+def open_readonly(path: str | Path, missing: str) -> sqlite3.Connection:
+    """Open a database read-only (it can never write or checkpoint); raise StorageError.
+
+    `missing` is the error's text when there is no file at `path`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StorageError(f"storage: {missing}")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.Error as exc:
+        raise storage_error(f"open {path} read-only", exc) from exc
+    return conn
 
 
 def in_write_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent.settings import AgentConfig, sync_db_path
+from agent.settings import DEFAULT_CONFIG, AgentConfig, config_path, sync_db_path
 from common import clock
 from common.aio import wait_for
 from common.config import ConfigError, load_config
@@ -152,8 +152,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent sync", description="The store's sync process")
-    parser.add_argument("--config", help="the agent's TOML config (default $EDGE_AGENT_CONFIG or"
-                                         " /etc/edge-agent/agent.toml)")
+    parser.add_argument("--config", help=f"the agent's TOML config (default $EDGE_AGENT_CONFIG or {DEFAULT_CONFIG})")
     return parser
 
 
@@ -163,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.environ.get(PARENT_ENV, "")
     if parent.isdigit():   # started by edge-agent run: die with it, as one service (the broker sends our will)
         die_with_parent(int(parent), signal.SIGKILL)
-    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or "/etc/edge-agent/agent.toml"
-    if not args.config and not os.path.exists(path):
-        path = None
+    path = config_path(args.config)
     try:
         config = load_config(path, AgentConfig, "EDGE_AGENT")
     except ConfigError as exc:

@@ -13,7 +13,8 @@ import sqlite3
 from pathlib import Path
 
 from agent import events as ev
-from common.errors import StorageError, storage_error
+from common.errors import storage_error
+from common.sqlite import open_readonly
 from sync.ports import Batch
 
 # The uplink's batch, cut and joined inside SQLite (one statement step each, the GIL
@@ -36,14 +37,7 @@ class SqliteLogFeed:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise StorageError(f"storage: no log at {self.path} (does edge-agent run use this storage.path?)")
-        try:
-            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:
-            raise storage_error("open the log read-only", exc) from exc
+        self._conn = open_readonly(self.path, f"no log at {self.path} (does edge-agent run use this storage.path?)")
         self._version: int | None = None
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from common.errors import StorageError, storage_error
-from common.sqlite import in_write_transaction, insert_rows
+from common.sqlite import in_write_transaction, insert_rows, open_readonly
 from sync.protocol import EventHead
 
 log = logging.getLogger("edge_hub.store")
@@ -330,15 +330,7 @@ class HubReader:
     """Read-only queries on the hub's database (export, stats, other hub jobs)."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.exists():
-            raise StorageError(f"storage: no hub database at {path} (run `edge-hub run` first)")
-        try:
-            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                        check_same_thread=False)
-            self.conn.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:
-            raise storage_error("open hub database read-only", exc) from exc
+        self.conn = open_readonly(path, f"no hub database at {path} (run `edge-hub run` first)")
 
     def close(self) -> None:
         self.conn.close()
