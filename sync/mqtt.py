@@ -15,7 +15,7 @@ What `MqttClient` gives its users:
   for every message matching the filter (the filter is re-subscribed on every connect).
   Incoming QoS 1 messages are acknowledged manually, only after the handler returns
   (do your commit inside it). A handler that raises is logged and its message is NOT
-  acknowledged: the broker redelivers it with the next session. A message is never
+  acknowledged: the broker redelivers it after the reconnect. A message is never
   acknowledged on a later connection than the one that brought it (packet ids are per
   connection). By default a subscription's messages are handled one at a time in arrival
   order; `concurrent=True` starts each handler as its own task at once, in arrival order
