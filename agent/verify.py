@@ -16,7 +16,6 @@ one consistent state even while the service writes:
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ from typing import Callable
 import msgspec
 
 from agent import events as ev
+from common import chain
 from common.errors import storage_error
 from agent.reader import open_readonly
-from agent.schema import GENESIS, take_checkpoint
+from agent.schema import take_checkpoint
 from common.sqlite import in_write_transaction
 
 MAX_LISTED = 20
@@ -148,14 +148,14 @@ def _expected(e: _Effects) -> tuple[str, int, int, int]:
 
 def _check_chain(conn: sqlite3.Connection, store_id: str, report: Report,
                  progress: Callable[[int], None] | None) -> None:
-    prev, count, first, last = GENESIS, 0, None, 0
+    prev, count, first, last = chain.GENESIS, 0, None, 0
     on_hand: dict[tuple[str, str], int] = {}
-    sha = hashlib.sha256
+    link = chain.link  # the same rule the hub checks batches with (common/chain.py)
     cursor = conn.execute(
         "SELECT seq, type, schema, sku, d_floor, d_backroom, d_reserved, body, hash FROM events ORDER BY seq")
     while rows := cursor.fetchmany(10_000):
         for seq, etype, schema, sku, d_floor, d_backroom, d_reserved, body, stored in rows:
-            digest = sha(prev + body).digest()
+            digest = link(prev, body)
             if digest != stored:
                 report.add(f"hash chain broken at seq {seq}: the body or an earlier event was altered")
             prev = stored

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent import events as ev
+from common import chain
 from common.errors import storage_error
 from common.sqlite import open_readonly
 from sync.ports import Batch
@@ -21,8 +21,8 @@ from sync.ports import Batch
 # released throughout) instead of a Python loop over the rows. The cut keeps the longest
 # prefix after `after` within the event and byte caps (at least one event).
 _BATCH_CUT = """
-SELECT COUNT(*), MAX(seq), MAX(schema <> ?4) FROM (
-    SELECT seq, schema, SUM(LENGTH(body) + 1) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS size
+SELECT COUNT(*), MAX(seq) FROM (
+    SELECT seq, SUM(LENGTH(body) + 1) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS size
     FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2)
 WHERE size <= ?3 OR seq = ?1 + 1
 """
@@ -84,22 +84,20 @@ class SqliteLogFeed:
         return (row[0], row[1]) if row else None
 
     def batch(self, after_seq: int, max_events: int, max_bytes: int) -> Batch | None:
-        count, last, old = self._one(_BATCH_CUT, (after_seq, max_events, max_bytes, ev.CURRENT_SCHEMA))
+        """The next batch after `after_seq`: each body exactly as stored, with the chain hashes.
+
+        Bodies at an older schema go as they are (the hub's readers upcast on read), so the
+        hub holds the bytes the chain covers and can check it (docs/protocol.md, Hash chain).
+        """
+        count, last = self._one(_BATCH_CUT, (after_seq, max_events, max_bytes))
         if not count:
             return None
-        if old:  # events stored at an older schema are upcast one by one
-            try:
-                rows = self._conn.execute("SELECT schema, body FROM events WHERE seq > ? AND seq <= ?"
-                                          " ORDER BY seq", (after_seq, last)).fetchall()
-            except sqlite3.Error as exc:
-                raise storage_error("read the log", exc) from exc
-            bodies = b",".join(current_body(schema, body) for schema, body in rows)
-            return Batch(after_seq + 1, last, count, bodies)
-        return Batch(after_seq + 1, last, count, self._one(_BATCH_JOIN, (after_seq, last))[0])
+        prev_hash, last_hash = self._hashes(after_seq, last)
+        return Batch(after_seq + 1, last, count, self._one(_BATCH_JOIN, (after_seq, last))[0], prev_hash, last_hash)
 
-
-def current_body(schema: int, body: bytes) -> bytes:
-    """Return an event body at the current schema (upcast and re-encoded only when it was older)."""
-    if schema == ev.CURRENT_SCHEMA:
-        return body
-    return ev.encode(ev.decode_event(body))
+    def _hashes(self, after_seq: int, last: int) -> tuple[bytes, bytes]:
+        try:
+            rows = dict(self._conn.execute("SELECT seq, hash FROM events WHERE seq IN (?, ?)", (after_seq, last)))
+        except sqlite3.Error as exc:
+            raise storage_error("read the log", exc) from exc
+        return (rows[after_seq] if after_seq else chain.GENESIS), rows[last]

@@ -31,12 +31,18 @@ class LogFeed(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """Consecutive events `first_seq..last_seq`, their bodies joined by commas (current schema)."""
+    """Consecutive events `first_seq..last_seq`, their bodies joined by commas as stored.
+
+    `prev_hash`/`last_hash`: the log's chain hashes at first_seq - 1 and last_seq (None from
+    a feed that has none).
+    """
 
     first_seq: int
     last_seq: int
     count: int
     bodies: bytes
+    prev_hash: bytes | None = None
+    last_hash: bytes | None = None
 
 
 @dataclass(frozen=True)

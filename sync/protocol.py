@@ -27,6 +27,8 @@ _STORE_ID = re.compile(STORE_ID_PATTERN)
 StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
 Seq = Annotated[int, msgspec.Meta(ge=1)]
 SeqOrZero = Annotated[int, msgspec.Meta(ge=0)]
+# A hash-chain value on the wire (common/chain.py): sha256, 64 lowercase hex digits.
+ChainHash = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class ProtocolError(ValueError):
@@ -119,13 +121,20 @@ class EventHead(msgspec.Struct, frozen=True, gc=False):
 
 
 class EventBatch(msgspec.Struct, frozen=True, gc=False):
-    """`P/stores/{id}/events`: consecutive events first_seq..last_seq in seq order."""
+    """`P/stores/{id}/events`: consecutive events first_seq..last_seq in seq order.
+
+    `prev_hash` (the store's chain hash at first_seq - 1, all zeros for first_seq 1) and
+    `hash` (at last_seq) come together or not at all: an agent from before the chain was
+    anchored sends neither, and the hub takes such a batch as unanchored.
+    """
 
     v: Literal[1]
     store_id: StoreId
     first_seq: Seq
     last_seq: Seq
     events: list[msgspec.Raw]
+    prev_hash: ChainHash | None = None
+    hash: ChainHash | None = None
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -230,16 +239,33 @@ def decode(payload: bytes, cls: type[msgspec.Struct]):
         raise ProtocolError(f"{cls.__name__}: JSON nested too deep to decode") from None
 
 
-def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes]) -> bytes:
+def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes],
+                 prev_hash: bytes | None = None, last_hash: bytes | None = None) -> bytes:
     """Build an events payload around already-encoded event bodies (no re-encoding)."""
-    return encode_joined_batch(store_id, first_seq, last_seq, b",".join(bodies))
+    return encode_joined_batch(store_id, first_seq, last_seq, b",".join(bodies), prev_hash, last_hash)
 
 
-def encode_joined_batch(store_id: str, first_seq: int, last_seq: int, joined: bytes) -> bytes:
-    """Build an events payload around event bodies already joined by commas."""
-    head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,"events":[' % (
-        store_id.encode(), first_seq, last_seq)
-    return b"".join((head, joined, b"]}"))
+def encode_joined_batch(store_id: str, first_seq: int, last_seq: int, joined: bytes,
+                        prev_hash: bytes | None = None, last_hash: bytes | None = None) -> bytes:
+    """Build an events payload around event bodies already joined by commas.
+
+    `prev_hash` (the chain hash at first_seq - 1) and `last_hash` (at last_seq), raw 32-byte
+    hashes, both or neither, go on the wire as hex fields `prev_hash` and `hash`.
+    """
+    return b"".join((_batch_head(store_id, first_seq, last_seq, prev_hash, last_hash), b"[", joined, b"]}"))
+
+
+def _batch_head(store_id: str, first_seq: int, last_seq: int, prev_hash, last_hash) -> bytes:
+    """The agent's encoding of a batch up to its events list (the hashes before it, so the
+    events list ends the payload and `_canonical` can compare it whole)."""
+    head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,' % (store_id.encode(), first_seq, last_seq)
+    if prev_hash is not None or last_hash is not None:
+        head += b'"prev_hash":"%s","hash":"%s",' % (_hex(prev_hash), _hex(last_hash))
+    return head + b'"events":'
+
+
+def _hex(value) -> bytes:
+    return (value.hex() if isinstance(value, (bytes, bytearray)) else str(value)).encode()
 
 
 _heads_decoders: dict[object, msgspec.json.Decoder] = {}
@@ -262,7 +288,8 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
     """Decode an events payload and the head of each event; return (batch, [(head, raw body)]).
 
     Raises ProtocolError when the payload is not a v1 batch (JSON nested too deep
-    included), when its events are not exactly first_seq..last_seq in order,
+    included), when it has only one of prev_hash and hash, when its events are not
+    exactly first_seq..last_seq in order,
     StoreMismatch when an event's store_id differs from the batch's, and DuplicateKey
     when any object in the payload has a key twice. The raw bodies (bytes-like msgspec.Raw) are returned as
     sent, for the hub to store unchanged.
@@ -287,6 +314,8 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
     except RecursionError:
         raise ProtocolError("events payload: JSON nested too deep to decode") from None
     first, last = batch.first_seq, batch.last_seq
+    if (batch.prev_hash is None) != (batch.hash is None):
+        raise ProtocolError("events payload: prev_hash and hash come together or not at all")
     if last < first:
         raise ProtocolError(f"events payload: last_seq {last} < first_seq {first}")
     if len(heads) != last - first + 1:
@@ -335,8 +364,7 @@ def _canonical(payload: bytes, batch: EventBatch) -> bool:
     decode, not a parse into dicts). Anything else (another encoder's spacing or key
     order, an older schema) gets the exact check instead.
     """
-    head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,"events":' % (
-        batch.store_id.encode(), batch.first_seq, batch.last_seq)
+    head = _batch_head(batch.store_id, batch.first_seq, batch.last_seq, batch.prev_hash, batch.hash)
     if not (payload.startswith(head) and payload.endswith(b"}")):
         return False
     try:

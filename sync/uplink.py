@@ -43,7 +43,7 @@ from sync.rules import (AckArrived, Alarm, BatchSent, ConnectionChanged, CursorS
 log = logging.getLogger("edge_sync.uplink")
 
 STATUS_EVERY_S = 0.1
-HEADROOM = 128   # bytes of the payload around the joined events, kept below sync.batch_max_bytes
+HEADROOM = 320   # bytes around the joined events in a payload (hashes included), below sync.batch_max_bytes
 
 
 def agent_mqtt(config: AgentConfig) -> MqttClient:
@@ -186,7 +186,8 @@ class Uplink:
             batch = self.feed.batch(after, self.sync.batch_max_events, cap)
             if batch is None:
                 break
-            payload = protocol.encode_joined_batch(self.store_id, batch.first_seq, batch.last_seq, batch.bodies)
+            payload = protocol.encode_joined_batch(self.store_id, batch.first_seq, batch.last_seq, batch.bodies,
+                                                   batch.prev_hash, batch.last_hash)
             out.append(Outgoing(batch.first_seq, batch.last_seq, batch.count, payload))
             after = batch.last_seq
         return out

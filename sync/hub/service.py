@@ -11,9 +11,11 @@ Rules kept here (docs/protocol.md): a batch is refused (counted, recorded in
 `rejections`, logged at most once a minute per store and reason, nothing stored) when
 its payload does not decode (JSON nested too deep and duplicated keys included), when
 the topic's, payload's or an event's store_id differ, when the store is not in
-`[[stores]]`, or when it reaches past the store's ack + `ingest.max_ahead`. A refused
+`[[stores]]`, when it reaches past the store's ack + `ingest.max_ahead`, when its bodies
+do not chain to its own `hash` (`chain_invalid`), or when its chain does not continue
+the one the hub holds for the store (`chain_broken`, an ALARM). A refused
 message is acknowledged like a stored one, so no bad message holds one of the broker's
-in-flight slots; a batch refused as too far ahead also gets the store's current ack.
+in-flight slots; a batch refused as too far ahead or for its chain also gets the store's current ack.
 Batches that wait together are stored in one transaction; only after that commit are
 the stores' retained acks published and the MQTT messages acknowledged.
 """
@@ -26,7 +28,7 @@ import logging
 import os
 from typing import Awaitable, Callable
 
-from common import clock
+from common import chain, clock
 from common.notify import Notifier, watchdog_interval, watchdog_pings
 from sync import protocol
 from sync.hub.publisher import AvailabilityPublisher
@@ -108,7 +110,7 @@ class HubService:
                 return Rejection(message.topic, topic_store, "too_far_ahead",
                                  f"seqs {batch.first_seq}..{batch.last_seq} reach past ack {acked}"
                                  f" + ingest.max_ahead {self.config.ingest.max_ahead}", restate_ack=True)
-            return Incoming(topic_store, events)
+            return self._anchored(message.topic, topic_store, batch, events)
         except protocol.ProtocolError as exc:
             return Rejection(message.topic, topic_store, exc.reason, str(exc))
         except _Refuse as exc:
@@ -116,6 +118,20 @@ class HubService:
         except Exception as exc:  # a decoder bug: refusing beats holding an in-flight slot for ever
             log.exception("hub: decoding a message on %s failed", message.topic)
             return Rejection(message.topic, topic_store, "decoder_error", f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _anchored(topic: str, store_id: str, batch: protocol.EventBatch, events: list) -> Incoming | Rejection:
+        """The batch with its chain computed over the bodies, or `chain_invalid` when that
+        does not reach its `hash` (a body altered after it was hashed, or a wrong hash)."""
+        if batch.prev_hash is None:
+            return Incoming(store_id, events, topic=topic)
+        prev = bytes.fromhex(batch.prev_hash)
+        hashes = chain.hashes(prev, [body for _, body in events])
+        if hashes[-1].hex() != batch.hash:
+            return Rejection(topic, store_id, "chain_invalid",
+                             f"seqs {batch.first_seq}..{batch.last_seq}: the bodies chain from prev_hash to"
+                             f" {hashes[-1].hex()[:16]}..., the batch says {batch.hash[:16]}...", restate_ack=True)
+        return Incoming(store_id, events, prev, hashes, topic)
 
     async def _writer(self) -> None:
         limit = self.config.ingest.max_messages_per_commit
@@ -157,6 +173,14 @@ class HubService:
     def _count(self, store_id: str, result) -> None:
         self.counters["events_stored"] += result.stored
         self.counters["events_duplicate"] += result.duplicates
+        if result.unanchored:
+            self.counters["batches_unanchored"] += 1
+        if result.chain_broken is not None:
+            self.counters["rejected_chain_broken"] += 1
+            if self.refusals.refused(store_id, "chain_broken", protocol.events_topic(self.prefix, store_id),
+                                     result.chain_broken):
+                log.error("hub: ALARM %s: its hash chain does not continue what the hub holds;"
+                          " its batches are not merged and its ack stays at %d", store_id, self.store.acked(store_id))
         for seq, held, sent in result.conflicts:
             self.counters["conflicts"] += 1
             log.error("hub: ALARM conflict for %s seq %d: held event %s, received %s (kept out)",

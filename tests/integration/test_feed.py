@@ -84,20 +84,27 @@ def test_joined_bodies_decode_in_seq_order(varied_log):
     assert (last, count, seqs) == (35, 25, list(range(11, 36)))
 
 
-async def test_events_at_an_older_schema_take_the_upcasting_path(tmp_path, monkeypatch):
+async def test_events_at_an_older_schema_go_as_stored_with_the_chain_hashes(tmp_path, monkeypatch):
+    """The hub must get the bytes the chain covers: no upcast on the way out (its readers upcast)."""
+    import sqlite3
+
+    from common import chain
+
     path = tmp_path / "events.db"
-    await _log_with(path, [3, 5, 8])
+    await _log_with(path, [3, 5, 8, 2])
     monkeypatch.setattr(ev, "CURRENT_SCHEMA", 2)  # every stored event (schema 1) is now older
-    upcast = []
-    monkeypatch.setattr("sync.feed.current_body",
-                        lambda schema, body: upcast.append(schema) or body.replace(b'"schema":1', b'"schema":2'))
+    with sqlite3.connect(path) as conn:
+        stored = conn.execute("SELECT body, hash FROM events ORDER BY seq").fetchall()
     reader = SqliteLogFeed(path)
     try:
-        last, count, joined = _cut(reader, 0, 10, 1_000_000)
+        first = reader.batch(0, 2, 1_000_000)
+        second = reader.batch(2, 10, 1_000_000)
     finally:
         reader.close()
-    assert (last, count, upcast) == (3, 3, [1, 1, 1])
-    assert [e["schema"] for e in msgspec.json.decode(b"[" + joined + b"]")] == [2, 2, 2]
+    assert first.bodies == b",".join(body for body, _ in stored[:2])
+    assert (first.prev_hash, first.last_hash) == (chain.GENESIS, stored[1][1])
+    assert (second.first_seq, second.last_seq, second.prev_hash, second.last_hash) == (3, 4, stored[1][1], stored[3][1])
+    assert chain.hashes(second.prev_hash, [body for body, _ in stored[2:]])[-1] == second.last_hash
 
 
 def test_nothing_after_the_end_is_none(varied_log):
