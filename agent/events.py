@@ -296,6 +296,8 @@ def decode_command(body: bytes) -> AppendCommand:
     except RecursionError:
         where = jsoncheck.deep_path(body, _DEEP, keep=3)
         raise msgspec.ValidationError(f"JSON nested too deep to decode - at `$.{where or 'events'}`") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+        raise msgspec.DecodeError(f"JSON is malformed: not UTF-8 at byte {exc.start}") from None
     times = list(map(_occurred_at, command.events))
     if times.count(None) != len(times):
         for i, text in enumerate(times):
@@ -328,21 +330,25 @@ def decode_event(body: bytes) -> AnyEvent:
         raise EventDecodeError(f"event is not JSON: {exc}") from exc
     except RecursionError:
         raise EventDecodeError("event: JSON nested too deep to decode") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+        raise EventDecodeError(f"event: not UTF-8 at byte {exc.start}") from None
     if event is not None and event.schema == _CURRENT.get(type_of(event), CURRENT_SCHEMA):
         return event
     try:
         data = _dict_decoder.decode(body)
-    except msgspec.ValidationError as exc:
+    except msgspec.DecodeError as exc:  # ValidationError included; the typed decode may stop before bad JSON
         raise EventDecodeError(f"event is not a JSON object: {exc}") from None
     except RecursionError:
         raise EventDecodeError("event: JSON nested too deep to decode") from None
+    except UnicodeDecodeError as exc:
+        raise EventDecodeError(f"event: not UTF-8 at byte {exc.start}") from None
     return _upcast(data)
 
 
 def _upcast(data: dict[str, Any]) -> AnyEvent:
     etype = data.get("type")
     version = data.get("schema", 1)
-    if etype not in _CURRENT or not isinstance(version, int):
+    if not isinstance(etype, str) or etype not in _CURRENT or not isinstance(version, int):
         raise EventDecodeError(f"unknown event type {etype!r} or schema {version!r}")
     while version < _CURRENT[etype]:
         step = _UPCASTERS.get((etype, version))

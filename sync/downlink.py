@@ -83,6 +83,8 @@ class _Decoder:
             return self._decoder.decode(payload)
         except RecursionError:
             raise msgspec.DecodeError("JSON nested too deep to decode") from None
+        except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+            raise msgspec.DecodeError(f"not UTF-8 at byte {exc.start}") from None
 
 
 _head_decoder = _Decoder(_SnapshotHead)

@@ -237,6 +237,8 @@ def decode(payload: bytes, cls: type[msgspec.Struct]):
         raise ProtocolError(f"{cls.__name__}: {exc}") from None
     except RecursionError:
         raise ProtocolError(f"{cls.__name__}: JSON nested too deep to decode") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+        raise ProtocolError(f"{cls.__name__}: not UTF-8 at byte {exc.start}") from None
 
 
 def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes],
@@ -305,6 +307,8 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
         raise ProtocolError(f"events payload: {exc}") from None
     except RecursionError:
         raise ProtocolError("events payload: JSON nested too deep to decode") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+        raise ProtocolError(f"events payload: not UTF-8 at byte {exc.start}") from None
     try:
         heads = _heads_decoder(view).decode(payload).events
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -313,6 +317,8 @@ def decode_batch(payload: bytes, view=EventHead) -> tuple[EventBatch, list[tuple
         return decode_batch(payload)
     except RecursionError:
         raise ProtocolError("events payload: JSON nested too deep to decode") from None
+    except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+        raise ProtocolError(f"events payload: not UTF-8 at byte {exc.start}") from None
     first, last = batch.first_seq, batch.last_seq
     if (batch.prev_hash is None) != (batch.hash is None):
         raise ProtocolError("events payload: prev_hash and hash come together or not at all")
@@ -369,6 +375,6 @@ def _canonical(payload: bytes, batch: EventBatch) -> bool:
         return False
     try:
         events = _canonical_decoder.decode(payload).events
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
         return False
     return payload[len(head):-1] == _encoder.encode(events)
