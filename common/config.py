@@ -96,7 +96,7 @@ def _key_of(message: str) -> tuple[str, str]:
 def _parse_env_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except (tomllib.TOMLDecodeError, RecursionError):  # tomllib recurses per nesting level
+    except (ValueError, RecursionError):  # TOMLDecodeError, an integer past Python's 4,300 digits, nesting
         return raw
 
 
@@ -119,7 +119,8 @@ def load_config(path: str | os.PathLike | None, cls: type[T], env_prefix: str,
     """Load `cls` from a TOML file (None: defaults only) plus environment overrides.
 
     Raises ConfigError naming the file and the key for anything that does not fit (a file
-    that is not UTF-8 or nests too deep for the TOML parser included).
+    that is not UTF-8, nests too deep for the TOML parser or holds an integer of more
+    than 4,300 digits included).
     """
     source = str(path) if path else "(no file)"
     data: dict[str, Any] = {}
@@ -135,6 +136,8 @@ def load_config(path: str | os.PathLike | None, cls: type[T], env_prefix: str,
             raise ConfigError(f"config {source}: not valid TOML: not UTF-8 at byte {exc.start}") from None
         except RecursionError:  # tomllib recurses per level of nested arrays and inline tables
             raise ConfigError(f"config {source}: not valid TOML: nested too deep") from None
+        except ValueError as exc:  # tomllib's int(): an integer past Python's 4,300-digit limit
+            raise ConfigError(f"config {source}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"config {source}: cannot read: {exc.strerror}") from None
     for section, keys in env_overrides(env_prefix, os.environ if environ is None else environ).items():

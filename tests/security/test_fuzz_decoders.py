@@ -175,10 +175,13 @@ def test_config_loading_raises_only_config_error(tmp_path_factory, text, env):
 
 def test_config_shapes_that_broke_the_loader_are_config_errors(tmp_path):
     path = tmp_path / "config.toml"
-    for text in (b"a = " + b"[" * 5000 + b"]" * 5000, b"a = " + b"{x=" * 3000 + b"1" + b"}" * 3000, b"\xff\xfe[mqtt]"):
+    for text in (b"a = " + b"[" * 5000 + b"]" * 5000, b"a = " + b"{x=" * 3000 + b"1" + b"}" * 3000, b"\xff\xfe[mqtt]",
+                 b"[mqtt]\nport = " + b"9" * 5000):
         path.write_bytes(text)
         with pytest.raises(ConfigError, match="not valid TOML"):
             load_config(path, AgentConfig, "EDGE_AGENT", {})
+    with pytest.raises(ConfigError, match="mqtt.port"):  # kept as a string, then refused as one
+        load_config(None, AgentConfig, "EDGE_AGENT", {"EDGE_AGENT__MQTT__PORT": "9" * 5000})
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path, AgentConfig, "EDGE_AGENT", {})
 
