@@ -22,6 +22,14 @@ What `MqttClient` gives its users:
   (for handlers that queue work for a group commit before their first await).
   A message matching several filters goes to the first subscription that matches.
 * `on_connection_change(fn)`: `fn(connected: bool)` on the loop after each change.
+* `alarm` / `on_alarm(fn)`: why the link cannot work as configured (sync/tls.py's
+  `LinkAlarm`: a TLS file missing, unreadable, not PEM or not matching, our client
+  certificate expired, the broker's certificate not trusted, for another host or expired,
+  our client certificate or credentials refused), or None; `fn(alarm, since)` on the loop
+  at each change. A link that is merely down (refused, reset, timed out) is no alarm.
+  With TLS, the files are checked at `start()` and before every connect attempt (read
+  again when they change), so a fixed file heals the link on the next attempt; a failing
+  attempt backs off like any other, never raises out of the client.
 * `start()` / `stop()` / `run()`: connect in the background with reconnect (exponential
   backoff with full jitter between `reconnect_min_s` and `reconnect_max_s`); `run()`
   starts, waits until cancelled, then stops.
@@ -47,7 +55,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from common import clock
 from common.aio import wait_for
+from sync import tls as tlscheck
+from sync.tls import CONFIG, LinkAlarm, TlsFiles
 
 log = logging.getLogger("edge_sync.mqtt")
 
@@ -132,9 +143,16 @@ class MqttClient:
         self._client.max_queued_messages_set(max_queued)
         if username:
             self._client.username_pw_set(username, password or None)
+        self.alarm: LinkAlarm | None = None
+        self.alarm_since: str | None = None
+        self._alarm_listeners: list[Callable[[LinkAlarm | None, str | None], None]] = []
+        self._tls: _TlsLink | None = None
         if tls_ca or tls_cert or tls_key:
-            self._client.tls_set(ca_certs=tls_ca or None, certfile=tls_cert or None,
-                                 keyfile=tls_key or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            # Files are read at start() and before each attempt, never here: a missing
+            # file is an alarm to heal, not a constructor that raises.
+            self._tls = _TlsLink(TlsFiles(tls_ca, tls_cert, tls_key), host, port, self._tls_failed)
+            self._client.tls_set_context(self._tls)   # type: ignore[arg-type]  (duck-typed context)
+            self._client.on_pre_connect = self._on_pre_connect
         if will is not None:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._client.on_connect = self._on_connect
@@ -160,6 +178,10 @@ class MqttClient:
     def on_connection_change(self, fn: Callable[[bool], None]) -> None:
         """Call `fn(connected)` on the event loop after every connect and disconnect."""
         self._listeners.append(fn)
+
+    def on_alarm(self, fn: Callable[[LinkAlarm | None, str | None], None]) -> None:
+        """Call `fn(alarm, since)` on the event loop when the link's alarm changes (None: cleared)."""
+        self._alarm_listeners.append(fn)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1,
                   concurrent: bool = False) -> None:
@@ -210,6 +232,8 @@ class MqttClient:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
+        if self._tls is not None:
+            self._set_alarm(self._tls.check())
         for sub in self._subs:
             self._start_worker(sub)
         props = None
@@ -313,7 +337,11 @@ class MqttClient:
             log.warning("mqtt %s: %s:%s refused the connection: %s",
                         self.client_id, self.host, self.port, reason_code)
             self._set_delay()
+            alarm = tlscheck.refused(reason_code.value, str(reason_code), self.host, self.port)
+            if alarm is not None:
+                self._call(self._set_alarm, alarm)
             return
+        self._call(self._set_alarm, None)
         self._attempt = 0
         self._set_delay()
         self._subs_sent = {client.subscribe(sub.topic_filter, sub.qos)[1] for sub in self._subs}
@@ -329,6 +357,15 @@ class MqttClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass  # not a TCP socket (e.g. a Unix socket): nothing to tune
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        assert self._tls is not None
+        self._call(self._config_checked, self._tls.check())
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        alarm = tlscheck.classify(exc, self.host, self.port)
+        if alarm is not None:
+            self._call(self._set_alarm, alarm)
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._set_delay()
@@ -362,6 +399,26 @@ class MqttClient:
         if text != self.last_error:
             log.warning("mqtt %s: %s", self.client_id, text)
         self.last_error = text
+
+    def _config_checked(self, alarm: LinkAlarm | None) -> None:
+        if alarm is not None:
+            self._set_alarm(alarm)
+        elif self.alarm is not None and self.alarm.kind == CONFIG:
+            self._set_alarm(None)   # the files check out now; what the broker says comes next
+
+    def _set_alarm(self, alarm: LinkAlarm | None) -> None:
+        if alarm == self.alarm:
+            return
+        if alarm is None:
+            log.warning("mqtt %s: alarm %s cleared", self.client_id, self.alarm.code if self.alarm else "")
+            self.alarm_since = None
+        else:
+            log.error("mqtt %s: ALARM %s: %s", self.client_id, alarm.code, alarm.message)
+            if self.alarm is None or self.alarm.code != alarm.code:
+                self.alarm_since = clock.utc_now()
+        self.alarm = alarm
+        for fn in list(self._alarm_listeners):
+            fn(alarm, self.alarm_since)
 
     def _note_subscriptions(self) -> None:
         if self._subs_changed is not None:
@@ -443,3 +500,54 @@ class MqttClient:
         if qos == 0 or generation != self._generation or not self.connected:
             return
         self._client.ack(mid, qos)
+
+
+class _TlsLink:
+    """The TLS context paho uses (duck-typed `ssl.SSLContext`): fresh files, failures reported.
+
+    paho calls `wrap_socket(sock, server_hostname=..., do_handshake_on_connect=False)` and
+    then `do_handshake()` on paho's thread. The context comes from `TlsFiles` at each
+    attempt (reloaded when the files changed); the socket reports every TLS error of the
+    handshake and of later reads (TLS 1.3 brokers refuse a client certificate after the
+    client's handshake is done) to `failed`, then raises it to paho as before.
+    """
+
+    check_hostname = True   # paho then leaves hostname verification to OpenSSL
+
+    def __init__(self, files: TlsFiles, host: str, port: int, failed: Callable[[BaseException], None]):
+        self.files, self.host, self.port = files, host, port
+        self._failed = failed
+        self._socket_class = _watched_socket_class(failed)
+
+    def check(self) -> LinkAlarm | None:
+        """Check the files now; return the alarm naming what is wrong, or None."""
+        try:
+            self.files.context()
+        except tlscheck.TlsConfigError as exc:
+            return exc.alarm
+        return None
+
+    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True, **kwargs):
+        context = self.files.context()   # TlsConfigError is an OSError: paho backs off and retries
+        context.sslsocket_class = self._socket_class
+        return context.wrap_socket(sock, server_hostname=server_hostname,
+                                   do_handshake_on_connect=do_handshake_on_connect, **kwargs)
+
+
+def _watched_socket_class(failed: Callable[[BaseException], None]) -> type[ssl.SSLSocket]:
+    class WatchedSocket(ssl.SSLSocket):
+        def do_handshake(self, *args, **kwargs):
+            try:
+                return super().do_handshake(*args, **kwargs)
+            except ssl.SSLError as exc:
+                failed(exc)
+                raise
+
+        def recv(self, *args, **kwargs):
+            try:
+                return super().recv(*args, **kwargs)
+            except ssl.SSLError as exc:
+                failed(exc)
+                raise
+
+    return WatchedSocket
