@@ -58,12 +58,13 @@ class TlsListener:
     key: Path
     require_certificate: bool = False
     identity_as_username: bool = False
+    extra: str = ""   # more lines for this listener, e.g. "use_username_as_clientid true\n"
 
     def conf(self, port: int) -> str:
         return (f"listener {port} 127.0.0.1\n"
                 f"cafile {self.ca}\ncertfile {self.cert}\nkeyfile {self.key}\n"
                 f"require_certificate {str(self.require_certificate).lower()}\n"
-                + ("use_identity_as_username true\n" if self.identity_as_username else ""))
+                + ("use_identity_as_username true\n" if self.identity_as_username else "") + self.extra)
 
 
 class Broker:
