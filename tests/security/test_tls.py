@@ -223,3 +223,24 @@ def test_own_files_are_checked_with_a_named_cause(tmp_path, certs):
     assert alarm(key="store-0043.key").code == "tls_key_mismatch"
     expired = alarm(cert="expired-store-0042.crt", key="expired-store-0042.key")
     assert expired.code == "tls_client_cert_expired" and "expired at" in expired.message
+
+
+def test_hub_with_a_missing_tls_file_stays_up_alarmed_and_heals(tmp_path, certs):
+    ca = tmp_path / "later" / "ca.crt"
+    with tls_broker(tmp_path, certs) as broker:
+        hub = HubProcess(tmp_path / "hub", broker, stores=(STORE,))
+        env = {"EDGE_HUB__MQTT__PORT": str(broker.tls_port), "EDGE_HUB__MQTT__TLS_CA": str(ca),
+               "EDGE_HUB__MQTT__TLS_CERT": str(certs / "edge-hub.crt"),
+               "EDGE_HUB__MQTT__TLS_KEY": str(certs / "edge-hub.key"),
+               "EDGE_HUB__MQTT__RECONNECT_MIN_S": "0.2", "EDGE_HUB__MQTT__RECONNECT_MAX_S": "1.0"}
+        try:
+            with pytest.raises(TimeoutError):   # start() waits for a connection that cannot happen yet
+                hub.start(timeout=4, env=env)
+            assert hub.running, hub.output()
+            assert f"ALARM tls_file_missing: mqtt.tls_ca {ca}: no such file" in hub.output()
+            ca.parent.mkdir()
+            shutil.copy(certs / "ca.crt", ca)
+            wait_until(lambda: "connected to" in hub.output(), 20, "the hub to connect once the CA exists")
+            assert "alarm tls_file_missing cleared" in hub.output() and hub.running
+        finally:
+            hub.kill()
