@@ -10,7 +10,13 @@ heals it without a restart. The whole path works over TLS with certificate ident
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +28,7 @@ from agent.settings import AgentConfig
 from common.config import ConfigError, load_config
 from sync.hub.settings import load_hub_config
 from sync.tls import TlsConfigError, TlsFiles
+from tests.kiosk.test_demo import processes_under
 from tests.support.agentproc import AgentProcess, AgentStartError
 from tests.support.broker import Broker, TlsListener
 from tests.support.certs import make_certs
@@ -244,3 +251,35 @@ def test_hub_with_a_missing_tls_file_stays_up_alarmed_and_heals(tmp_path, certs)
             assert "alarm tls_file_missing cleared" in hub.output() and hub.running
         finally:
             hub.kill()
+
+
+def test_demo_over_tls_with_certificate_identity_syncs_every_store(tmp_path):
+    """`scripts/demo --tls` (python -m demo --tls): the broker as config/mosquitto-tls.conf, every store synced."""
+    state, out = tmp_path / "demo", tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "demo", "--tls", "--state-dir", str(state), "--rate", "20",
+                                 "--products", "40", "--port-base", "0", "--status-every", "0"],
+                                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        text = wait_until(lambda: out.read_text() if "Ctrl-C stops" in out.read_text() or proc.poll() is not None
+                          else "", timeout=60, what="the demo's banner")
+        assert proc.poll() is None and "(TLS, certificate identity, config/acl)" in text, text
+        urls = dict(re.findall(r"(store-\d+) kiosk: (http://127\.0\.0\.1:\d+)/", text))
+        assert sorted(urls) == ["store-1", "store-2", "store-3"], text
+
+        def sync(url: str) -> dict:
+            with urllib.request.urlopen(url + "/v1/sync", timeout=3) as resp:
+                return json.loads(resp.read())
+        for store, url in urls.items():   # opening stock is 40 events a store: traffic beyond it is acked
+            wait_until(lambda: sync(url)["acked_seq"] > 45, timeout=60, what=f"hub acks for {store} over TLS")
+            assert sync(url)["alarm"] is None
+        conf = (state / "mosquitto.conf").read_text()
+        assert "require_certificate true" in conf and "use_identity_as_username true" in conf
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            for pid in processes_under(state):   # the demo's children run in sessions of their own
+                os.kill(pid, signal.SIGKILL)
