@@ -46,7 +46,6 @@ import asyncio
 import logging
 import random
 import socket
-import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -58,7 +57,7 @@ from paho.mqtt.properties import Properties
 from common import clock
 from common.aio import wait_for
 from sync import tls as tlscheck
-from sync.tls import CONFIG, LinkAlarm, TlsFiles
+from sync.tls import CONFIG, LinkAlarm, TlsFiles, TlsLink
 
 log = logging.getLogger("edge_sync.mqtt")
 
@@ -146,11 +145,11 @@ class MqttClient:
         self.alarm: LinkAlarm | None = None
         self.alarm_since: str | None = None
         self._alarm_listeners: list[Callable[[LinkAlarm | None, str | None], None]] = []
-        self._tls: _TlsLink | None = None
+        self._tls: TlsLink | None = None
         if tls_ca or tls_cert or tls_key:
             # Files are read at start() and before each attempt, never here: a missing
             # file is an alarm to heal, not a constructor that raises.
-            self._tls = _TlsLink(TlsFiles(tls_ca, tls_cert, tls_key), host, port, self._tls_failed)
+            self._tls = TlsLink(TlsFiles(tls_ca, tls_cert, tls_key), host, port, self._tls_failed)
             self._client.tls_set_context(self._tls)   # type: ignore[arg-type]  (duck-typed context)
             self._client.on_pre_connect = self._on_pre_connect
         if will is not None:
@@ -501,53 +500,3 @@ class MqttClient:
             return
         self._client.ack(mid, qos)
 
-
-class _TlsLink:
-    """The TLS context paho uses (duck-typed `ssl.SSLContext`): fresh files, failures reported.
-
-    paho calls `wrap_socket(sock, server_hostname=..., do_handshake_on_connect=False)` and
-    then `do_handshake()` on paho's thread. The context comes from `TlsFiles` at each
-    attempt (reloaded when the files changed); the socket reports every TLS error of the
-    handshake and of later reads (TLS 1.3 brokers refuse a client certificate after the
-    client's handshake is done) to `failed`, then raises it to paho as before.
-    """
-
-    check_hostname = True   # paho then leaves hostname verification to OpenSSL
-
-    def __init__(self, files: TlsFiles, host: str, port: int, failed: Callable[[BaseException], None]):
-        self.files, self.host, self.port = files, host, port
-        self._failed = failed
-        self._socket_class = _watched_socket_class(failed)
-
-    def check(self) -> LinkAlarm | None:
-        """Check the files now; return the alarm naming what is wrong, or None."""
-        try:
-            self.files.context()
-        except tlscheck.TlsConfigError as exc:
-            return exc.alarm
-        return None
-
-    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True, **kwargs):
-        context = self.files.context()   # TlsConfigError is an OSError: paho backs off and retries
-        context.sslsocket_class = self._socket_class
-        return context.wrap_socket(sock, server_hostname=server_hostname,
-                                   do_handshake_on_connect=do_handshake_on_connect, **kwargs)
-
-
-def _watched_socket_class(failed: Callable[[BaseException], None]) -> type[ssl.SSLSocket]:
-    class WatchedSocket(ssl.SSLSocket):
-        def do_handshake(self, *args, **kwargs):
-            try:
-                return super().do_handshake(*args, **kwargs)
-            except ssl.SSLError as exc:
-                failed(exc)
-                raise
-
-        def recv(self, *args, **kwargs):
-            try:
-                return super().recv(*args, **kwargs)
-            except ssl.SSLError as exc:
-                failed(exc)
-                raise
-
-    return WatchedSocket

@@ -14,7 +14,8 @@
 
 An alarm is a `LinkAlarm(code, message, kind)`: `kind` "config" for our own files (cleared
 as soon as they check out again), "peer" for what the broker said (cleared by the next
-successful connect). Nothing here imports paho; sync/mqtt.py applies it.
+successful connect). `TlsLink` is the context sync/mqtt.py hands paho. Nothing here
+imports paho.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from common import clock
 
@@ -173,6 +175,63 @@ class TlsFiles:
             return certificate_validity(ssl.PEM_cert_to_DER_cert(_first_pem(self._cert_text)))
         except (ValueError, IndexError) as exc:
             raise _config("tls_not_pem", f"mqtt.tls_cert {self.cert}: cannot read the certificate's dates: {exc}") from None
+
+
+class TlsLink:
+    """The TLS context paho uses (duck-typed `ssl.SSLContext`): fresh files, failures reported.
+
+    paho calls `wrap_socket(sock, server_hostname=..., do_handshake_on_connect=False)` and
+    then `do_handshake()` on paho's thread. The context comes from `TlsFiles` at each
+    attempt (reloaded when the files changed); the socket reports every TLS error of the
+    handshake and of later reads (TLS 1.3 brokers refuse a client certificate after the
+    client's handshake is done) to `failed`, then raises it to paho as before.
+    """
+
+    check_hostname = True   # paho then leaves hostname verification to OpenSSL
+
+    def __init__(self, files: TlsFiles, host: str, port: int, failed: Callable[[BaseException], None]):
+        self.files, self.host, self.port = files, host, port
+        self._failed = failed
+        self._socket_class = _watched_socket_class(failed)
+
+    def check(self) -> LinkAlarm | None:
+        """Check the files now; return the alarm naming what is wrong, or None."""
+        try:
+            self.files.context()
+        except TlsConfigError as exc:
+            return exc.alarm
+        return None
+
+    def wrap_socket(self, sock, server_hostname=None, do_handshake_on_connect=True, **kwargs):
+        try:
+            context = self.files.context()   # TlsConfigError is an OSError: paho backs off and retries
+        except TlsConfigError:
+            sock.close()
+            raise
+        context.sslsocket_class = self._socket_class
+        return context.wrap_socket(sock, server_hostname=server_hostname,
+                                   do_handshake_on_connect=do_handshake_on_connect, **kwargs)
+
+
+def _watched_socket_class(failed: Callable[[BaseException], None]) -> type[ssl.SSLSocket]:
+    class WatchedSocket(ssl.SSLSocket):
+        def do_handshake(self, *args, **kwargs):
+            try:
+                return super().do_handshake(*args, **kwargs)
+            except ssl.SSLError as exc:
+                failed(exc)
+                raise
+
+        def recv(self, *args, **kwargs):
+            try:
+                return super().recv(*args, **kwargs)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise   # a non-blocking socket with nothing to read yet: the normal case
+            except ssl.SSLError as exc:
+                failed(exc)
+                raise
+
+    return WatchedSocket
 
 
 def classify(exc: BaseException, host: str, port: int) -> LinkAlarm | None:
