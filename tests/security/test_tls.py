@@ -283,3 +283,18 @@ def test_demo_over_tls_with_certificate_identity_syncs_every_store(tmp_path):
             proc.wait()
             for pid in processes_under(state):   # the demo's children run in sessions of their own
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_credentials_the_broker_refuses_are_broker_refused_with_the_reason_code(tmp_path):
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), STORE, "right"], check=True,
+                   capture_output=True, timeout=30)
+    with Broker(tmp_path / "broker", anonymous=False, extra_conf=f"password_file {passwd}\n") as broker:
+        (tmp_path / "agent").mkdir()
+        agent = AlarmedAgent(tmp_path / "agent", STORE, sections={
+            "mqtt": {"port": broker.port, "username": STORE, "password": "wrong", **BACKOFF},
+            "sync": {"heartbeat_s": 0.2}, "service": {"backup_interval_s": 0}})
+        with agent:
+            sync = assert_alarmed(agent, "broker_refused")
+            assert "reason code 0x86" in sync["alarm"]["message"] or "reason code 0x87" in sync["alarm"]["message"]
+            assert_stays_up(agent, broker, sync)
