@@ -333,12 +333,13 @@ class MqttClient:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.last_error = f"connect refused: {reason_code}"
-            log.warning("mqtt %s: %s:%s refused the connection: %s",
-                        self.client_id, self.host, self.port, reason_code)
             self._set_delay()
             alarm = tlscheck.refused(reason_code.value, str(reason_code), self.host, self.port)
             if alarm is not None:
-                self._call(self._set_alarm, alarm)
+                self._call(self._set_alarm, alarm)   # logged once, as the alarm
+            else:
+                log.warning("mqtt %s: %s:%s refused the connection: %s",
+                            self.client_id, self.host, self.port, reason_code)
             return
         self._call(self._set_alarm, None)
         self._attempt = 0
@@ -499,4 +500,3 @@ class MqttClient:
         if qos == 0 or generation != self._generation or not self.connected:
             return
         self._client.ack(mid, qos)
-

@@ -225,10 +225,11 @@ def _watched_socket_class(failed: Callable[[BaseException], None]) -> type[ssl.S
         def recv(self, *args, **kwargs):
             try:
                 return super().recv(*args, **kwargs)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise   # a non-blocking socket with nothing to read yet: the normal case
             except ssl.SSLError as exc:
-                failed(exc)
+                # Only the peer's alerts (a refused client certificate after a TLS 1.3
+                # handshake); "nothing to read yet" on a non-blocking socket is the normal case.
+                if "ALERT" in (exc.reason or ""):
+                    failed(exc)
                 raise
 
     return WatchedSocket
