@@ -28,7 +28,6 @@ from agent.settings import AgentConfig
 from common.config import ConfigError, load_config
 from sync.hub.settings import load_hub_config
 from sync.tls import TlsConfigError, TlsFiles
-from tests.kiosk.test_demo import processes_under
 from tests.support.agentproc import AgentProcess, AgentStartError
 from tests.support.broker import Broker, TlsListener
 from tests.support.certs import make_certs
@@ -251,6 +250,19 @@ def test_hub_with_a_missing_tls_file_stays_up_alarmed_and_heals(tmp_path, certs)
             assert "alarm tls_file_missing cleared" in hub.output() and hub.running
         finally:
             hub.kill()
+
+
+def processes_under(state: Path) -> list[int]:
+    """Pids whose command line names the demo's state directory (its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(state).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
 
 
 def test_demo_over_tls_with_certificate_identity_syncs_every_store(tmp_path):
