@@ -173,9 +173,12 @@ class Api:
 
     async def readyz(self, request: web.Request) -> web.Response:
         only_params(request.query)
-        if self.ctx.ready:
-            return _json({"status": "ready", "last_seq": self.log.last_seq})
-        return _json({"status": "not_ready"}, 503)
+        if not self.ctx.ready:
+            return _json({"status": "not_ready"}, 503)
+        alarm = self.ctx.link_alarm()   # local reads still work; the box is not as configured
+        if alarm is not None:
+            return _json({"status": "not_ready", "reason": alarm["code"], "alarm": alarm}, 503)
+        return _json({"status": "ready", "last_seq": self.log.last_seq})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         only_params(request.query)

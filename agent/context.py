@@ -37,7 +37,10 @@ class AgentContext:
         """The GET /v1/sync answer: the contract's keys first, then the sync process's diagnostics.
 
         `connected` is the sync process's last word, and false once its heartbeat is older
-        than three intervals (a dead or frozen sync says nothing).
+        than three intervals (a dead or frozen sync says nothing). `alarm` is
+        {code, message, since} or None: the link's alarm (a TLS or credentials problem the
+        sync process named, see `link_alarm`) before an ack above the log's end
+        (code `ack_above_log`, the uplink's text).
         """
         last_seq = self.log.last_seq
         s = self.sync.status()
@@ -49,7 +52,8 @@ class AgentContext:
             "snapshot_version": meta["version"] if meta else None,
             "enabled": self.config.sync.enabled,
             "sent_seq": s["sent_seq"], "inflight_batches": s["inflight_batches"], "reconnects": s["reconnects"],
-            "resends": s["resends"], "rewinds": s["rewinds"], "ack_alarms": s["ack_alarms"], "alarm": s["alarm"],
+            "resends": s["resends"], "rewinds": s["rewinds"], "ack_alarms": s["ack_alarms"],
+            "alarm": self._alarm(s),
             "events_sent": s["events_sent"], "heartbeat_age_s": s["beat_age_s"], "sync_pid": s["pid"],
             "counters": s["counters"],
         }
@@ -57,3 +61,17 @@ class AgentContext:
             answer["sync_restarts"] = self.supervisor.restarts
             answer["sync_stalls"] = self.supervisor.stalls
         return answer
+
+    def link_alarm(self) -> dict | None:
+        """The sync process's link alarm ({code, message, since}) while it holds; None without sync."""
+        if not self.config.sync.enabled:
+            return None
+        return self.sync.status().get("link_alarm")
+
+    def _alarm(self, s: dict) -> dict | None:
+        link = s.get("link_alarm") if self.config.sync.enabled else None
+        if link is not None:
+            return link
+        if s["alarm"]:
+            return {"code": "ack_above_log", "message": s["alarm"], "since": None}
+        return None

@@ -99,6 +99,11 @@ class SyncCollector:
                 ("edge_agent_snapshots_ignored", counters.get("snapshots_ignored", 0),
                  "Availability snapshots ignored: version not newer than the held one.")):
             yield CounterMetricFamily(name, text, value=value)
+        alarm = GaugeMetricFamily("edge_agent_sync_alarm",
+                                  "1 for the sync alarm that holds, by code (none: no alarm).", labels=["code"])
+        if s.get("alarm"):
+            alarm.add_metric([s["alarm"]["code"]], 1)
+        yield alarm
         dropped = CounterMetricFamily("edge_agent_downlink_dropped", "Downlink messages dropped as malformed, by reason.",
                                       labels=["reason"])
         for key, value in sorted(counters.items()):

@@ -35,9 +35,19 @@ class Health(msgspec.Struct):
     status: Literal["ok"]
 
 
+class SyncAlarm(msgspec.Struct):
+    """Why sync cannot work as configured (e.g. tls_unknown_ca); docs/operations.md lists the codes."""
+
+    code: str
+    message: str
+    since: str | None
+
+
 class Ready(msgspec.Struct):
     status: Literal["ready", "not_ready"]
     last_seq: int | msgspec.UnsetType = msgspec.UNSET
+    reason: str | msgspec.UnsetType = msgspec.UNSET        # 503 while a sync alarm holds: its code
+    alarm: SyncAlarm | msgspec.UnsetType = msgspec.UNSET
 
 
 class AppendAnswer(msgspec.Struct):

@@ -81,7 +81,7 @@ class SyncView(Protocol):
 
         Keys: acked_seq, last_ack_at, connected, sent_seq, inflight_batches, reconnects,
         resends, rewinds, ack_alarms, alarm, events_sent, beat_age_s (None: never ran),
-        counters (dict of the downlink's counts).
+        counters (dict of the downlink's counts), link_alarm ({code, message, since} or None).
         """
 
     def snapshot_meta(self) -> dict | None:

@@ -67,7 +67,7 @@ def status_line(ctx) -> str:
         parts.append(f"last ack {sync['last_ack_at'] or 'never'}")
         parts.append("hub connected" if sync["connected"] else "hub disconnected")
         if sync["alarm"]:
-            parts.append(f"ALARM: {sync['alarm']}")
+            parts.append(f"ALARM {sync['alarm']['code']}: {sync['alarm']['message']}")
     else:
         parts.append("sync disabled")
     if ctx.disk is not None and ctx.disk.full:

@@ -27,7 +27,7 @@ _STATUS_KEYS = ("connected", "reconnects", "sent_seq", "inflight_batches", "rese
                 "ack_alarms", "alarm", "events_sent")
 _NOTHING = {"acked_seq": 0, "last_ack_at": None, "connected": False, "sent_seq": 0, "inflight_batches": 0,
             "reconnects": 0, "resends": 0, "rewinds": 0, "ack_alarms": 0, "alarm": None, "events_sent": 0,
-            "beat_age_s": None, "pid": None, "counters": {}}
+            "beat_age_s": None, "pid": None, "counters": {}, "link_alarm": None}
 
 
 class _Nearby(msgspec.Struct):
@@ -90,15 +90,23 @@ class SqliteSyncView:
                 status = conn.execute(
                     "SELECT beat_at, pid, counters, " + ", ".join(_STATUS_KEYS) + " FROM status WHERE id = 1"
                 ).fetchone()
+                try:
+                    alarm = conn.execute("SELECT code, message, since FROM link_alarm WHERE id = 1").fetchone()
+                except sqlite3.OperationalError as exc:
+                    if "no such table" not in str(exc):
+                        raise
+                    alarm = None   # written by a sync process from before link alarms
             finally:
                 conn.execute("COMMIT")
-            return cursor, status
+            return cursor, status, alarm
 
         found = self._read("the sync status", read)
         answer = dict(_NOTHING, counters={})
         if found is None:
             return answer
-        cursor, status = found
+        cursor, status, alarm = found
+        if alarm is not None:
+            answer["link_alarm"] = dict(zip(("code", "message", "since"), alarm))
         if cursor is not None:
             answer["acked_seq"], answer["last_ack_at"] = cursor
         if status is not None:

@@ -41,13 +41,28 @@ class MqttSection(Section):
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # Plaintext MQTT carries the password and every event in the clear: refused to a broker
+    # that is not on this host unless said so here (a trusted private link, a TLS tunnel).
+    allow_plaintext: bool = False
     client_id: str = ""               # empty: edge-agent-{store_id} / edge-hub-{hub_id}
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     reconnect_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here as a validation error at `mqtt`.
+        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not loopback and no tls_* key is set: refusing plaintext MQTT"
+                " (the password and every event would cross the network in the clear). Set tls_ca"
+                " (and tls_cert/tls_key for certificate identity), or allow_plaintext = true for a"
+                " link that is already private")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key is set without tls_cert: a client key needs its certificate")
+
     @property
     def tls(self) -> bool:
+        """True when any tls_* key is set (the contract: any tls_* set means TLS on)."""
         return bool(self.tls_ca or self.tls_cert or self.tls_key)
 
     def secret(self) -> str:

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the sync table every N seconds (0: never)")
     parser.add_argument("--max-age", type=float, default=20.0,
                         help="agents show nearby/online figures as stale after N seconds without a snapshot")
+    parser.add_argument("--tls", action="store_true",
+                        help="run the broker on TLS with certificate identity and config/acl (scripts/certs)")
     sub = parser.add_subparsers(dest="command")
     link = sub.add_parser("link", help="pull (down) or restore (up) a store's link in a running demo")
     link.add_argument("store")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: --stores and --products must be at least 1, --rate at least 0", file=sys.stderr)
         return 2
     demo = Demo(Path(args.state_dir), stores=args.stores, products_count=args.products, rate=args.rate,
-                port_base=args.port_base, status_every_s=args.status_every, max_age_s=args.max_age)
+                port_base=args.port_base, status_every_s=args.status_every, max_age_s=args.max_age,
+                tls=args.tls)
 
     async def runner() -> int:
         stop = asyncio.Event()

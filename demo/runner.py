@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -26,10 +27,12 @@ from demo.catalog import products, write_csv
 from demo.feed import WarehouseFeed
 from demo.proxy import LinkProxy
 from demo.traffic import StoreClient, Traffic
+from sync.mqtt import MqttClient
 
 log = logging.getLogger("demo")
 MARKER = ".edge-demo-state"
 CONTROL = "control.sock"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DemoError(RuntimeError):
@@ -106,7 +109,8 @@ class Demo:
 
     def __init__(self, state_dir: Path, *, stores: int = 3, products_count: int = 300, rate: float = 5.0,
                  port_base: int = 8101, prefix: str = "retail", status_every_s: float = 15.0,
-                 max_age_s: float = 20.0, publish_interval_s: float = 2.0, out=sys.stdout):
+                 max_age_s: float = 20.0, publish_interval_s: float = 2.0, out=sys.stdout,
+                 tls: bool = False):
         self.dir = Path(state_dir).resolve()
         self.store_count = stores
         self.catalog = products(products_count)
@@ -117,6 +121,8 @@ class Demo:
         self.max_age_s = max_age_s
         self.publish_interval_s = publish_interval_s
         self.out = out
+        self.tls = tls            # TLS with certificate identity and config/acl (scripts/demo --tls)
+        self.certs = self.dir / "certs"
         self.children: list[Child] = []
         self.stores: list[Store] = []
         self.broker_port = 0
@@ -158,11 +164,33 @@ class Demo:
                 raise DemoError(f"{child.name} does not listen on {port} after {timeout}s:\n{child.tail()}")
             await asyncio.sleep(0.05)
 
+    def mqtt_tls(self, identity: str) -> dict:
+        """The [mqtt] TLS keys for `identity` (its certificate's CN) in a --tls demo; {} otherwise."""
+        if not self.tls:
+            return {}
+        return {"tls_ca": str(self.certs / "ca.crt"), "tls_cert": str(self.certs / f"{identity}.crt"),
+                "tls_key": str(self.certs / f"{identity}.key")}
+
+    def tls_broker_conf(self) -> str:
+        """A TLS listener as config/mosquitto-tls.conf: certificate CN = username, config/acl."""
+        done = subprocess.run([str(ROOT / "scripts" / "certs"), str(self.certs), "broker", "edge-hub",
+                               "warehouse-feed", *self.store_ids()], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DemoError(f"scripts/certs failed: {done.stderr}")
+        acl = self.dir / "acl"
+        acl.write_text((ROOT / "config" / "acl").read_text().replace("retail/", f"{self.prefix}/"))
+        # As root mosquitto drops to its own user, who could not read the keys made here.
+        return (f"user {getpass.getuser()}\nallow_anonymous false\nacl_file {acl}\n"
+                f"cafile {self.certs / 'ca.crt'}\ncertfile {self.certs / 'broker.crt'}\n"
+                f"keyfile {self.certs / 'broker.key'}\nrequire_certificate true\n"
+                "use_identity_as_username true\nuse_username_as_clientid true\n")
+
     async def start_broker(self) -> None:
         self.broker_port = free_port()
         conf = self.dir / "mosquitto.conf"
-        conf.write_text(f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "set_tcp_nodelay true\n"
+        conf.write_text(f"listener {self.broker_port} 127.0.0.1\n"
+                        + (self.tls_broker_conf() if self.tls else "allow_anonymous true\n")
+                        + "persistence false\nset_tcp_nodelay true\n"
                         "max_queued_messages 100000\nlog_type error\nlog_type warning\n")
         child = self.spawn("mosquitto", [find_mosquitto(), "-c", str(conf)])
         await self.wait_port(child, self.broker_port)
@@ -177,7 +205,7 @@ class Demo:
             "hub": {"id": "demo-hub"},
             "storage": {"path": str(self.dir / "hub" / "hub.db")},
             "mqtt": {"host": "127.0.0.1", "port": self.broker_port, "topic_prefix": self.prefix,
-                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0, **self.mqtt_tls("edge-hub")},
             "availability": {"publish_interval_s": self.publish_interval_s,
                              "refresh_s": max(self.publish_interval_s, self.max_age_s / 2)},
             "catalog": {"path": str(self.dir / "catalog.csv")},
@@ -199,7 +227,7 @@ class Demo:
             "storage": {"path": str(self.dir / store_id / "events.db"), "synchronous": "NORMAL"},
             "api": {"host": "127.0.0.1", "port": port},
             "mqtt": {"host": "127.0.0.1", "port": proxy.port, "topic_prefix": self.prefix,
-                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+                     "reconnect_min_s": 0.2, "reconnect_max_s": 2.0, **self.mqtt_tls(store_id)},
             "sync": {"ack_timeout_s": 5},
             "availability": {"max_age_s": self.max_age_s},
             "log": {"format": "text"},
@@ -357,6 +385,9 @@ class Demo:
             skus = [sku for sku, _ in self.catalog]
             self.traffic = Traffic([StoreClient(s.store_id, s.url) for s in self.stores], skus, self.rate)
             feed = WarehouseFeed("wh-central", skus, port=self.broker_port, prefix=self.prefix)
+            if self.tls:   # the feed's own identity, as config/acl's warehouse-feed
+                feed.client = MqttClient(host="127.0.0.1", port=self.broker_port, client_id="demo-feed-wh-central",
+                                         reconnect_min_s=0.2, reconnect_max_s=2.0, **self.mqtt_tls("warehouse-feed"))
             for name, coro in (("traffic", self.traffic.run()), ("feed", feed.run()),
                                ("status", self.print_status()), ("stdin", self.read_stdin()),
                                ("watch", self.watch_children(stop))):
@@ -387,7 +418,9 @@ class Demo:
                  f"{len(self.catalog)} products, traffic {self.rate:g} commands/s")
         for store in self.stores:
             self.say(f"  {store.store_id} kiosk: {store.url}/")
-        self.say(f"  broker: 127.0.0.1:{self.broker_port}   state and logs: {self.dir}")
+        self.say(f"  broker: 127.0.0.1:{self.broker_port}"
+                 + (" (TLS, certificate identity, config/acl)" if self.tls else "")
+                 + f"   state and logs: {self.dir}")
         self.say("Pull a store's link:  type `down store-2` here (then `up store-2`),")
         self.say(f"  or from another terminal: uv run python -m demo --state-dir {self.dir} link store-2 down")
         self.say("Ctrl-C stops everything.")

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import msgspec
 
@@ -110,6 +111,22 @@ async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink,
         await asyncio.sleep(every)
 
 
+def record_alarms(mqtt: MqttClient, state: SqliteSyncState) -> Callable[[], Awaitable[None]]:
+    """Return a job that writes each change of the link's alarm to sync.db, in order.
+
+    The agent shows it in GET /v1/sync, /readyz and /metrics. Subscribed at once, so the
+    alarm `mqtt.start()` raises (a TLS file missing, say) is written as soon as the job runs.
+    """
+    changes: asyncio.Queue = asyncio.Queue()
+    mqtt.on_alarm(lambda alarm, since: changes.put_nowait(alarm.as_dict(since) if alarm else None))
+
+    async def job() -> None:
+        while True:
+            await state.store_link_alarm(await changes.get())
+
+    return job
+
+
 async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier | None = None) -> None:
     """Run the store's sync until `stop` is set; return after publishing offline and closing.
 
@@ -124,13 +141,15 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
             return
         await adopt_legacy_cursor(state, feed)
         mqtt = agent_mqtt(config)
+        alarms = record_alarms(mqtt, state)
         uplink = await Uplink.open(config, feed, state, mqtt)
         Downlink(mqtt, config.mqtt.topic_prefix, config.store.id, state).attach()
         await mqtt.start()
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(uplink.run(), name="uplink"),
-                              tasks.create_task(heartbeat(config, state, uplink, mqtt), name="heartbeat")]
+                              tasks.create_task(heartbeat(config, state, uplink, mqtt), name="heartbeat"),
+                              tasks.create_task(alarms(), name="alarms")]
                 interval = watchdog_interval() if config.service.watchdog else None
                 if interval:
                     background.append(tasks.create_task(watchdog_pings(notifier, interval), name="watchdog"))

@@ -22,6 +22,14 @@ What `MqttClient` gives its users:
   (for handlers that queue work for a group commit before their first await).
   A message matching several filters goes to the first subscription that matches.
 * `on_connection_change(fn)`: `fn(connected: bool)` on the loop after each change.
+* `alarm` / `on_alarm(fn)`: why the link cannot work as configured (sync/tls.py's
+  `LinkAlarm`: a TLS file missing, unreadable, not PEM or not matching, our client
+  certificate expired, the broker's certificate not trusted, for another host or expired,
+  our client certificate or credentials refused), or None; `fn(alarm, since)` on the loop
+  at each change. A link that is merely down (refused, reset, timed out) is no alarm.
+  With TLS, the files are checked at `start()` and before every connect attempt (read
+  again when they change), so a fixed file heals the link on the next attempt; a failing
+  attempt backs off like any other, never raises out of the client.
 * `start()` / `stop()` / `run()`: connect in the background with reconnect (exponential
   backoff with full jitter between `reconnect_min_s` and `reconnect_max_s`); `run()`
   starts, waits until cancelled, then stops.
@@ -38,7 +46,6 @@ import asyncio
 import logging
 import random
 import socket
-import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -47,7 +54,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from common import clock
 from common.aio import wait_for
+from sync import tls as tlscheck
+from sync.tls import CONFIG, LinkAlarm, TlsFiles, TlsLink
 
 log = logging.getLogger("edge_sync.mqtt")
 
@@ -132,9 +142,16 @@ class MqttClient:
         self._client.max_queued_messages_set(max_queued)
         if username:
             self._client.username_pw_set(username, password or None)
+        self.alarm: LinkAlarm | None = None
+        self.alarm_since: str | None = None
+        self._alarm_listeners: list[Callable[[LinkAlarm | None, str | None], None]] = []
+        self._tls: TlsLink | None = None
         if tls_ca or tls_cert or tls_key:
-            self._client.tls_set(ca_certs=tls_ca or None, certfile=tls_cert or None,
-                                 keyfile=tls_key or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            # Files are read at start() and before each attempt, never here: a missing
+            # file is an alarm to heal, not a constructor that raises.
+            self._tls = TlsLink(TlsFiles(tls_ca, tls_cert, tls_key), host, port, self._tls_failed)
+            self._client.tls_set_context(self._tls)   # type: ignore[arg-type]  (duck-typed context)
+            self._client.on_pre_connect = self._on_pre_connect
         if will is not None:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._client.on_connect = self._on_connect
@@ -160,6 +177,10 @@ class MqttClient:
     def on_connection_change(self, fn: Callable[[bool], None]) -> None:
         """Call `fn(connected)` on the event loop after every connect and disconnect."""
         self._listeners.append(fn)
+
+    def on_alarm(self, fn: Callable[[LinkAlarm | None, str | None], None]) -> None:
+        """Call `fn(alarm, since)` on the event loop when the link's alarm changes (None: cleared)."""
+        self._alarm_listeners.append(fn)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1,
                   concurrent: bool = False) -> None:
@@ -210,6 +231,8 @@ class MqttClient:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
+        if self._tls is not None:
+            self._set_alarm(self._tls.check())
         for sub in self._subs:
             self._start_worker(sub)
         props = None
@@ -310,10 +333,15 @@ class MqttClient:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.last_error = f"connect refused: {reason_code}"
-            log.warning("mqtt %s: %s:%s refused the connection: %s",
-                        self.client_id, self.host, self.port, reason_code)
             self._set_delay()
+            alarm = tlscheck.refused(reason_code.value, str(reason_code), self.host, self.port)
+            if alarm is not None:
+                self._call(self._set_alarm, alarm)   # logged once, as the alarm
+            else:
+                log.warning("mqtt %s: %s:%s refused the connection: %s",
+                            self.client_id, self.host, self.port, reason_code)
             return
+        self._call(self._set_alarm, None)
         self._attempt = 0
         self._set_delay()
         self._subs_sent = {client.subscribe(sub.topic_filter, sub.qos)[1] for sub in self._subs}
@@ -329,6 +357,15 @@ class MqttClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass  # not a TCP socket (e.g. a Unix socket): nothing to tune
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        assert self._tls is not None
+        self._call(self._config_checked, self._tls.check())
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        alarm = tlscheck.classify(exc, self.host, self.port)
+        if alarm is not None:
+            self._call(self._set_alarm, alarm)
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._set_delay()
@@ -362,6 +399,26 @@ class MqttClient:
         if text != self.last_error:
             log.warning("mqtt %s: %s", self.client_id, text)
         self.last_error = text
+
+    def _config_checked(self, alarm: LinkAlarm | None) -> None:
+        if alarm is not None:
+            self._set_alarm(alarm)
+        elif self.alarm is not None and self.alarm.kind == CONFIG:
+            self._set_alarm(None)   # the files check out now; what the broker says comes next
+
+    def _set_alarm(self, alarm: LinkAlarm | None) -> None:
+        if alarm == self.alarm:
+            return
+        if alarm is None:
+            log.warning("mqtt %s: alarm %s cleared", self.client_id, self.alarm.code if self.alarm else "")
+            self.alarm_since = None
+        else:
+            log.error("mqtt %s: ALARM %s: %s", self.client_id, alarm.code, alarm.message)
+            if self.alarm is None or self.alarm.code != alarm.code:
+                self.alarm_since = clock.utc_now()
+        self.alarm = alarm
+        for fn in list(self._alarm_listeners):
+            fn(alarm, self.alarm_since)
 
     def _note_subscriptions(self) -> None:
         if self._subs_changed is not None:

@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS status (
     events_sent      INTEGER NOT NULL,
     counters         TEXT NOT NULL           -- JSON object: the downlink's counts
 );
+-- Why the MQTT link cannot work as configured (sync/tls.py's LinkAlarm), while it holds:
+-- no row when there is none. A table of its own, so sync.db files from before it still open.
+CREATE TABLE IF NOT EXISTS link_alarm (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    code    TEXT NOT NULL,
+    message TEXT NOT NULL,
+    since   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS availability_snapshot (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     version      INTEGER NOT NULL,
@@ -121,6 +129,9 @@ class SqliteSyncState:
             raise storage_error(f"open {path}", exc) from exc
         self = cls(path, conn, now=now)
         self._snapshot_version, self._catalog_version, self._counters = await self._run(_held)
+        # A new process knows of no alarm yet (the last one's config may have been fixed);
+        # its MQTT client raises any that still holds at start.
+        await self.store_link_alarm(None)
         await self.beat()
         return self
 
@@ -164,6 +175,19 @@ class SqliteSyncState:
     async def beat(self) -> None:
         values = self._status_row()
         await self._run(lambda conn: conn.execute(_STATUS_UPSERT, values), transaction=True)
+
+    async def store_link_alarm(self, alarm: dict | None) -> None:
+        """Record the link's alarm ({code, message, since}), or clear it (None); idempotent."""
+        def write(conn: sqlite3.Connection) -> None:
+            if alarm is None:
+                conn.execute("DELETE FROM link_alarm")
+            else:
+                conn.execute("INSERT INTO link_alarm(id, code, message, since) VALUES (1, ?, ?, ?)"
+                             " ON CONFLICT(id) DO UPDATE SET code = excluded.code,"
+                             " message = excluded.message, since = excluded.since",
+                             (alarm["code"], alarm["message"], alarm["since"]))
+
+        await self._run(write, transaction=True)
 
     async def add_counts(self, counts: dict[str, int]) -> None:
         for key, n in counts.items():

@@ -215,10 +215,24 @@ class HubService:
         interval = watchdog_interval()
         if interval:
             tasks.append(asyncio.create_task(watchdog_pings(notifier, interval), name="hub-watchdog"))
+        serving = f"STATUS=serving {len(self.store_ids)} stores"
+
+        def status() -> str:
+            alarm = self.mqtt.alarm
+            return f"STATUS=ALARM {alarm.code}: {alarm.message}" if alarm else serving
+
+        def alarmed(alarm, since) -> None:
+            # The link's alarm (a TLS file, certificate or credentials problem, logged by the
+            # client) in `systemctl status edge-hub`; counted in `counters["link_alarms"]`.
+            if alarm is not None:
+                self.counters["link_alarms"] += 1
+            notifier.send(status())
+
+        self.mqtt.on_alarm(alarmed)
         try:
             await self.mqtt.start()
             # Ready once the store is open and the writer runs: MQTT (re)connects on its own.
-            notifier.send("READY=1", f"STATUS=serving {len(self.store_ids)} stores", f"MAINPID={os.getpid()}")
+            notifier.send("READY=1", status(), f"MAINPID={os.getpid()}")
             log.info("hub: ready%s", " (systemd notified)" if notifier.enabled else "")
             await stop.wait()
         finally:

@@ -1,6 +1,12 @@
-"""The example ACL (config/acl) on a real mosquitto: a store may only publish its own events."""
+"""The shipped ACL through the project's own MQTT client: a denied publish is an MqttError.
+
+The full table of allowed and denied attempts (store A, store B, the hub, a feed; password
+and certificate identity; MQTT 5 and 3.1.1) is tests/security/test_acl_table.py; this
+checks what the uplink relies on: sync/mqtt.py turns PUBACK 0x87 into MqttError.
+"""
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,15 +19,23 @@ from tests.sync.helpers import PREFIX, batch, eventually
 ACL = Path(__file__).resolve().parents[2] / "config" / "acl"
 
 
+PASSWORD = "acl-test-password"
+
+
 @pytest.fixture
 def acl_broker(tmp_path):
-    with Broker(tmp_path / "broker", extra_conf=f"acl_file {ACL}\n") as running:
+    passwd = tmp_path / "passwd"
+    for user in ("edge-hub", "store-0042"):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd),
+                        user, PASSWORD], check=True, capture_output=True, timeout=30)
+    with Broker(tmp_path / "broker", anonymous=False,
+                extra_conf=f"password_file {passwd}\nacl_file {ACL}\n") as running:
         yield running
 
 
 def user_client(broker, username: str) -> MqttClient:
     return MqttClient(host=broker.host, port=broker.port, client_id=f"acl-{username}", username=username,
-                      reconnect_min_s=0.05, reconnect_max_s=0.3)
+                      password=PASSWORD, reconnect_min_s=0.05, reconnect_max_s=0.3)
 
 
 async def test_store_may_publish_only_its_own_events_and_hub_reads_all(acl_broker):

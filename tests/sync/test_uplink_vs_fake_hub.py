@@ -82,7 +82,7 @@ async def test_ack_above_last_seq_is_an_alarm_and_never_trusted(agent, fake_hub)
     await eventually(lambda: agent.request("GET", "/v1/sync")[1]["ack_alarms"] == 1, what="the alarm")
     s = await status(agent)
     assert s["acked_seq"] == 20 and s["backlog"] == 20
-    assert "says 5000 but the log ends at 40" in s["alarm"]
+    assert s["alarm"]["code"] == "ack_above_log" and "says 5000 but the log ends at 40" in s["alarm"]["message"]
     assert "edge_agent_sync_ack_alarms_total 1.0" in agent.request("GET", "/metrics")[1]
     # The cursor persisted is the trusted one: after a restart the agent still says 20.
     agent.kill()
