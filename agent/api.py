@@ -153,10 +153,14 @@ class Api:
         if not ev.valid_time(at):
             raise ApiError(400, "invalid", f"as_of {at[:64]!r} is not an RFC 3339 UTC time such as"
                                            " 2026-11-27T13:00:00Z", "as_of")
+        cut = ev.to_ms_precision(at)
+        seq = self.reader.seq_at(cut)
         now = self.ctx.now()
-        if ev.to_ms_precision(at) > now:
+        # A time after the clock has no final answer yet, unless the log already holds an
+        # event recorded after it (the clock went back): then the cut is fixed.
+        if cut > now and seq >= self.log.last_seq:
             raise ApiError(400, "invalid", f"as_of {at} is after the agent's clock ({now})", "as_of")
-        return self.reader.seq_at(ev.to_ms_precision(at))
+        return seq
 
     async def get_availability(self, request: web.Request) -> web.Response:
         only_params(request.query)

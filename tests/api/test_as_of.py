@@ -108,3 +108,48 @@ def test_cli_stock_as_of(tmp_path):
     both = subprocess.run([*cli, "stock", "A1", "--as-of", "2026-11-27T10:05:00Z", "--as-of-seq", "2"],
                           capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_as_of_in_a_real_agent_whose_clock_goes_back(tmp_path):
+    """`edge-agent run` with its clock moved back between two sales (the test-only offset file)."""
+    import json
+    import time
+    import urllib.parse
+    import uuid
+
+    from agent.settings import TEST_CLOCK_ENV
+    from common.clock import rfc3339
+    from tests.support.agentproc import AgentProcess
+
+    offset = tmp_path / "clock-offset"
+    offset.write_text("0")
+    with AgentProcess(tmp_path, env={TEST_CLOCK_ENV: str(offset)}, sections={"sync": {"enabled": False}}) as agent:
+        def post(intent: dict) -> dict:
+            status, body = agent.request("POST", "/v1/events", {"command_id": str(uuid.uuid4()), "events": [intent]})
+            assert status == 201, body
+            return agent.request("GET", f"/v1/events?after_seq={body['first_seq'] - 1}&limit=1")[1]["events"][0]
+
+        def as_of(at: str) -> tuple[int, dict]:
+            return agent.request("GET", "/v1/stock/A1?as_of=" + urllib.parse.quote(at))
+
+        first = post({"type": "received", "sku": "A1", "qty": 5, "location": "floor"})
+        offset.write_text("-600")   # the clock steps back ten minutes
+        second = post({"type": "sold", "sku": "A1", "qty": 1})
+        assert second["recorded_at"] < first["recorded_at"]
+        # Between the two stamps: the log held only the first event (the second came after it).
+        status, body = as_of(second["recorded_at"])
+        assert status == 404, body   # nothing had been recorded by the second's (earlier) stamp
+        # The first's stamp is now in the agent's future and no event is recorded after it yet:
+        # the answer could still change, so it is refused.
+        status, body = as_of(first["recorded_at"])
+        assert status == 400 and body["error"]["field"] == "as_of", body
+        third = post({"type": "sold", "sku": "A1", "qty": 2, "occurred_at": first["recorded_at"]})
+        offset.write_text("60")   # forward again, past the first's stamp: a fourth event after it
+        fourth = post({"type": "received", "sku": "A1", "qty": 10, "location": "floor"})
+        assert third["recorded_at"] < first["recorded_at"] < fourth["recorded_at"]
+        offset.write_text("-600")
+        status, body = as_of(first["recorded_at"])   # after the clock again, but the cut is fixed
+        assert status == 200 and body["as_of_seq"] == 3 and body["floor"] == 2, body
+        offset.write_text("120")   # now past the fourth's stamp (+60 s): every event counts
+        status, body = as_of(rfc3339(time.time() + 90))
+        assert status == 200 and body["as_of_seq"] == 4 and body["floor"] == 12, json.dumps(body)
