@@ -64,7 +64,7 @@ class Api:
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
         except Refused as exc:
-            response = error_response(exc.status, exc.code, exc.message, exc.field)
+            response = error_response(exc.status, exc.code, exc.message, exc.field, extra=exc.extra)
         except StorageFull as exc:
             response = error_response(507, "storage_full", str(exc))
         except StorageError as exc:
@@ -122,9 +122,19 @@ class Api:
     # ---------------------------------------------------------------- reads
 
     async def get_stock(self, request: web.Request) -> web.Response:
-        only_params(request.query, "as_of_seq")
+        """The SKU's stock now, after events 1..as_of_seq, or as the log stood at time as_of."""
+        only_params(request.query, "as_of_seq", "as_of")
         sku = _sku(request)
         raw = request.query.get("as_of_seq")
+        at = request.query.get("as_of")
+        if raw is not None and at is not None:
+            raise ApiError(400, "invalid", "give as_of_seq or as_of, not both", "as_of")
+        if at is not None:
+            seq = self._seq_at(at)
+            row = self.reader.stock_as_of(sku, seq)
+            if row is None:
+                raise ApiError(404, "unknown_sku", f"no event had touched SKU {sku!r} by {at}", "sku")
+            return _json(dict(row, as_of=at, as_of_seq=seq))
         if raw is None:
             row = self.reader.stock(sku)
         else:
@@ -138,15 +148,23 @@ class Api:
             raise ApiError(404, "unknown_sku", f"no event has touched SKU {sku!r}{where}", "sku")
         return _json(row)
 
+    def _seq_at(self, at: str) -> int:
+        """The log's last seq at time `at`; ApiError naming `as_of` for a bad or future time."""
+        if not ev.valid_time(at):
+            raise ApiError(400, "invalid", f"as_of {at[:64]!r} is not an RFC 3339 UTC time such as"
+                                           " 2026-11-27T13:00:00Z", "as_of")
+        cut = ev.to_ms_precision(at)
+        seq = self.reader.seq_at(cut)
+        now = self.ctx.now()
+        # A time after the clock has no final answer yet, unless the log already holds an
+        # event recorded after it (the clock went back): then the cut is fixed.
+        if cut > now and seq >= self.log.last_seq:
+            raise ApiError(400, "invalid", f"as_of {at} is after the agent's clock ({now})", "as_of")
+        return seq
+
     async def get_availability(self, request: web.Request) -> web.Response:
         only_params(request.query)
-        sku = _sku(request)
-        row = self.reader.stock(sku)
-        here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
-                 "available": row["available"]} if row is not None
-                else {"floor": 0, "backroom": 0, "reserved": 0, "available": 0})
-        nearby, online, snapshot = self.ctx.sync.answer(sku)
-        return _json({"sku": sku, "here": here, "nearby": nearby, "online": online, "snapshot": snapshot})
+        return _json(self.ctx.availability(_sku(request)))
 
     async def get_events(self, request: web.Request) -> web.Response:
         """Return a page of the log in seq order, bodies as stored (current schema)."""
