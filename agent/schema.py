@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 
-GENESIS = bytes(32)
+from common import chain
+
+GENESIS = chain.GENESIS
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
