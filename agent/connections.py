@@ -62,11 +62,11 @@ def connection_budget(max_connections: int, backlog: int, nofile: int) -> tuple[
 
     One loop tick accepts up to `backlog` connections, and the connections they displace
     close a tick later, while the next burst is being accepted: the peak is connections +
-    2 * backlog + the reserve. The backlog gives way first (down to a sixth of the limit),
-    then the cap (never below MIN_CONNECTIONS).
+    2 * backlog + the reserve. When both do not fit, the backlog gives way first (down to
+    a sixth of the limit), then the cap (never below MIN_CONNECTIONS).
     """
     usable = nofile - FD_RESERVE
-    backlog = max(1, min(backlog, usable // 6))
+    backlog = max(1, min(backlog, max((usable - max_connections) // 2, usable // 6)))
     connections = max(MIN_CONNECTIONS, min(max_connections, usable - 2 * backlog))
     return connections, backlog
 
