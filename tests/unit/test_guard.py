@@ -115,3 +115,33 @@ def test_default_host_names_are_localhost_the_bound_host_and_the_hostname():
     assert set(ApiSection(host="192.168.1.5").host_names()) == {"localhost", "192.168.1.5", socket.gethostname()}
     assert set(ApiSection(host="0.0.0.0").host_names()) == {"localhost", socket.gethostname()}
     assert ApiSection(allowed_hosts=["store.example"]).host_names() == ["store.example"]
+
+
+async def test_accept_out_of_files_is_logged_once_per_interval_and_counted_each_time(caplog):
+    import asyncio
+    import errno
+    import logging
+
+    from agent.connections import AcceptErrorLog
+    from agent.metrics import Metrics
+
+    loop = asyncio.get_running_loop()
+    now = [0.0]
+    metrics = Metrics()
+    handler = AcceptErrorLog(loop, metrics, clock=lambda: now[0])
+    failure = {"message": "socket.accept() out of system resource",
+               "exception": OSError(errno.EMFILE, "Too many open files")}
+    with caplog.at_level(logging.ERROR, logger="edge_agent.api"):
+        for _ in range(1000):            # asyncio reports one per pending connection
+            handler(loop, failure)
+        now[0] = 11.0
+        handler(loop, failure)
+    lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "Too many open files" in lines[0] and "999 more" in lines[1]
+    assert b'edge_agent_http_accept_errors_total{errno="EMFILE"} 1001.0' in metrics.render()
+    # Anything else still goes to the loop's usual handler.
+    seen = []
+    handler.previous = lambda _loop, context: seen.append(context["message"])
+    handler(loop, {"message": "something else", "exception": ValueError()})
+    assert seen == ["something else"]
