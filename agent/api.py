@@ -212,7 +212,8 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 def build_app(ctx: "AgentContext") -> web.Application:
     """Return the API application for `ctx` (not yet bound to a socket)."""
     api = Api(ctx)
-    front = front_door(ctx)  # Host, Origin, Content-Type, rate limits, connection state (agent/guard.py)
+    # Host, Origin, Content-Type, rate limits, token before body, connection state (agent/guard.py)
+    front = front_door(ctx, authorize=api.authorize)
     app = web.Application(middlewares=[front.middleware, api.guard], client_max_size=MAX_BODY)
     app[FRONT_DOOR] = front
     for method, path, name in ROUTES:

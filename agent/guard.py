@@ -14,7 +14,10 @@
     failed authorizations (answers 401/403) used up their own, smaller budget;
   - a `Content-Type` other than `application/json` (415 `unsupported_media_type`, field
     `Content-Type`): no HTML form or `text/plain` fetch can then write without a CORS
-    preflight, which this API never grants.
+    preflight, which this API never grants;
+  - a wrong or missing write token (401/403, from the API's own `authorize`), before any
+    of the body is read; then a body that does not arrive within `api.body_timeout_s`
+    (408 `body_timeout`, and the connection is closed).
 
 Reads are not rate limited: the kiosk's page and its polling must not be slowed by a
 till. The guard also tells the connection table (agent/connections.py) when each request
@@ -27,6 +30,7 @@ with the number suppressed, so a flood of refusals cannot flood the journal.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from aiohttp import web
 
-from agent.api_errors import error_response
+from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception
 
 if TYPE_CHECKING:
     from agent.connections import ConnectionTable
@@ -215,17 +219,18 @@ class LogLimiter:
 
 class Refusal(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None, limit: str | None = None):
+                 headers: dict[str, str] | None = None, limit: str | None = None, close: bool = False):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
-        self.headers, self.limit = headers, limit
+        self.headers, self.limit, self.close = headers, limit, close
 
 
 class RequestGuard:
     """The API's outermost middleware; see the module docstring for what it refuses."""
 
     def __init__(self, api: "ApiSection", host_names: Iterable[str], metrics: "Metrics | None" = None,
-                 connections: "ConnectionTable | None" = None, clock: Callable[[], float] = time.monotonic):
+                 connections: "ConnectionTable | None" = None, clock: Callable[[], float] = time.monotonic,
+                 authorize: Callable[[web.Request], None] | None = None):
         self.hosts = frozenset(name.lower().rstrip(".") for name in host_names)
         self.origins = normalize_origins(api.allowed_origins)
         self.writes = RateLimiter(api.write_rate_per_s, api.write_burst)
@@ -233,6 +238,8 @@ class RequestGuard:
         self.metrics = metrics
         self.connections = connections
         self.clock = clock
+        self.authorize = authorize
+        self.body_timeout_s = api.body_timeout_s
         self._quiet = LogLimiter()
 
     @web.middleware
@@ -244,12 +251,16 @@ class RequestGuard:
             peer = request.remote or "?"
             try:
                 self._check(request, write, peer)
+                if write:
+                    await self._authorize_and_read(request, peer)
             except Refusal as refusal:
                 return self._refuse(request, peer, refusal)
-            response = await handler(request)
-            if write and response.status in (401, 403):
-                self.auth_failures.take(peer, self.clock())
-            return response
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                answer = from_http_exception(exc, request.method, request.path)   # e.g. 413 on a chunked body
+                return self._refuse(request, peer, Refusal(exc.status, answer[ERROR_CODE], exc.reason), answer)
+            return await handler(request)
         finally:
             if conn is not None:
                 self.connections.request_finished(conn)
@@ -281,7 +292,29 @@ class RequestGuard:
         if why:
             raise Refusal(415, "unsupported_media_type", why, "Content-Type")
 
-    def _refuse(self, request: web.Request, peer: str, refusal: Refusal) -> web.Response:
+    async def _authorize_and_read(self, request: web.Request, peer: str) -> None:
+        """Check the token (a failure spends the client's failure budget), then read the body
+        within body_timeout_s: a client trickling its body cannot hold a busy slot for ever.
+
+        The token comes first, so no body is ever buffered for a client without one.
+        """
+        if self.authorize is not None:
+            try:
+                self.authorize(request)
+            except ApiError as exc:
+                self.auth_failures.take(peer, self.clock())
+                raise Refusal(exc.status, exc.code, exc.message, exc.field, exc.headers) from None
+        if not request.body_exists or (request.content_length or 0) > MAX_BODY:
+            return   # nothing to read, or the handler answers 413 without reading
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                await request.read()   # aiohttp keeps it: the handler's read() returns the same bytes
+        except TimeoutError:
+            raise Refusal(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s"
+                          " (api.body_timeout_s)", close=True) from None
+
+    def _refuse(self, request: web.Request, peer: str, refusal: Refusal,
+                response: web.Response | None = None) -> web.Response:
         if self.metrics is not None:
             self.metrics.count_refusal(refusal.code)
             if refusal.limit is not None:
@@ -291,7 +324,12 @@ class RequestGuard:
             more = f" ({held} more like it since the last report)" if held else ""
             log.info("api: refused %s %s from %s: %d %s: %s%s", request.method, request.path[:200], peer,
                      refusal.status, refusal.code, refusal.message, more)
-        return error_response(refusal.status, refusal.code, refusal.message, refusal.field, refusal.headers)
+        if response is not None:
+            return response
+        response = error_response(refusal.status, refusal.code, refusal.message, refusal.field, refusal.headers)
+        if refusal.close:
+            response.force_close()
+        return response
 
 
 def _retry_after(wait: float) -> str:

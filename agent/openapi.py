@@ -194,10 +194,11 @@ def _operation_id(method: str, path: str) -> str:
 
 def _front_door_answers(method: str, responses: dict[str, Any]) -> None:
     """The refusals agent/guard.py gives before any handler: Host on every route; Origin,
-    rate limits and Content-Type on writes."""
+    rate limits, Content-Type and the body deadline on writes."""
     responses.setdefault("421", _json("Error", "Host is not one of this agent's names"))
     if method not in ("GET", "HEAD", "OPTIONS"):
         responses.setdefault("403", _json("Error", "cross-site Origin, or a wrong write token"))
+        responses.setdefault("408", _json("Error", "the body did not arrive within api.body_timeout_s"))
         responses.setdefault("415", _json("Error", "Content-Type is not application/json"))
         responses.setdefault("429", {**_json("Error", "too many writes or failed authorizations from this client"),
                                      "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},

@@ -31,8 +31,12 @@ LISTEN_BACKLOG = 1024
 FRONT_DOOR = web.AppKey("front_door", RequestGuard)
 
 
-def front_door(ctx: "AgentContext") -> RequestGuard:
-    """The RequestGuard for `ctx`'s `[api]` settings, with a connection table sized to fit the open-file limit."""
+def front_door(ctx: "AgentContext", authorize=None) -> RequestGuard:
+    """The RequestGuard for `ctx`'s `[api]` settings, with a connection table sized to fit the open-file limit.
+
+    `authorize(request)` is the API's token check (raises ApiError 401/403): the guard runs
+    it before reading a write's body.
+    """
     api = ctx.config.api
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     nofile = 1 << 20 if nofile == resource.RLIM_INFINITY else nofile
@@ -44,7 +48,7 @@ def front_door(ctx: "AgentContext") -> RequestGuard:
     table = ConnectionTable(limits, ctx.metrics)
     if ctx.metrics is not None:
         ctx.metrics.watch_connections(lambda: table.open)
-    return RequestGuard(api, api.host_names(), ctx.metrics, table)
+    return RequestGuard(api, api.host_names(), ctx.metrics, table, authorize=authorize)
 
 
 class ApiServer:

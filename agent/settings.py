@@ -39,22 +39,24 @@ class ApiSection(Section):
     write_token_file: str = ""        # read the token from a file (the credential `write_token` wins over both)
     header_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0   # a request's headers must arrive within this
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0     # an idle keep-alive connection is closed after this
+    body_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0     # a write's body must arrive within this (408)
     max_connections: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 1024
     write_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 200.0  # per client address; 0: no limit
     write_burst: Annotated[int, msgspec.Meta(ge=1)] = 1000
     auth_fail_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0   # failed authorizations per address; 0: no limit
     auth_fail_burst: Annotated[int, msgspec.Meta(ge=1)] = 20
-    allowed_hosts: list[str] = msgspec.field(default_factory=list)    # empty: localhost, api.host, this hostname
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)    # empty: localhost, api.host, this hostname (and .local)
     allowed_origins: list[str] = msgspec.field(default_factory=list)  # e.g. "http://pos.store.internal:3000"
 
     def host_names(self) -> list[str]:
-        """The names accepted in `Host`: `allowed_hosts`, else api.host and this machine's hostname.
+        """The names accepted in `Host`: `allowed_hosts`, else api.host and this machine's hostname (and `<hostname>.local`).
 
         localhost, *.localhost and IP literals are always accepted (agent/guard.py says why).
         """
         if self.allowed_hosts:
             return list(self.allowed_hosts)
-        names = ["localhost", socket.gethostname()]
+        hostname = socket.gethostname()
+        names = ["localhost", hostname, f"{hostname}.local"]   # .local: the name a kiosk finds over mDNS
         if self.host and self.host not in ("0.0.0.0", "::"):
             names.append(self.host)
         return [n for n in names if n]

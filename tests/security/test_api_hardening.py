@@ -250,6 +250,45 @@ def test_idle_keepalive_is_closed_after_idle_timeout(tmp_path):
         assert metric(agent, "edge_agent_http_connections_closed_total", reason="idle_timeout") == 1
 
 
+def _read_answer(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+    """Seconds until the head of an HTTP answer arrives on `sock`, and that head."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without an answer: {head!r}"
+        head += chunk
+    return time.monotonic() - started, head
+
+
+def test_a_write_whose_body_trickles_is_408_after_body_timeout_and_appends_nothing(tmp_path):
+    with _agent(tmp_path, {"body_timeout_s": 1.0, "header_timeout_s": 5.0}, write_token="t0ken") as agent:
+        body = command()
+        head = (f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n").encode()
+        # Without the token the answer comes at once: no body is read for an unauthorized client.
+        sock = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        sock.sendall(head + b"\r\n" + body[:10])
+        took, answer = _read_answer(sock, 5.0)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 401 ") and took < 0.8, (took, answer)
+        # With it, the body must arrive within body_timeout_s.
+        sock = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        sock.sendall(head + b"Authorization: Bearer t0ken\r\n\r\n" + body[:10])
+        for _ in range(5):
+            time.sleep(0.1)
+            sock.sendall(body[10:11])
+        took, answer = _read_answer(sock, 5.0)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer, answer
+        assert 0.9 <= took + 0.5 < 3.0, took
+        assert last_seq(agent) == 0
+        assert metric(agent, "edge_agent_http_refused_total", code="body_timeout") == 1
+        # A body sent at once is unaffected.
+        assert call(agent, "POST", "/v1/events", command(delta=1), {**JSON, "Authorization": "Bearer t0ken"})[0] == 201
+
+
 # ------------------------------------------------------------------ cross-site writes
 
 def test_cross_site_post_is_refused_and_appends_nothing(tmp_path):

@@ -112,8 +112,9 @@ def test_write_token_comes_from_the_credential_first(tmp_path):
 
 def test_default_host_names_are_localhost_the_bound_host_and_the_hostname():
     import socket
-    assert set(ApiSection(host="192.168.1.5").host_names()) == {"localhost", "192.168.1.5", socket.gethostname()}
-    assert set(ApiSection(host="0.0.0.0").host_names()) == {"localhost", socket.gethostname()}
+    me = socket.gethostname()
+    assert set(ApiSection(host="192.168.1.5").host_names()) == {"localhost", "192.168.1.5", me, f"{me}.local"}
+    assert set(ApiSection(host="0.0.0.0").host_names()) == {"localhost", me, f"{me}.local"}
     assert ApiSection(allowed_hosts=["store.example"]).host_names() == ["store.example"]
 
 
