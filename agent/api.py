@@ -1,8 +1,10 @@
 """The local HTTP API for kiosks, POS and scanners (the contract's HTTP table).
 
 `build_app(ctx)` returns the aiohttp Application; `start_api(ctx)` binds it on
-`api.host:api.port` inside the caller's event loop and returns the runner, whose
-`cleanup()` stops accepting, lets in-flight requests finish and closes connections.
+`api.host:api.port` inside the caller's event loop and returns the server (agent/server.py),
+whose `cleanup()` stops accepting, lets in-flight requests finish and closes connections.
+In front of the handlers, agent/guard.py checks Host, Origin, Content-Type and rate limits,
+and agent/connections.py caps the connections and times out slow and idle ones.
 
 Writes go through `SqliteEventLog.append`, which group-commits concurrent requests in
 one transaction and answers each with its own seqs or its own refusal. Reads are point
@@ -28,6 +30,7 @@ from agent.api_errors import int_param as _int_param
 from common.errors import StorageError, StorageFull
 from agent.inventory import Refused
 from agent.kiosk import setup_kiosk
+from agent.server import FRONT_DOOR, LISTEN_BACKLOG, ApiServer, front_door
 from agent.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -230,7 +233,10 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 def build_app(ctx: "AgentContext") -> web.Application:
     """Return the API application for `ctx` (not yet bound to a socket)."""
     api = Api(ctx)
-    app = web.Application(middlewares=[api.guard], client_max_size=MAX_BODY)
+    # Host, Origin, Content-Type, rate limits, token before body, connection state (agent/guard.py)
+    front = front_door(ctx, authorize=api.authorize)
+    app = web.Application(middlewares=[front.middleware, api.guard], client_max_size=MAX_BODY)
+    app[FRONT_DOOR] = front
     for method, path, name in ROUTES:
         app.router.add_route(method, path, getattr(api, name), name=name)
     setup_kiosk(app, ctx)  # GET /, /kiosk/*, /v1/search, /v1/stream (agent/kiosk.py)
@@ -245,23 +251,17 @@ def build_app(ctx: "AgentContext") -> web.Application:
 SHUTDOWN_DRAIN_S = 3.0
 
 
-async def start_api(ctx: "AgentContext") -> tuple[web.AppRunner, list[tuple[str, int]]]:
-    """Bind the API on the configured host and port; return the runner and bound addresses.
+async def start_api(ctx: "AgentContext") -> tuple[ApiServer, list[tuple[str, int]]]:
+    """Bind the API on the configured host and port; return the server and bound addresses.
 
     `api.port = 0` binds a free port (tests); the addresses say which. Raises OSError
     when the address cannot be bound.
     """
     app = build_app(ctx)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_DRAIN_S)
-    await runner.setup()
-    site = web.TCPSite(runner, ctx.config.api.host, ctx.config.api.port, backlog=1024)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    addresses = [tuple(addr[:2]) for addr in runner.addresses]
-    return runner, addresses
+    server = ApiServer(app, ctx.config.api, app[FRONT_DOOR].connections, ctx.metrics, LISTEN_BACKLOG,
+                       drain_s=SHUTDOWN_DRAIN_S)
+    await server.start()
+    return server, server.addresses
 
 
 def _log_refusal(request: web.Request, response: web.StreamResponse) -> None:

@@ -68,7 +68,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     runner = None
     try:
         runner, ctx.api_addresses = await start_api(ctx)
-        log.info("api: listening on %s", ctx.api_url)
+        log.info("api: listening on %s; writes %s", ctx.api_url, _token_note(config))
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(service.run_service(ctx, stop), name="service")]
             if supervisor is not None:
@@ -93,6 +93,11 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         await event_log.close()
         held_caps.close()   # after the log: its writer thread is the one that reads it
         log.info("app: log closed at seq %d", event_log.last_seq)
+
+
+def _token_note(config: AgentConfig) -> str:
+    token, source = config.write_token_source()
+    return f"need the write token from {source}" if token else "need no token (loopback only)"
 
 
 def _freeze_startup_heap(ctx: AgentContext) -> None:

@@ -38,6 +38,18 @@ class Metrics:
             "edge_agent_http_refused", "HTTP requests answered with an error, by error code.",
             ["code"], registry=self.registry)
         self.last_seq = Gauge("edge_agent_last_seq", "The log's last seq.", registry=self.registry)
+        self.rate_limited = Counter(
+            "edge_agent_http_rate_limited", "Writes answered 429, by the limit that refused them (write, auth).",
+            ["limit"], registry=self.registry)
+        self.connections_open = Gauge(
+            "edge_agent_http_connections", "Open HTTP connections to the local API.", registry=self.registry)
+        self.connections_closed = Counter(
+            "edge_agent_http_connections_closed",
+            "HTTP connections the API closed itself, by reason (header_timeout, idle_timeout, evicted, over_capacity).",
+            ["reason"], registry=self.registry)
+        self.accept_errors = Counter(
+            "edge_agent_http_accept_errors", "accept() failures on the API's socket, by errno (EMFILE: out of files).",
+            ["errno"], registry=self.registry)
         # Label children are cached: .labels() costs a dict lookup plus a lock per call.
         self._by_type = {t: self.events_appended.labels(t) for t in ev.EVENT_TYPES}
         self._latency: dict[tuple[str, str], Histogram] = {}
@@ -60,6 +72,19 @@ class Metrics:
 
     def count_refusal(self, code: str) -> None:
         self.refused.labels(code).inc()
+
+    def count_rate_limited(self, limit: str) -> None:
+        self.rate_limited.labels(limit).inc()
+
+    def watch_connections(self, read: Callable[[], int]) -> None:
+        """Report `read()` as the open-connections gauge at every scrape."""
+        self.connections_open.set_function(read)
+
+    def count_connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
+
+    def count_accept_error(self, name: str) -> None:
+        self.accept_errors.labels(name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

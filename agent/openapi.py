@@ -256,6 +256,19 @@ def _operation_id(method: str, path: str) -> str:
     return f"{method.lower()}_{words}".replace("__", "_")
 
 
+def _front_door_answers(method: str, responses: dict[str, Any]) -> None:
+    """The refusals agent/guard.py gives before any handler: Host on every route; Origin,
+    rate limits, Content-Type and the body deadline on writes."""
+    responses.setdefault("421", _json("Error", "Host is not one of this agent's names"))
+    if method not in ("GET", "HEAD", "OPTIONS"):
+        responses.setdefault("403", _json("Error", "cross-site Origin, or a wrong write token"))
+        responses.setdefault("408", _json("Error", "the body did not arrive within api.body_timeout_s"))
+        responses.setdefault("415", _json("Error", "Content-Type is not application/json"))
+        responses.setdefault("429", {**_json("Error", "too many writes or failed authorizations from this client"),
+                                     "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                                                 "description": "seconds to wait"}}})
+
+
 def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Return the OpenAPI 3.1 document for `routes` ((method, path) each; PAGES are left out).
 
@@ -272,6 +285,7 @@ def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
         if "{sku}" in path or "parameters" in operation:
             # Any path can miss the router (e.g. a SKU with a slash): 404 in the error shape.
             operation["responses"].setdefault("404", _json("Error", "no such endpoint or SKU"))
+        _front_door_answers(method, operation["responses"])
         paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -7,9 +7,10 @@ common/config.py; `load_config(path, AgentConfig, "EDGE_AGENT")` reads this file
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Callable, Literal, Mapping
 
 import msgspec
 
@@ -37,7 +38,30 @@ class ApiSection(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     write_token: str = ""
-    write_token_file: str = ""        # read the token from a file (systemd LoadCredential)
+    write_token_file: str = ""        # read the token from a file (the credential `write_token` wins over both)
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0   # a request's headers must arrive within this
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0     # an idle keep-alive connection is closed after this
+    body_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0     # a write's body must arrive within this (408)
+    max_connections: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 1024
+    write_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 200.0  # per client address; 0: no limit
+    write_burst: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    auth_fail_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0   # failed authorizations per address; 0: no limit
+    auth_fail_burst: Annotated[int, msgspec.Meta(ge=1)] = 20
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)    # empty: localhost, api.host, this hostname (and .local)
+    allowed_origins: list[str] = msgspec.field(default_factory=list)  # e.g. "http://pos.store.internal:3000"
+
+    def host_names(self) -> list[str]:
+        """The names accepted in `Host`: `allowed_hosts`, else api.host and this machine's hostname (and `<hostname>.local`).
+
+        localhost, *.localhost and IP literals are always accepted (agent/guard.py says why).
+        """
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        hostname = socket.gethostname()
+        names = ["localhost", hostname, f"{hostname}.local"]   # .local: the name a kiosk finds over mDNS
+        if self.host and self.host not in ("0.0.0.0", "::"):
+            names.append(self.host)
+        return [n for n in names if n]
 
 
 class SyncSection(Section):
@@ -81,8 +105,30 @@ class AgentConfig(Section):
     log: LogSection = msgspec.field(default_factory=LogSection)
 
     def write_token(self) -> str:
-        """Return the API write token, from `api.write_token_file` when set."""
-        return read_secret(self.api.write_token_file) if self.api.write_token_file else self.api.write_token
+        """Return the API write token ("" for none); see `write_token_source`."""
+        return self.write_token_source()[0]
+
+    def write_token_source(self, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+        """Return (token, where it came from). The first that is there wins:
+
+        1. the systemd credential `write_token` (`LoadCredential=write_token:...` in the unit,
+           read from `$CREDENTIALS_DIRECTORY/write_token`): the unit's choice, and a file only
+           the service can read, where the config file is world-readable;
+        2. `api.write_token_file`;
+        3. `api.write_token`.
+
+        Raises ConfigError for an empty or unreadable credential or token file: a token the
+        operator meant to set must never silently become "no token".
+        """
+        environ = os.environ if environ is None else environ
+        directory = environ.get("CREDENTIALS_DIRECTORY", "")
+        credential = Path(directory, WRITE_TOKEN_CREDENTIAL) if directory else None
+        if credential is not None and (credential.exists() or credential.is_symlink()):
+            return _nonempty(read_secret(str(credential)), f"the systemd credential {credential}"), "credential"
+        if self.api.write_token_file:
+            return _nonempty(read_secret(self.api.write_token_file), f"api.write_token_file {self.api.write_token_file}"), \
+                "api.write_token_file"
+        return self.api.write_token, "api.write_token"
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback API without a write token (raises ConfigError saying why)."""
@@ -91,6 +137,16 @@ class AgentConfig(Section):
                 f"api.host is {self.api.host!r}, which is not loopback, and no api.write_token is set:"
                 " anyone on the store's network could write stock. Set api.write_token"
                 " (or api.write_token_file) or bind api.host to 127.0.0.1.")
+
+
+WRITE_TOKEN_CREDENTIAL = "write_token"
+
+
+def _nonempty(token: str, where: str) -> str:
+    if not token:
+        raise ConfigError(f"api: {where} is empty: put the write token in it, or remove it"
+                          " (LoadCredential=write_token in the unit, api.write_token_file in the config)")
+    return token
 
 
 def sync_db_path(config: AgentConfig) -> str:

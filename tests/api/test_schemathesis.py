@@ -3,6 +3,9 @@
 Positive and negative data for every documented operation (the never-ending event
 stream excepted): no 5xx, status codes, content types and bodies as documented, schema-
 invalid requests refused, and the log's length unchanged after every refused request.
+The agent has a write token, and its front door (agent/guard.py) is on: the Host
+schemathesis sends (the agent's loopback address) is served, a write whose Content-Type
+is not JSON is refused with 415, and a generated bearer token becomes the real one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def st_agent(tmp_path_factory):
-    agent = AgentProcess(tmp_path_factory.mktemp("schemathesis"), write_token=TOKEN)
+    # Generated unauthorized writes are many: a failed-authorization budget that lasts the
+    # run keeps them 401/403 (the 429 after it is tested in tests/security/test_api_hardening.py).
+    agent = AgentProcess(tmp_path_factory.mktemp("schemathesis"), write_token=TOKEN,
+                         sections={"api": {"auth_fail_burst": 100_000, "write_burst": 100_000}})
     agent.start()
     # Some stock, so reads of common SKUs and reservations have something to find.
     status, _ = agent.request("POST", "/v1/events", {"command_id": "seed", "events": [
@@ -78,6 +84,11 @@ def test_api_conforms_to_its_openapi_document(api_schema, log_reader, mode):
             before = log_reader.last_seq()
             response = case.call_and_validate(checks=CHECKS, timeout=10)
             statuses.setdefault(f"{case.method} {case.operation.path}", set()).add(response.status_code)
+            assert response.status_code != 421, f"the agent refused its own Host: {response.text}"
+            if response.status_code == 415:
+                assert not (case.media_type or "").startswith("application/json"), response.text
+            if case.method == "POST" and response.status_code in (200, 201):
+                assert (case.media_type or "").startswith("application/json"), case.media_type
             if response.status_code >= 400:
                 assert log_reader.last_seq() == before, (
                     f"{case.method} {case.path} was refused with {response.status_code} but the log grew "

@@ -115,9 +115,23 @@ def test_agent_unit_starts_the_agent_as_the_tests_do():
     assert "Environment=MALLOC_ARENA_MAX=2" in lines
 
 
-def test_agent_unit_allows_more_open_files_than_the_api_queues_connections():
-    """The API's listen backlog is 1024 (agent/api.py); systemd's default soft limit is 1024 too."""
+def test_agent_unit_allows_more_open_files_than_the_api_can_hold():
+    """The API holds at most max_connections plus two accept bursts (agent/connections.py); systemd's
+    default soft limit of 1024 would make the agent lower its cap, so the unit raises it."""
+    from agent.connections import FD_RESERVE, connection_budget
+    from agent.server import LISTEN_BACKLOG
+    from agent.settings import ApiSection
+
     lines = (ROOT / "systemd" / "edge-agent.service").read_text().splitlines()
     limits = [int(l.split("=", 1)[1]) for l in lines if l.startswith("LimitNOFILE=")]
-    backlog = int(re.search(r"backlog=(\d+)", (ROOT / "agent" / "api.py").read_text()).group(1))
-    assert limits and limits[0] >= 2 * backlog, limits
+    assert len(limits) == 1, limits
+    cap = ApiSection().max_connections
+    assert cap + 2 * LISTEN_BACKLOG + FD_RESERVE <= limits[0]
+    assert connection_budget(cap, LISTEN_BACKLOG, limits[0]) == (cap, LISTEN_BACKLOG)
+
+
+def test_agent_unit_hands_over_the_write_token_as_a_credential():
+    lines = (ROOT / "systemd" / "edge-agent.service").read_text().splitlines()
+    assert "LoadCredential=write_token:/etc/edge-agent/write_token" in lines
+    from agent.settings import WRITE_TOKEN_CREDENTIAL
+    assert WRITE_TOKEN_CREDENTIAL == "write_token"
