@@ -15,7 +15,7 @@ from tests.sync.hubproc import HubProcess, hub_command
 PREFIX = "retail"
 
 
-def source_toml(source_id: str, kind: str, name: str = "", lead_time_s: int = 0, stale_after_s: float = 3600) -> str:
+def source_toml(source_id: str, kind: str, name: str = "", lead_time_s: int = 0, stale_after_s: int = 3600) -> str:
     return (f'[[sources]]\nid = "{source_id}"\nkind = "{kind}"\nname = "{name or source_id}"\n'
             f"lead_time_s = {lead_time_s}\nstale_after_s = {stale_after_s}\n")
 
