@@ -1,7 +1,8 @@
 """Benchmark: a 100,000-SKU availability snapshot, hub to kiosk, without and with caps and sources.
 
     .venv/bin/python bench/snapshot.py [--skus 100000] [--nearby 3] [--sources 5] [--caps 1000]
-                                       [--idle-s 3] [--rate 200] [--mqtt-protocol 5] [--workdir DIR]
+                                       [--idle-s 3] [--rate 200] [--mqtt-protocol 5] [--wait-quiet 300]
+                                       [--workdir DIR]
 
 Processes, all on one private mosquitto on a free loopback port:
 - the store: `edge-agent run --config F` as systemd/edge-agent.service starts it (this
@@ -28,6 +29,8 @@ bench, i.e. the broker delivering it, to the agent's GET /v1/sync showing its
 snapshot_version, polled every 10 ms: receive, inflate, decode, validate and commit in the
 sync process), and the kiosk's p50/p99 during that apply window against its idle window.
 Targets: apply under 2 s for 100,000 SKUs; kiosk p99 during the apply under 2x idle.
+The run first waits up to --wait-quiet seconds for no other test run or bench, and
+records what ran beside it anyway and the load average (bench/common.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import random
 import re
 import shutil
@@ -55,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as paho  # noqa: E402  (the bench's own subscriber, outside the project's adapter)
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from bench.common import Tree, bench_lock, free_port  # noqa: E402
+from bench.common import Overlap, Tree, bench_lock, free_port, wait_quiet  # noqa: E402
 from bench.sync import CENTRAL, Kiosk, latency_stats, start_agent, stop, wait_port, window  # noqa: E402
 from sync import protocol  # noqa: E402
 from sync.hub import captables, feeds, projection  # noqa: E402
@@ -227,6 +231,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--mqtt-protocol", type=int, choices=(4, 5), default=5,
                         help="the agent's MQTT protocol; 4 (3.1.1) means plain JSON snapshots")
+    parser.add_argument("--wait-quiet", type=float, default=300.0,
+                        help="seconds to wait for no other test run or bench first")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
@@ -245,6 +251,8 @@ def run(args, work: Path) -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     agent = kiosk = arrivals = None
     results = []
+    waited = wait_quiet(args.wait_quiet)
+    overlap = Overlap()
     try:
         wait_port(args.port)
         asyncio.run(create_db(work / "hub.db", stores))
@@ -265,6 +273,7 @@ def run(args, work: Path) -> int:
                 (f"caps + {args.sources} sources: 1% changed", args.sources, 4, 100)):
             print(f"bench: {label} ...", file=sys.stderr, flush=True)
             results.append(one_round(label, work, args, stores, api_port, arrivals, sources, round_, every))
+            results[-1]["load_avg_1m"] = round(os.getloadavg()[0], 2)
     finally:
         samples = kiosk.stop() if kiosk else []
         if arrivals:
@@ -284,6 +293,7 @@ def run(args, work: Path) -> int:
         print(json.dumps(result), flush=True)
     print(json.dumps({"skus": args.skus, "stores": len(stores), "sources": args.sources, "caps": args.caps,
                       "mqtt_protocol": args.mqtt_protocol, "central": " ".join(CENTRAL),
+                      "waited_for_quiet_s": waited, "ran_beside": overlap.stop(),
                       "apply_under_2s": met_apply, "kiosk_p99_under_2x_idle": met_kiosk}))
     return 0
 
