@@ -86,19 +86,33 @@ async def adopt_legacy_cursor(state: SqliteSyncState, feed: SqliteLogFeed) -> No
         log.info("sync: took the cursor %d from the log's sync_cursor table", legacy[0])
 
 
-def status_payload(config: AgentConfig, uplink: Uplink, last_seq: int) -> bytes:
-    """The retained online status: the birth message's fields plus the log's position."""
+def status_payload(config: AgentConfig, uplink: Uplink, last_seq: int,
+                   snapshot_version: int | None = None) -> bytes:
+    """The retained online status: the birth message's fields, the log's position and the snapshot held.
+
+    `snapshot_version` must have been read before `last_seq`: the hub takes the pair as
+    "every event after last_seq was decided under that snapshot's allowances or a newer
+    one's" (docs/availability.md, giving back unused allowance).
+    """
     status = protocol.Status(
         store_id=config.store.id, state="online", at=clock.utc_now(),
         client_id=config.mqtt.client_id or f"edge-agent-{config.store.id}",
         accept=[protocol.ZLIB_JSON] if config.mqtt.protocol == 5 else [])
     acked = uplink.acked_seq
-    return msgspec.json.encode(msgspec.structs.asdict(status) | {
-        "last_seq": last_seq, "acked_seq": acked, "backlog": max(0, last_seq - acked)})
+    extra = {"last_seq": last_seq, "acked_seq": acked, "backlog": max(0, last_seq - acked)}
+    if snapshot_version is not None:
+        extra["snapshot_version"] = snapshot_version
+    return msgspec.json.encode(msgspec.structs.asdict(status) | extra)
 
 
-async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink, mqtt: MqttClient) -> None:
-    """Record this process alive every `sync.heartbeat_s`; publish the retained status as the agent's did."""
+async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink, mqtt: MqttClient,
+                    position: SqliteLogFeed) -> None:
+    """Record this process alive every `sync.heartbeat_s`; publish the retained status as the agent's did.
+
+    `position` is a read-only connection to the log of this task's own (the uplink's feed
+    is used from its reader thread): the status's `last_seq` is read from the log itself,
+    after the snapshot version, never from the uplink's last poll.
+    """
     every = config.sync.heartbeat_s
     publish_every = max(1, round(config.service.heartbeat_interval_s / every))
     beats = 0
@@ -106,7 +120,13 @@ async def heartbeat(config: AgentConfig, state: SqliteSyncState, uplink: Uplink,
     while True:
         await state.beat()
         if beats % publish_every == 0 and mqtt.connected:
-            mqtt.publish(topic, status_payload(config, uplink, uplink.last_seq), qos=1, retain=True)
+            version = state.snapshot_version
+            try:
+                last_seq = position.last_seq()
+            except StorageError as exc:
+                log.warning("sync: status without the log's position: %s", exc)
+            else:
+                mqtt.publish(topic, status_payload(config, uplink, last_seq, version), qos=1, retain=True)
         beats += 1
         await asyncio.sleep(every)
 
@@ -134,11 +154,12 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
     """
     notifier = notifier or Notifier.from_environ()
     state = await SqliteSyncState.open(sync_db_path(config), config.store.id)
-    feed = None
+    feed = position = None
     try:
         feed = await open_feed(config, stop)
         if feed is None:
             return
+        position = SqliteLogFeed(feed.path)
         await adopt_legacy_cursor(state, feed)
         mqtt = agent_mqtt(config)
         alarms = record_alarms(mqtt, state)
@@ -148,7 +169,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(uplink.run(), name="uplink"),
-                              tasks.create_task(heartbeat(config, state, uplink, mqtt), name="heartbeat"),
+                              tasks.create_task(heartbeat(config, state, uplink, mqtt, position), name="heartbeat"),
                               tasks.create_task(alarms(), name="alarms")]
                 interval = watchdog_interval() if config.service.watchdog else None
                 if interval:
@@ -163,8 +184,9 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
         finally:
             await asyncio.shield(mqtt.stop())   # publishes the offline status, then disconnects
     finally:
-        if feed is not None:
-            feed.close()
+        for reader in (feed, position):
+            if reader is not None:
+                reader.close()
         await state.close()
         log.info("sync: stopped")
 

@@ -93,3 +93,73 @@ async def test_a_chain_cap_is_never_passed_while_a_store_sells_offline_on_its_la
         for agent in agents.values():
             assert agent.terminate() == 0
         assert hub.terminate() == 0
+
+
+def status_of(broker, store_id: str) -> dict:
+    """The store's retained status, as the hub reads it (a plain paho client)."""
+    import json
+    import queue
+
+    import paho.mqtt.client as paho
+
+    got: queue.Queue = queue.Queue()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-status-{uuid.uuid4().hex[:8]}")
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"retail/stores/{store_id}/status", qos=1)
+    client.on_message = lambda c, u, message: got.put(message.payload)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        return json.loads(got.get(timeout=10))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+async def test_allowance_a_store_no_longer_needs_goes_back_to_the_pool_once_its_status_confirms(tmp_path, broker):
+    stores = ("store-a", "store-b")
+    limit = 8   # step = half the equal share of 4: each store starts with 2, 4 stay in the pool
+    hub = feed_hub(tmp_path, broker, stores=stores)
+    with ExitStack() as stack:
+        stack.enter_context(hub)
+        agents = {}
+        for s in stores:
+            agent = store_agent(tmp_path, broker, s)
+            agent.sections["service"]["heartbeat_interval_s"] = 1
+            agents[s] = stack.enter_context(agent)
+        a, b = agents["store-a"], agents["store-b"]
+        for agent in agents.values():
+            assert post(agent, {"type": "received", "sku": SKU, "qty": 100, "location": "floor"}) == 201
+        done = cli(hub, "caps", "set", SKU, "--limit", str(limit), "--period", "week", "--scope", "chain")
+        assert done.returncode == 0, done.stderr
+        for agent in agents.values():
+            wait_until(lambda: (cap(agent) or {}).get("allowance") == 2, 30, "the first allowance")
+
+        # B holds 2 for a customer: its target grows, and the hub tops it up from the pool.
+        assert post(b, {"type": "reserved", "sku": SKU, "qty": 2, "reservation_id": "hold-1"}) == 201
+        wait_until(lambda: cap(b)["allowance"] == 4, 30, "B topped up to its target")
+        # The customer leaves: B's use falls to 0, so it is sent its target of 2 again ...
+        assert post(b, {"type": "reservation_released", "reservation_id": "hold-1"}) == 201
+        wait_until(lambda: cap(b)["allowance"] == 2, 30, "B's allowance lowered")
+        # ... and its status reports the snapshot that lowered it, with the log's position.
+        version = b.request("GET", "/v1/sync")[1]["snapshot_version"]
+        reported = wait_until(lambda: (lambda st: st.get("snapshot_version", 0) >= version and st)(status_of(broker, "store-b")),
+                              30, "B's status to carry the snapshot it holds")
+        assert reported["last_seq"] == b.request("GET", "/v1/sync")[1]["last_seq"]
+
+        # A sells one at a time: the pool (2 left) and then the 2 B gave back reach it.
+        sold = 0
+        deadline = time.monotonic() + 60
+        while sold < limit - 2 and time.monotonic() < deadline:
+            if post(a, {"type": "sold", "sku": SKU, "qty": 1}) == 201:
+                sold += 1
+            time.sleep(0.05)
+        assert sold == limit - 2, f"A sold {sold}: B's unused allowance did not come back"
+        # B still has its own 2, and the chain never passes the limit.
+        assert post(b, {"type": "sold", "sku": SKU, "qty": 2}) == 201
+        assert post(a, {"type": "sold", "sku": SKU, "qty": 1}) == 409
+        assert post(b, {"type": "sold", "sku": SKU, "qty": 1}) == 409
+        wait_until(lambda: sum(sum(e["qty"] for e in hub.export(s) if e["type"] == "sold" and e["sku"] == SKU)
+                               for s in stores) == limit, 30, "every sale at the hub")
+        for agent in agents.values():
+            assert agent.terminate() == 0
+        assert hub.terminate() == 0
