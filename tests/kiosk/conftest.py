@@ -47,6 +47,22 @@ def browser():
         launched.close()
 
 
+class PinnedAgent(AgentProcess):
+    """An agent that comes back on the port it first had.
+
+    A page's service worker and the answers it kept belong to one origin (host and port):
+    a restarted kiosk agent must answer where the page already looks.
+    """
+
+    pinned = 0
+
+    def _write_config(self) -> None:
+        if self.pinned:
+            self.port = self.pinned
+        super()._write_config()
+        self.pinned = self.port
+
+
 class Stack:
     def __init__(self, root: Path):
         self.broker = Broker(root / "broker").start()
@@ -60,7 +76,7 @@ class Stack:
                     "log": {"format": "text"}}
         (root / "a").mkdir()
         (root / "b").mkdir()
-        self.a = AgentProcess(root / "a", store_id="store-a", sections=sections).start()
+        self.a = PinnedAgent(root / "a", store_id="store-a", sections=sections).start()
         self.b = AgentProcess(root / "b", store_id="store-b", sections=sections).start()
         self._stop = threading.Event()
         self._churn = threading.Thread(target=self._churn_b, name="churn", daemon=True)
