@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from demo.catalog import products, write_csv
-from demo.feed import WarehouseFeed
+from demo.feed import SOURCES, Feeds
 from demo.proxy import LinkProxy
 from demo.traffic import StoreClient, Traffic
 
@@ -121,6 +121,7 @@ class Demo:
         self.stores: list[Store] = []
         self.broker_port = 0
         self.traffic: Traffic | None = None
+        self.feeds: Feeds | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -183,6 +184,7 @@ class Demo:
             "catalog": {"path": str(self.dir / "catalog.csv")},
             "log": {"format": "text"},
             "stores": [{"id": sid, "region": "north"} for sid in self.store_ids()],
+            "sources": [dict(source) for source in SOURCES],   # what demo/feed.py publishes
         }))
         (self.dir / "hub").mkdir(exist_ok=True)
         self.spawn("hub", [*console_script("edge-hub", "sync.hub.cli"), "run", "--config", str(config)])
@@ -319,7 +321,8 @@ class Demo:
         stats = self.traffic.stats if self.traffic else None
         if stats:
             rows.append(f"traffic: {stats.commands} commands, {stats.events} events, "
-                        f"{stats.refused} refused (over-reservations), {stats.failed} failed")
+                        f"{stats.refused} refused (over-reservations), {stats.capped} over the sales cap, "
+                        f"{stats.failed} failed")
         return "\n".join(rows)
 
     async def print_status(self) -> None:
@@ -356,7 +359,7 @@ class Demo:
             control = await self.serve_control()
             skus = [sku for sku, _ in self.catalog]
             self.traffic = Traffic([StoreClient(s.store_id, s.url) for s in self.stores], skus, self.rate)
-            feed = WarehouseFeed("wh-central", skus, port=self.broker_port, prefix=self.prefix)
+            feed = self.feeds = Feeds(skus, port=self.broker_port, prefix=self.prefix)
             for name, coro in (("traffic", self.traffic.run()), ("feed", feed.run()),
                                ("status", self.print_status()), ("stdin", self.read_stdin()),
                                ("watch", self.watch_children(stop))):
@@ -388,6 +391,8 @@ class Demo:
         for store in self.stores:
             self.say(f"  {store.store_id} kiosk: {store.url}/")
         self.say(f"  broker: 127.0.0.1:{self.broker_port}   state and logs: {self.dir}")
+        for line in self.feeds.describe() if self.feeds else ():
+            self.say(f"  {line}")
         self.say("Pull a store's link:  type `down store-2` here (then `up store-2`),")
         self.say(f"  or from another terminal: uv run python -m demo --state-dir {self.dir} link store-2 down")
         self.say("Ctrl-C stops everything.")

@@ -365,7 +365,6 @@
         meta.className = "source-meta";
         const badge = document.createElement("span");
         badge.className = "badge";
-        badge.textContent = "stale";
         li.append(name, ": ", count, meta, " ", badge);
         return li;
       }));
@@ -385,7 +384,9 @@
         : stale ? "not updated for " + formatSpan(age)
         : age < 60 ? "updated just now" : "updated " + formatSpan(age) + " ago";
       text(li.querySelector(".source-meta"), ", " + formatLead(source.lead_time_s) + ", " + when);
-      li.querySelector(".badge").hidden = !stale;
+      const badge = li.querySelector(".badge");
+      text(badge, stale ? "stale" : "");
+      badge.hidden = !stale;
     });
   }
 
