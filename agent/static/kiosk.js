@@ -300,8 +300,7 @@
     els.nearby.replaceChildren();
     els.sources.replaceChildren();
     renderCap(null);
-    els.lastKnown.hidden = state.agentUp;
-    if (!state.agentUp) text(els.lastKnown, "Not known here: cannot reach the stock service");
+    renderFreshness();
   }
 
   // The cap as the agent counts it now: the allowance for the period and what is left.
@@ -396,7 +395,13 @@
     const a = state.availability;
     const live = state.agentUp && !state.fromKept;
     els.detail.dataset.freshness = live ? "live" : "last-known";
-    if (live || !a) {
+    if (!a) {
+      // A product opened while the agent does not answer, with nothing kept for it.
+      els.lastKnown.hidden = state.agentUp || !state.selected;
+      if (!els.lastKnown.hidden) text(els.lastKnown, "Not known here: cannot reach the stock service");
+      return;
+    }
+    if (live) {
       els.lastKnown.hidden = true;
       return;
     }
