@@ -4,12 +4,13 @@
 
 * `GET /` the page (`?q=TEXT` opens it on a search), `GET /kiosk/{file}` its script and
   style sheet (agent/static/; no CDN, the store may be offline).
-* `GET /kiosk-sw.js` the page's service worker. It caches the page shell (the page, its
-  script and style) so that a reload while this agent is down still shows the page, with
-  the last figures the page kept and "cannot reach the stock service". It sits at the
-  root so that its scope, `/`, covers the page without a `Service-Worker-Allowed`
-  header. Its cache is named after `shell_version()`, a hash of the package version and
-  the shell's files: an agent release that changes the shell replaces the cached one.
+* `GET /kiosk/kiosk-sw.js` the page's service worker. It caches the page shell (the page,
+  its script and style) so that a reload while this agent is down still shows the page,
+  with the last figures the page kept and "cannot reach the stock service". It is served
+  with `Service-Worker-Allowed: /`, so that it may take the scope `/` and cover the page
+  from beside the other assets. Its cache is named after `shell_version()`, a hash of the
+  package version and the shell's files: an agent release that changes the shell replaces
+  the cached one.
 * `GET /v1/search?q=TEXT&limit=N` products whose SKU or catalog name matches:
   `{"query", "items": [{"sku", "name", "available"}]}`, exact SKU first. Names come
   from the hub's catalog (`P/catalog`, kept by the sync process in sync.db and read
@@ -144,28 +145,26 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
     shell = {name: _static(name) for name in ("index.html", SERVICE_WORKER, *STATIC_FILES)}
     version = shell_version(_package_version(), shell).encode()
     page = shell["index.html"].replace(b"{{store_id}}", store_id.encode()).replace(b"{{version}}", version)
-    worker = shell[SERVICE_WORKER].replace(b"{{version}}", version)
-    assets = {name: (shell[name], kind) for name, kind in STATIC_FILES.items()}
+    assets = {name: (shell[name], kind, {}) for name, kind in STATIC_FILES.items()}
+    assets[SERVICE_WORKER] = (shell[SERVICE_WORKER].replace(b"{{version}}", version), "text/javascript",
+                              {"Service-Worker-Allowed": "/"})
 
     async def index(request: web.Request) -> web.Response:
         only_params(request.query, "q")
         return web.Response(body=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
 
-    async def service_worker(request: web.Request) -> web.Response:
-        only_params(request.query)
-        # no-cache: the browser checks for a new release at every navigation.
-        return web.Response(body=worker, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
 
     async def asset(request: web.Request) -> web.Response:
         only_params(request.query)
         found = assets.get(request.match_info["name"])
         if found is None:
             raise web.HTTPNotFound()
-        body, kind = found
+        body, kind, headers = found
+        # no-cache: revalidated at every load, so the browser sees a new release (and a new
+        # service worker) as soon as the agent serves one.
         return web.Response(body=body, content_type=kind, charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": "no-cache", **headers})
 
     async def search_handler(request: web.Request) -> web.Response:
         only_params(request.query, "q", "limit")
@@ -210,7 +209,6 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
 
     app.router.add_get("/", index)
     app.router.add_get("/kiosk/{name}", asset)
-    app.router.add_get("/" + SERVICE_WORKER, service_worker)
     app.router.add_get("/v1/search", search_handler)
     app.router.add_get("/v1/stream", stream)
     app.on_shutdown.append(close_streams)

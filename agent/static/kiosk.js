@@ -1,7 +1,7 @@
 // The kiosk page: search, one product's stock here / nearby / online / at its sources, its
 // sales limit, live updates. Reads only the agent's own API (same origin, relative URLs); no
 // external assets, so it works offline. It keeps its last answers in localStorage, and a
-// service worker (/kiosk-sw.js) keeps the page itself, so a reload while the agent is down
+// service worker (/kiosk/kiosk-sw.js) keeps the page itself, so a reload while the agent is down
 // shows the last figures, marked as such, instead of a browser error page.
 "use strict";
 
@@ -537,7 +537,7 @@
 
   if ("serviceWorker" in navigator) {
     // Needs a secure context: http://127.0.0.1 or http://localhost, or https (docs/kiosk.md).
-    navigator.serviceWorker.register("/kiosk-sw.js", { scope: "/" }).catch((err) => {
+    navigator.serviceWorker.register("/kiosk/kiosk-sw.js", { scope: "/" }).catch((err) => {
       console.warn("kiosk: the offline shell is not available:", err);
     });
   }

@@ -85,9 +85,10 @@ def test_a_reload_with_the_agent_frozen_falls_back_to_the_shell(stack, page):
 
 
 def test_the_worker_is_served_for_the_whole_page_and_replaces_older_shells(stack, page):
-    with urllib.request.urlopen(stack.a.url + "/kiosk-sw.js", timeout=5) as resp:
+    with urllib.request.urlopen(stack.a.url + "/kiosk/kiosk-sw.js", timeout=5) as resp:
         assert resp.headers["Content-Type"].startswith("text/javascript")
         assert resp.headers["Cache-Control"] == "no-cache"
+        assert resp.headers["Service-Worker-Allowed"] == "/"   # its scope may be / from /kiosk/
         script = resp.read().decode()
     page.goto(stack.a.url + "/healthz")   # same origin, no worker yet
     page.evaluate("""async () => {
@@ -98,7 +99,7 @@ def test_the_worker_is_served_for_the_whole_page_and_replaces_older_shells(stack
     page.wait_for_function("navigator.serviceWorker.controller !== null")
     version = page.locator('meta[name="kiosk-version"]').get_attribute("content")
     assert f'const VERSION = "{version}";' in script
-    assert page.evaluate("navigator.serviceWorker.controller.scriptURL") == stack.a.url + "/kiosk-sw.js"
+    assert page.evaluate("navigator.serviceWorker.controller.scriptURL") == stack.a.url + "/kiosk/kiosk-sw.js"
     assert page.evaluate("(async () => (await navigator.serviceWorker.ready).scope)()") == stack.a.url + "/"
     # The older release's cache is gone; this release's holds the shell.
     assert page.wait_for_function("""async (want) => {
