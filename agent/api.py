@@ -64,7 +64,7 @@ class Api:
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
         except Refused as exc:
-            response = error_response(exc.status, exc.code, exc.message, exc.field)
+            response = error_response(exc.status, exc.code, exc.message, exc.field, extra=exc.extra)
         except StorageFull as exc:
             response = error_response(507, "storage_full", str(exc))
         except StorageError as exc:
@@ -140,13 +140,7 @@ class Api:
 
     async def get_availability(self, request: web.Request) -> web.Response:
         only_params(request.query)
-        sku = _sku(request)
-        row = self.reader.stock(sku)
-        here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
-                 "available": row["available"]} if row is not None
-                else {"floor": 0, "backroom": 0, "reserved": 0, "available": 0})
-        nearby, online, snapshot = self.ctx.sync.answer(sku)
-        return _json({"sku": sku, "here": here, "nearby": nearby, "online": online, "snapshot": snapshot})
+        return _json(self.ctx.availability(_sku(request)))
 
     async def get_events(self, request: web.Request) -> web.Response:
         """Return a page of the log in seq order, bodies as stored (current schema)."""

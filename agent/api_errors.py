@@ -41,17 +41,20 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(code: str, message: str, field: str | None = None) -> bytes:
+def error_body(code: str, message: str, field: str | None = None, extra: dict | None = None) -> bytes:
+    """The error JSON; `extra` adds members after code, message and field (e.g. a cap's limit)."""
     error = {"code": code, "message": message}
     if field is not None:
         error["field"] = field
+    if extra:
+        error.update((k, v) for k, v in extra.items() if k not in error)
     return msgspec.json.encode({"error": error})
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, extra: dict | None = None) -> web.Response:
     """Return the contract's error answer."""
-    response = web.Response(status=status, body=error_body(code, message, field),
+    response = web.Response(status=status, body=error_body(code, message, field, extra),
                             content_type="application/json", headers=headers)
     response[ERROR_CODE] = code
     return response

@@ -26,9 +26,10 @@ from agent.context import AgentContext
 from agent.disk import DiskGuard
 from agent.log import SqliteEventLog
 from agent.metrics import Metrics, SyncCollector
-from agent.settings import AgentConfig, sync_db_path
+from agent.settings import AgentConfig, agent_clock, sync_db_path
 from agent.supervisor import SyncSupervisor
-from agent.syncview import SqliteSyncView
+from agent.syncview import HeldCaps, SqliteSyncView
+from common.clock import rfc3339
 from common.logsetup import setup_logging
 from common.notify import Notifier
 
@@ -49,16 +50,18 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     """
     stop = stop or asyncio.Event()
     disk = DiskGuard.for_storage(config.storage.path, config.storage.min_free_mb)
+    agent_time = agent_clock()
+    held_caps = HeldCaps(sync_db_path(config))
     event_log = await SqliteEventLog.open(
         config.storage.path, config.store.id,
         synchronous=config.storage.synchronous, checkpoint_every=config.storage.checkpoint_every,
-        disk_guard=disk)
-    view = SqliteSyncView(sync_db_path(config), max_age_s=config.availability.max_age_s)
+        disk_guard=disk, now=lambda: rfc3339(agent_time()), caps_for=held_caps)
+    view = SqliteSyncView(sync_db_path(config), max_age_s=config.availability.max_age_s, now=agent_time)
     supervisor = (SyncSupervisor(config, config_path, view)
                   if config.sync.enabled and start_sync else None)
     ctx = AgentContext(config=config, log=event_log, queries=event_log.reader, sync=view,
                        metrics=Metrics(), disk=disk, notifier=Notifier.from_environ(),
-                       supervisor=supervisor)
+                       supervisor=supervisor, clock=agent_time)
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     ctx.metrics.registry.register(SyncCollector(ctx.sync_status))
     event_log.add_listener(ctx.metrics.count_events)
@@ -88,6 +91,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
             await supervisor.stop()
         view.close()
         await event_log.close()
+        held_caps.close()   # after the log: its writer thread is the one that reads it
         log.info("app: log closed at seq %d", event_log.last_seq)
 
 

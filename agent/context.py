@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.inventory import cap_window
+from common import clock
 
 from agent.disk import DiskGuard
 from agent.metrics import Metrics
@@ -26,6 +31,38 @@ class AgentContext:
     supervisor: SyncSupervisor | None = None
     ready: bool = False
     api_addresses: list[tuple[str, int]] = field(default_factory=list)
+    clock: Callable[[], float] = time.time   # the agent's clock, Unix seconds (the log's `now` reads it too)
+
+    def now(self) -> str:
+        """Return the agent's time as RFC 3339 UTC (what the log stamps as recorded_at)."""
+        return clock.rfc3339(self.clock())
+
+    def availability(self, sku: str) -> dict:
+        """The GET /v1/availability/{sku} answer (docs/availability.md, agent side).
+
+        `here` is the log's projection; nearby, online, sources and cap the held snapshot's.
+        Each source's `age_s` is measured from its `updated_at` to this clock; it is
+        `stale` when the hub said so or when age_s passes the source's `stale_after_s`.
+        The cap's period is the one containing now (rolled by whole periods past
+        `period_end`); `used` is this store's usage in it, counted from the log.
+        """
+        row = self.queries.stock(sku)
+        here = ({"floor": row["floor"], "backroom": row["backroom"], "reserved": row["reserved"],
+                 "available": row["available"]} if row is not None
+                else {"floor": 0, "backroom": 0, "reserved": 0, "available": 0})
+        item = self.sync.item(sku)
+        now_s = self.clock()
+        answer = {"sku": sku, "here": here, "nearby": item["nearby"], "online": item["online"],
+                  "snapshot": item["snapshot"], "sources": [_source(s, now_s) for s in item["sources"]],
+                  "cap": None}
+        cap = item["cap"]
+        if cap is not None:
+            window = cap_window(cap, clock.rfc3339(now_s))
+            used = self.queries.cap_used(sku, window.first_slot, window.end_slot)
+            answer["cap"] = {"limit": cap.limit, "scope": cap.scope, "period": cap.period,
+                             "period_start": window.start, "period_end": window.end,
+                             "allowance": cap.allowance, "used": used, "left": max(0, cap.allowance - used)}
+        return answer
 
     @property
     def api_url(self) -> str:
@@ -57,3 +94,13 @@ class AgentContext:
             answer["sync_restarts"] = self.supervisor.restarts
             answer["sync_stalls"] = self.supervisor.stalls
         return answer
+
+
+def _source(source: dict, now_s: float) -> dict:
+    try:
+        age = round(max(0.0, now_s - clock.parse_rfc3339(source["updated_at"])), 3)
+    except ValueError:
+        age = None
+    limit = source.get("stale_after_s")
+    stale = bool(source["stale"]) or age is None or (limit is not None and age > limit)
+    return dict(source, age_s=age, stale=stale)

@@ -43,6 +43,10 @@ Timestamp = Annotated[str, msgspec.Meta(pattern=TIME_PATTERN, description="RFC 3
 CountedQty = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
 Delta = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000, description="non-zero integer")]
 Reason = Literal["damaged", "shrink", "found", "correction"]
+TtlS = Annotated[int, msgspec.Meta(ge=1, le=31_536_000, description="lease length in seconds, 1 to 31,536,000 (a year)")]
+ReleaseReason = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                            description="why it was released; `expired` is the lease expiry's")]
+EXPIRED = "expired"   # the `reason` of the release the lease-expiry job appends
 
 LOCATIONS: tuple[str, str] = ("floor", "backroom")
 EVENT_TYPES: tuple[str, ...] = (
@@ -103,13 +107,20 @@ class Adjust(Intent, tag="adjusted"):
 
 
 class Reserve(Intent, tag="reserved"):
+    """A reservation; with `ttl_s` or `expires_at` (not both) it is a lease that expires."""
+
     sku: Sku
     qty: Qty
     reservation_id: ReservationId
+    # UNSET (omitted from the encoding when not given) keeps the body hash of a command
+    # stored before leases existed the same, so its retry is still a duplicate.
+    ttl_s: TtlS | msgspec.UnsetType = msgspec.UNSET
+    expires_at: Timestamp | msgspec.UnsetType = msgspec.UNSET
 
 
 class ReleaseReservation(Intent, tag="reservation_released"):
     reservation_id: ReservationId
+    reason: ReleaseReason | msgspec.UnsetType = msgspec.UNSET
 
 
 class FulfilReservation(Intent, tag="reservation_fulfilled"):
@@ -194,17 +205,24 @@ class Adjusted(Event, tag="adjusted", kw_only=True):
 
 
 class Reserved(Event, tag="reserved", kw_only=True):
+    """`expires_at` (absent: no lease) is when the lease ends; the agent then releases it."""
+
     sku: str
     qty: int
     reservation_id: str
+    expires_at: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class ReservationReleased(Event, tag="reservation_released", kw_only=True):
-    """`sku` and `qty` are recorded from the reservation so the event explains itself."""
+    """`sku` and `qty` are recorded from the reservation so the event explains itself.
+
+    `reason` is absent unless the release gave one; `expired` marks the lease expiry's.
+    """
 
     reservation_id: str
     sku: str
     qty: int
+    reason: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class ReservationFulfilled(Event, tag="reservation_fulfilled", kw_only=True):
@@ -302,6 +320,13 @@ def decode_command(body: bytes) -> AppendCommand:
             if text is not None and not valid_time(text):
                 raise msgspec.ValidationError(
                     f"Invalid RFC 3339 date-time {text!r} - at `$.events[{i}].occurred_at`")
+    for i, intent in enumerate(command.events):
+        if type(intent) is Reserve and intent.expires_at is not msgspec.UNSET:
+            if intent.ttl_s is not msgspec.UNSET:
+                raise msgspec.ValidationError(f"give ttl_s or expires_at, not both - at `$.events[{i}].expires_at`")
+            if not valid_time(intent.expires_at):
+                raise msgspec.ValidationError(
+                    f"Invalid RFC 3339 date-time {intent.expires_at!r} - at `$.events[{i}].expires_at`")
     # The body fit the types, so it is at most three levels deep and json reads it safely.
     duplicate = jsoncheck.duplicate_key(body)
     if duplicate is not None:

@@ -8,14 +8,26 @@ Every event's effect on stock is a fixed delta per location plus a delta on `res
 (`effect`), computed from the event alone: `counted` carries its `variance`, and the
 reservation events carry the reservation's sku and qty. That is what lets SQLite rebuild
 and time-travel the projection with plain sums.
+
+Sales caps: `Inventory.caps` holds the allowance of each capped SKU a command touches
+(read by the shell from the hub's snapshot at decide time) and `Inventory.usage` the
+cap usage the log counted, per 15-minute slot of `recorded_at` (`usage_change`). A
+`sold` or `reserved` that would take a SKU's usage in the current period past its
+allowance is refused (`sales_cap_reached`). Leases: a reservation may carry
+`expires_at`; closing it at or after that instant is refused (`lease_expired`) except by
+the release that says `reason: expired`, which is only allowed then.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import msgspec
+
 from agent import events as ev
+from common.clock import parse_rfc3339, rfc3339
 
 
 class Refused(Exception):
@@ -24,12 +36,90 @@ class Refused(Exception):
     `code` is the API error code, `status` the HTTP status, `field` the offending field.
     """
 
-    def __init__(self, code: str, message: str, field: str | None = None, status: int = 409):
+    def __init__(self, code: str, message: str, field: str | None = None, status: int = 409,
+                 extra: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
         self.status = status
+        self.extra = extra   # more members of the error object (a cap refusal names its cap)
+
+
+# ------------------------------------------------------------------------ time
+
+SLOT_MS = 900_000   # cap usage is counted per 15 minutes: every time zone's offset is a multiple
+
+
+@functools.lru_cache(maxsize=256)
+def ms_of(text: str) -> int:
+    """Return the Unix time in milliseconds of an RFC 3339 string; raises ValueError."""
+    return round(parse_rfc3339(text) * 1000)
+
+
+def time_of(ms: int) -> str:
+    """Format Unix milliseconds as the agent writes times (RFC 3339 UTC, milliseconds)."""
+    return rfc3339(ms / 1000)
+
+
+def slot_of(text: str) -> int:
+    """Return the 15-minute usage slot a time falls in."""
+    return ms_of(text) // SLOT_MS
+
+
+# ------------------------------------------------------------------------ caps
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A SKU's sales cap as the hub's snapshot sent it (docs/availability.md)."""
+
+    limit: int
+    scope: str
+    period: str
+    period_start: str
+    period_end: str
+    allowance: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """The cap period that contains a given instant, in ms and in usage slots."""
+
+    start: str
+    end: str
+    first_slot: int   # the slots counted: first_slot <= slot < end_slot
+    end_slot: int
+
+
+def cap_window(cap: Cap, now: str) -> Window:
+    """Return the period of `cap` that contains `now`.
+
+    The hub sends the current period; when `now` is outside it (the store was offline
+    past `period_end`, or the clock went back) the period moves by whole periods of the
+    same length, keeping the allowance. Slots whose start lies in [start, end) count.
+    """
+    start, end, at = ms_of(cap.period_start), ms_of(cap.period_end), ms_of(now)
+    length = max(end - start, 1)
+    if not start <= at < end:
+        start += (at - start) // length * length
+        end = start + length
+    return Window(time_of(start), time_of(end), -(-start // SLOT_MS), -(-end // SLOT_MS))
+
+
+def usage_change(event: ev.AnyEvent, reservation: "Reservation | None") -> tuple[str, int, int] | None:
+    """Return (sku, slot, delta) an event adds to cap usage, or None.
+
+    `sold` and `reserved` add their qty in the slot they were recorded in; a release takes
+    the reservation's qty back from the slot the reservation was recorded in (a
+    reservation made in a period and released gives that period's allowance back).
+    Fulfilment changes nothing: the reservation already counted.
+    """
+    if isinstance(event, (ev.Sold, ev.Reserved)):
+        return event.sku, slot_of(event.recorded_at), event.qty
+    if isinstance(event, ev.ReservationReleased) and reservation is not None and reservation.opened_at:
+        return event.sku, slot_of(reservation.opened_at), -event.qty
+    return None
 
 
 @dataclass
@@ -55,6 +145,8 @@ class Reservation:
     status: str = "open"  # open | released | fulfilled
     opened_seq: int = 0
     closed_seq: int | None = None
+    opened_at: str | None = None    # the reserved event's recorded_at
+    expires_at: str | None = None   # the lease's end; None: no lease
 
 
 @dataclass
@@ -69,6 +161,9 @@ class Inventory:
     last_seq: int = 0
     stock: dict[str, Stock] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    caps: dict[str, Cap] = field(default_factory=dict)
+    # sku -> {slot: qty}: cap usage; the shell loads the current period's slots of capped SKUs.
+    usage: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def stock_of(self, sku: str) -> Stock:
         """Return the SKU's stock row, creating a zero row on first touch."""
@@ -83,6 +178,27 @@ class Inventory:
 
     def reservation(self, reservation_id: str) -> Reservation | None:
         return self.reservations.get(reservation_id)
+
+    def usage_of(self, sku: str) -> dict[int, int]:
+        """Return the SKU's usage slots for writing (an empty dict on first touch)."""
+        slots = self.usage.get(sku)
+        if slots is None:
+            slots = self.usage[sku] = {}
+        return slots
+
+    def used(self, sku: str, window: Window) -> int:
+        """Return the SKU's cap usage in `window`."""
+        return self.used_in(sku, window)
+
+    def used_in(self, sku: str, window: Window) -> int:
+        slots = self.usage.get(sku)
+        if not slots:
+            return 0
+        return sum(n for slot, n in slots.items() if window.first_slot <= slot < window.end_slot)
+
+    def used_before(self, sku: str, window: Window) -> int:
+        """Return the usage before the command being decided (the same, outside an overlay)."""
+        return self.used(sku, window)
 
 
 class Effect(NamedTuple):
@@ -136,23 +252,37 @@ def _apply(state: Inventory, event: ev.AnyEvent) -> Effect:
     row.reserved += delta.reserved
     row.last_seq = event.seq
     match event:
+        case ev.Sold():
+            _count(state, event, None)
         case ev.Reserved():
+            expires = event.expires_at if event.expires_at is not msgspec.UNSET else None
             state.reservations[event.reservation_id] = Reservation(
-                event.reservation_id, event.sku, event.qty, "open", event.seq
+                event.reservation_id, event.sku, event.qty, "open", event.seq, None, event.recorded_at, expires
             )
+            _count(state, event, None)
         case ev.ReservationReleased() | ev.ReservationFulfilled():
-            res = state.reservations[event.reservation_id]
+            res = state.reservation(event.reservation_id)
             res.status = "released" if isinstance(event, ev.ReservationReleased) else "fulfilled"
             res.closed_seq = event.seq
+            state.reservations[event.reservation_id] = res
+            _count(state, event, res)
     state.last_seq = event.seq
     return delta
+
+
+def _count(state: Inventory, event: ev.AnyEvent, reservation: Reservation | None) -> None:
+    change = usage_change(event, reservation)
+    if change is not None:
+        sku, slot, delta = change
+        slots = state.usage_of(sku)
+        slots[slot] = slots.get(slot, 0) + delta
 
 
 class _Overlay(Inventory):
     """A copy-on-write view of an Inventory, so a refused command leaves it untouched."""
 
     def __init__(self, base: Inventory):
-        super().__init__(base.store_id, base.last_seq)
+        super().__init__(base.store_id, base.last_seq, caps=base.caps)
         self._base = base
 
     def stock_of(self, sku: str) -> Stock:
@@ -172,6 +302,18 @@ class _Overlay(Inventory):
             if src is not None:
                 res = self.reservations[reservation_id] = Reservation(**vars(src))
         return res
+
+    def usage_of(self, sku: str) -> dict[int, int]:
+        slots = self.usage.get(sku)
+        if slots is None:
+            slots = self.usage[sku] = dict(self._base.usage.get(sku) or {})
+        return slots
+
+    def used(self, sku: str, window: Window) -> int:
+        return (self if sku in self.usage else self._base).used_in(sku, window)
+
+    def used_before(self, sku: str, window: Window) -> int:
+        return self._base.used(sku, window)
 
 
 def decide(
@@ -208,6 +350,7 @@ def decide_and_apply(
     decided, view = _decide(state, command, now, new_id)
     state.stock.update(view.stock)
     state.reservations.update(view.reservations)
+    state.usage.update(view.usage)
     state.last_seq = view.last_seq
     return decided
 
@@ -241,6 +384,7 @@ def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) ->
         case ev.Return():
             return ev.Returned(**env, sku=intent.sku, qty=intent.qty, location=intent.location, ref=intent.ref)
         case ev.Sell():
+            _check_cap(view, intent.sku, intent.qty, env["recorded_at"], where)
             after = view.peek(intent.sku).on_hand(intent.location) - intent.qty
             return ev.Sold(
                 **env, sku=intent.sku, qty=intent.qty, location=intent.location,
@@ -274,15 +418,77 @@ def _decide_one(view: Inventory, intent: ev.AnyIntent, env: dict, where: str) ->
                     f"{where}: cannot reserve {intent.qty} of {intent.sku}: {available} available",
                     f"{where}.qty",
                 )
-            return ev.Reserved(**env, sku=intent.sku, qty=intent.qty, reservation_id=intent.reservation_id)
+            _check_cap(view, intent.sku, intent.qty, env["recorded_at"], where)
+            expires = _lease_end(intent, env["recorded_at"], where)
+            return ev.Reserved(**env, sku=intent.sku, qty=intent.qty, reservation_id=intent.reservation_id,
+                               expires_at=expires)
         case ev.ReleaseReservation() | ev.FulfilReservation():
             res = _open_reservation(view, intent.reservation_id, where)
+            reason = getattr(intent, "reason", msgspec.UNSET)
+            _check_lease(res, env["recorded_at"], reason == ev.EXPIRED, where)
             if isinstance(intent, ev.ReleaseReservation):
-                return ev.ReservationReleased(**env, reservation_id=res.reservation_id, sku=res.sku, qty=res.qty)
+                return ev.ReservationReleased(**env, reservation_id=res.reservation_id, sku=res.sku, qty=res.qty,
+                                              reason=reason)
             return ev.ReservationFulfilled(
                 **env, reservation_id=res.reservation_id, location=intent.location, sku=res.sku, qty=res.qty
             )
     raise TypeError(f"not an intent: {intent!r}")
+
+
+def _check_cap(view: Inventory, sku: str, qty: int, now: str, where: str) -> None:
+    """Refuse a sale or reservation that would take the SKU past its allowance this period."""
+    cap = view.caps.get(sku)
+    if cap is None:
+        return
+    window = cap_window(cap, now)
+    if view.used(sku, window) + qty <= cap.allowance:
+        return
+    # `left` is what the whole command could have had: the usage before it, not the
+    # usage after its own earlier intents of this SKU.
+    left = max(0, cap.allowance - view.used_before(sku, window))
+    raise Refused(
+        "sales_cap_reached",
+        f"{sku}: limit {cap.limit} per {cap.period}, {left} left ({cap.period} from {window.start})",
+        f"{where}.qty",
+        extra={"sku": sku, "limit": cap.limit, "period": cap.period, "period_start": window.start,
+               "period_end": window.end, "scope": cap.scope, "allowance": cap.allowance, "left": left},
+    )
+
+
+def _lease_end(intent: ev.Reserve, now: str, where: str) -> str | msgspec.UnsetType:
+    """Return the lease's end in the agent's time format, or UNSET for no lease."""
+    if intent.ttl_s is not msgspec.UNSET:
+        return time_of(ms_of(now) + intent.ttl_s * 1000)
+    if intent.expires_at is msgspec.UNSET:
+        return msgspec.UNSET
+    end = ms_of(intent.expires_at)
+    if end <= ms_of(now):
+        raise Refused("invalid", f"{where}: expires_at {intent.expires_at} is not after now ({now})",
+                      f"{where}.expires_at", 422)
+    return time_of(end)
+
+
+def lease_expired(res: Reservation, now: str) -> bool:
+    """True when the reservation is a lease whose end is at or before `now`."""
+    return res.expires_at is not None and ms_of(now) >= ms_of(res.expires_at)
+
+
+def _check_lease(res: Reservation, now: str, by_expiry: bool, where: str) -> None:
+    expired = lease_expired(res, now)
+    if expired and not by_expiry:
+        raise Refused(
+            "lease_expired",
+            f"{where}: the lease on reservation {res.reservation_id!r} expired at {res.expires_at}",
+            f"{where}.reservation_id",
+            extra={"reservation_id": res.reservation_id, "expires_at": res.expires_at},
+        )
+    if by_expiry and not expired:
+        until = f"runs until {res.expires_at}" if res.expires_at else "has no lease"
+        raise Refused(
+            "lease_not_expired",
+            f"{where}: reason {ev.EXPIRED!r} but reservation {res.reservation_id!r} {until}",
+            f"{where}.reason",
+        )
 
 
 def _open_reservation(view: Inventory, reservation_id: str, where: str) -> Reservation:

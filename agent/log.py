@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 from agent import events as ev
 from agent.inventory import Refused
-from agent.logstore import (AppendResult, SeenBefore, Tail, checkpoint_projection, command_hash,
-                            decide_and_store, init_db)
+from agent.logstore import (AppendResult, CapsFor, SeenBefore, Tail, checkpoint_projection, command_hash,
+                            decide_and_store, init_db, no_caps)
 from agent.reader import LogReader
 from agent.schema import GENESIS
 from common import clock
@@ -80,8 +80,10 @@ class SqliteEventLog:
     reader: LogReader
 
     def __init__(self, path: Path, store_id: str, lock_fd: int, *, checkpoint_every: int,
-                 now: Callable[[], str], new_id: Callable[[], str], disk_guard: Callable[[], None] | None):
+                 now: Callable[[], str], new_id: Callable[[], str], disk_guard: Callable[[], None] | None,
+                 caps_for: CapsFor = no_caps):
         self.path = path
+        self._caps_for = caps_for
         self.store_id = store_id
         self._lock_fd = lock_fd
         self._checkpoint_every = checkpoint_every
@@ -103,8 +105,13 @@ class SqliteEventLog:
     async def open(cls, path: str | os.PathLike, store_id: str, *, synchronous: str = "FULL",
                    checkpoint_every: int = 10_000, now: Callable[[], str] = clock.utc_now,
                    new_id: Callable[[], str] = clock.new_event_id,
-                   disk_guard: Callable[[], None] | None = None) -> "SqliteEventLog":
+                   disk_guard: Callable[[], None] | None = None,
+                   caps_for: CapsFor = no_caps) -> "SqliteEventLog":
         """Open (creating if needed) the log at `path` for `store_id` and start its writer.
+
+        `caps_for(skus)` answers the sales caps held for a batch's sold and reserved SKUs;
+        the writer thread calls it at decide time, so it must be safe to call from that
+        thread and must never raise or block (agent.syncview.HeldCaps).
 
         Raises LogLocked when another process holds the log for writing, StorageError
         when the file belongs to another store or SQLite cannot open it, ValueError for
@@ -114,7 +121,7 @@ class SqliteEventLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
         self = cls(path, store_id, lock_fd, checkpoint_every=checkpoint_every, now=now, new_id=new_id,
-                   disk_guard=disk_guard)
+                   disk_guard=disk_guard, caps_for=caps_for)
         try:
             await self._start(synchronous)
             self.reader = LogReader(path)
@@ -283,12 +290,12 @@ class SqliteEventLog:
         args = (self.store_id, self._tail, batch, now, self._new_id, self._checkpoint_every)
         try:
             try:
-                results, appended, tail = in_write_transaction(conn, decide_and_store, *args, False)
+                results, appended, tail = in_write_transaction(conn, decide_and_store, *args, False, self._caps_for)
             except SeenBefore:
                 # The first pass takes every command for new (a retry is rare, and looking
                 # each one up costs a random B-tree probe); one was not: roll back and decide
                 # the batch again knowing which were seen.
-                results, appended, tail = in_write_transaction(conn, decide_and_store, *args, True)
+                results, appended, tail = in_write_transaction(conn, decide_and_store, *args, True, self._caps_for)
         except BaseException as exc:
             error = _map_error("append", exc)
             log.error("%s", error)

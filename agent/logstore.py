@@ -13,13 +13,24 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from agent import events as ev
-from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, skus_touched
-from agent.schema import GENESIS, SCHEMA_SQL, apply_pragmas, take_checkpoint
+from agent.inventory import (Cap, Inventory, Refused, Reservation, Stock, cap_window, decide_and_apply,
+                             skus_touched, usage_change)
+from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, migrate, take_checkpoint
+from common.sqlite import in_write_transaction
 from common.errors import StorageError
 from common.sqlite import insert_rows
 
 # (last seq, last hash, projection checkpoint seq): where the log ends.
 Tail = tuple[int, bytes, int]
+
+# Returns the caps held for those SKUs (absent: no cap known). Never raises: see
+# agent.syncview.HeldCaps, the writer's implementation.
+CapsFor = Callable[[set[str]], dict[str, Cap]]
+
+
+def no_caps(skus: set[str]) -> dict[str, Cap]:
+    """The CapsFor of a log without a sync view (tools, tests): no cap is known."""
+    return {}
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,8 @@ def init_db(conn: sqlite3.Connection, store_id: str, synchronous: str) -> Tail:
     """
     apply_pragmas(conn, synchronous)
     conn.executescript(SCHEMA_SQL)
+    in_write_transaction(conn, migrate)
+    conn.executescript(LEASE_INDEX_SQL)
     row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (store_id,))
@@ -68,7 +81,8 @@ def init_db(conn: sqlite3.Connection, store_id: str, synchronous: str) -> Tail:
 
 
 def decide_and_store(conn: sqlite3.Connection, store_id: str, tail: Tail, batch: list[Pending], now: str,
-                     new_id: Callable[[], str], checkpoint_every: int, lookup: bool):
+                     new_id: Callable[[], str], checkpoint_every: int, lookup: bool,
+                     caps_for: CapsFor = no_caps):
     """Decide and store a batch inside the caller's transaction; return (results, appended, tail).
 
     `results` holds, per job, an AppendResult or a Refused. With `lookup` false, commands
@@ -79,7 +93,7 @@ def decide_and_store(conn: sqlite3.Connection, store_id: str, tail: Tail, batch:
     last_seq, last_hash, cp_seq = tail
     known = _known(conn, [job.command.command_id for job in batch]) if lookup else {}
     refused: list[int] = []
-    state = _load_state(conn, store_id, last_seq, [job.command for job in batch])
+    state = _load_state(conn, store_id, last_seq, [job.command for job in batch], now, caps_for)
     results: list = []
     rows: list[tuple] = []
     command_rows: list[tuple] = []
@@ -108,7 +122,7 @@ def decide_and_store(conn: sqlite3.Connection, store_id: str, tail: Tail, batch:
     if refused and not lookup:
         _answer_refused_retries(conn, batch, refused, results)
     if rows:
-        _store(conn, rows, command_rows, state, skus, rids)
+        _store(conn, rows, command_rows, state, skus, rids, usage_rows(appended, state.reservations))
     if state.last_seq - cp_seq >= checkpoint_every:
         take_checkpoint(conn, cp_seq, state.last_seq, now)
         cp_seq = state.last_seq
@@ -169,8 +183,11 @@ def _select_in(conn: sqlite3.Connection, select: str, column: str, values: list[
     return conn.execute(f"{select} WHERE {column} IN (SELECT value FROM json_each(?))", (ev.encode(values),))
 
 
+_CAPPED_INTENTS = (ev.Sell, ev.Reserve)
+
+
 def _load_state(conn: sqlite3.Connection, store_id: str, last_seq: int,
-                commands: Iterable[ev.AppendCommand]) -> Inventory:
+                commands: list[ev.AppendCommand], now: str, caps_for: CapsFor) -> Inventory:
     skus: set[str] = set()
     rids: set[str] = set()
     for command in commands:
@@ -178,11 +195,14 @@ def _load_state(conn: sqlite3.Connection, store_id: str, last_seq: int,
         skus |= s
         rids |= r
     state = Inventory(store_id, last_seq)
+    counted = {i.sku for command in commands for i in command.events if isinstance(i, _CAPPED_INTENTS)}
+    if counted:
+        _load_caps(conn, state, counted, now, caps_for)
     if rids:
-        for rid, sku, qty, status, opened, closed in _select_in(
-                conn, "SELECT reservation_id, sku, qty, status, opened_seq, closed_seq FROM reservations",
-                "reservation_id", sorted(rids)):
-            state.reservations[rid] = Reservation(rid, sku, qty, status, opened, closed)
+        for rid, sku, qty, status, opened, closed, opened_at, expires_at in _select_in(
+                conn, "SELECT reservation_id, sku, qty, status, opened_seq, closed_seq, opened_at, expires_at"
+                      " FROM reservations", "reservation_id", sorted(rids)):
+            state.reservations[rid] = Reservation(rid, sku, qty, status, opened, closed, opened_at, expires_at)
             skus.add(sku)
     if skus:
         for sku, floor, backroom, reserved, seq in _select_in(
@@ -191,12 +211,33 @@ def _load_state(conn: sqlite3.Connection, store_id: str, last_seq: int,
     return state
 
 
+def _load_caps(conn: sqlite3.Connection, state: Inventory, skus: set[str], now: str, caps_for: CapsFor) -> None:
+    """Put the caps of `skus` and their usage in the period containing `now` into `state`."""
+    state.caps = caps_for(skus)
+    for sku, cap in state.caps.items():
+        window = cap_window(cap, now)
+        state.usage[sku] = dict(conn.execute(
+            "SELECT slot, qty FROM cap_usage WHERE sku = ? AND slot >= ? AND slot < ?",
+            (sku, window.first_slot, window.end_slot)).fetchall())
+
+
+def usage_rows(events: Iterable[ev.AnyEvent], reservations: dict[str, Reservation]) -> list[tuple[str, int, int]]:
+    """Return the (sku, slot, delta) cap-usage changes of appended events, summed per slot."""
+    sums: dict[tuple[str, int], int] = {}
+    for event in events:
+        change = usage_change(event, reservations.get(getattr(event, "reservation_id", None) or ""))
+        if change is not None:
+            key = change[:2]
+            sums[key] = sums.get(key, 0) + change[2]
+    return [(sku, slot, delta) for (sku, slot), delta in sums.items() if delta]
+
+
 _EVENT_INSERT = ("INSERT INTO events(seq, event_id, command_id, type, schema, sku, rid, d_floor, d_backroom,"
                  " d_reserved, body, hash)")
 
 
 def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple],
-           state: Inventory, skus: set[str], rids: set[str]) -> None:
+           state: Inventory, skus: set[str], rids: set[str], usage: list[tuple[str, int, int]]) -> None:
     insert_rows(conn, _EVENT_INSERT, rows)
     # executemany for the WITHOUT ROWID tables: a multi-row VALUES insert into them
     # measured slower (64 random command ids: 545 us against 149 us).
@@ -213,8 +254,12 @@ def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple
         [(sku, s.floor, s.backroom, s.reserved, s.last_seq) for sku in skus for s in (state.stock[sku],)])
     if rids:
         conn.executemany(
-            "INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT(reservation_id) DO UPDATE SET status = excluded.status,"
-            " closed_seq = excluded.closed_seq",
-            [(r.reservation_id, r.sku, r.qty, r.status, r.opened_seq, r.closed_seq)
+            "INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq, opened_at,"
+            " expires_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(reservation_id) DO UPDATE SET"
+            " status = excluded.status, closed_seq = excluded.closed_seq",
+            [(r.reservation_id, r.sku, r.qty, r.status, r.opened_seq, r.closed_seq, r.opened_at, r.expires_at)
              for rid in rids for r in (state.reservations[rid],)])
+    if usage:
+        conn.executemany(
+            "INSERT INTO cap_usage(sku, slot, qty) VALUES (?,?,?)"
+            " ON CONFLICT(sku, slot) DO UPDATE SET qty = qty + excluded.qty", usage)

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
+    from typing import Iterable
+
     from agent import events as ev
+    from agent.inventory import Cap
     from agent.logstore import AppendResult
 
 
@@ -35,6 +38,9 @@ class LogQueries(Protocol):
 
     def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
+
+    def cap_used(self, sku: str, first_slot: int, end_slot: int) -> int:
+        """Return the SKU's cap usage (sold + reserved - released) in the 15-minute slots [first, end)."""
 
 
 class EventLog(Protocol):
@@ -89,6 +95,16 @@ class SyncView(Protocol):
 
     def answer(self, sku: str) -> tuple[list[dict], int | None, dict | None]:
         """Return (nearby, online, snapshot meta) for a SKU, all from one committed snapshot."""
+
+    def item(self, sku: str) -> dict:
+        """Return {nearby, online, sources, cap (an inventory.Cap or None), snapshot}, from one snapshot."""
+
+    def caps(self, skus: "Iterable[str]") -> "dict[str, Cap]":
+        """Return the caps the held snapshot sets for those SKUs (absent: none). Raises StorageError.
+
+        The log's writer reads these at decide time through agent.syncview.HeldCaps, which
+        never raises: a missing or unreadable sync.db means the caps last read apply.
+        """
 
     def name(self, sku: str) -> str | None:
         """Return the catalog's product name for a SKU, or None."""

@@ -99,6 +99,11 @@ class LogReader:
             return None
         return stock_row(sku, floor + df, backroom + db, reserved + dr, mx if n else last)
 
+    def cap_used(self, sku: str, first_slot: int, end_slot: int) -> int:
+        """Return the SKU's cap usage in slots first_slot <= slot < end_slot (agent.inventory)."""
+        return self._one("SELECT COALESCE(SUM(qty), 0) FROM cap_usage WHERE sku = ? AND slot >= ? AND slot < ?",
+                         (sku, first_slot, end_slot))[0]
+
     def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
         rows = self._all("SELECT seq, schema, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",

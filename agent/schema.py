@@ -67,7 +67,19 @@ CREATE TABLE IF NOT EXISTS reservations (
     qty            INTEGER NOT NULL,
     status         TEXT NOT NULL,
     opened_seq     INTEGER NOT NULL,
-    closed_seq     INTEGER
+    closed_seq     INTEGER,
+    opened_at      TEXT,              -- the reserved event's recorded_at (cap usage)
+    expires_at     TEXT               -- the lease's end, the agent's time format; NULL: no lease
+) WITHOUT ROWID;
+
+-- Cap usage (docs/availability.md): per SKU and 15-minute slot of recorded_at, sold +
+-- reserved - released (a release counts in its reservation's slot). Updated in the
+-- append transaction, so a cap check is one range read of the period's slots.
+CREATE TABLE IF NOT EXISTS cap_usage (
+    sku  TEXT NOT NULL,
+    slot INTEGER NOT NULL,            -- Unix ms // 900000
+    qty  INTEGER NOT NULL,
+    PRIMARY KEY (sku, slot)
 ) WITHOUT ROWID;
 
 -- Projection checkpoints: at checkpoint `seq`, a row for every SKU changed since the
@@ -86,6 +98,54 @@ CREATE TABLE IF NOT EXISTS stock_checkpoints (
     last_seq INTEGER NOT NULL,
     PRIMARY KEY (sku, seq)
 ) WITHOUT ROWID;
+"""
+
+
+# The slot of a time in SQL, as agent.inventory.slot_of computes it in Python.
+_SLOT = "(CAST(ROUND((julianday({t}) - 2440587.5) * 86400000) AS INTEGER) / 900000)"
+
+# Backfill of what the lease and cap columns hold, from the events: for a log created
+# before they existed (migrate) and for a rebuild of the projections.
+FILL_RESERVATION_TIMES = """
+    UPDATE reservations SET
+        opened_at = (SELECT json_extract(CAST(body AS TEXT), '$.recorded_at') FROM events e
+                      WHERE e.seq = reservations.opened_seq),
+        expires_at = (SELECT json_extract(CAST(body AS TEXT), '$.expires_at') FROM events e
+                       WHERE e.seq = reservations.opened_seq)
+"""
+FILL_CAP_USAGE = f"""
+    INSERT INTO cap_usage(sku, slot, qty)
+    SELECT sku, slot, SUM(qty) FROM (
+        SELECT e.sku, {_SLOT.format(t="json_extract(CAST(e.body AS TEXT), '$.recorded_at')")} AS slot,
+               json_extract(CAST(e.body AS TEXT), '$.qty') AS qty
+          FROM events e WHERE e.type IN ('sold', 'reserved')
+        UNION ALL
+        SELECT r.sku, {_SLOT.format(t="r.opened_at")}, -r.qty
+          FROM events e JOIN reservations r ON r.reservation_id = e.rid
+         WHERE e.type = 'reservation_released' AND r.opened_at IS NOT NULL)
+     GROUP BY sku, slot
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a log created by an older agent to this schema (inside the caller's transaction).
+
+    Adds the reservations' lease and time columns and the cap usage table, filled from
+    the events; a no-op on a current log.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(reservations)")}
+    if "opened_at" in columns:
+        return
+    conn.execute("ALTER TABLE reservations ADD COLUMN opened_at TEXT")
+    conn.execute("ALTER TABLE reservations ADD COLUMN expires_at TEXT")
+    conn.execute(FILL_RESERVATION_TIMES)
+    conn.execute("DELETE FROM cap_usage")
+    conn.execute(FILL_CAP_USAGE)
+
+
+LEASE_INDEX_SQL = """
+CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations(expires_at)
+    WHERE status = 'open' AND expires_at IS NOT NULL;
 """
 
 

@@ -7,12 +7,14 @@ common/config.py; `load_config(path, AgentConfig, "EDGE_AGENT")` reads this file
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import msgspec
 
 from agent.events import STORE_ID_PATTERN
+from common.clock import ShiftedClock
 from common.config import (ConfigError, LogSection, MqttSection, Section, is_loopback,  # noqa: F401
                            load_config, read_secret)
 
@@ -65,6 +67,7 @@ class ServiceSection(Section):
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 30
     disk_check_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5
     misfire_grace_s: Annotated[int, msgspec.Meta(ge=1)] = 60
+    lease_expiry_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10   # how often expired leases are released
 
 
 class AgentConfig(Section):
@@ -99,6 +102,18 @@ def sync_db_path(config: AgentConfig) -> str:
 
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+
+TEST_CLOCK_ENV = "EDGE_AGENT_TEST_CLOCK_OFFSET_FILE"
+
+
+def agent_clock() -> Callable[[], float]:
+    """The agent's clock (Unix seconds): time.time, unless a test shifts it.
+
+    Tests of clock jumps set $EDGE_AGENT_TEST_CLOCK_OFFSET_FILE to a file holding an offset
+    in seconds (common.clock.ShiftedClock); a store's operator never sets it.
+    """
+    path = os.environ.get(TEST_CLOCK_ENV)
+    return ShiftedClock(path) if path else time.time
 
 
 def config_path(given: str | None) -> str | None:

@@ -6,22 +6,31 @@ search and GET /v1/sync are point reads on the event loop that never wait on the
 or on a snapshot being applied: WAL lets them see the last committed snapshot while a new
 one is written, never a mix. Before sync has ever run there is no file: every answer is
 then "nothing held", and the file is looked for again on the next read.
+
+The log's writer thread reads the sales caps of a batch's SKUs at decide time through its
+own view (`HeldCaps`): a read of sync.db never blocks or fails a write (see HeldCaps).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Literal
 
 import msgspec
 
+from agent.inventory import Cap
 from common import clock
 from common.errors import StorageError, storage_error
 from common.sqlite import open_readonly
 
-SCHEMA_VERSION = "1"   # the shape of sync.db this reader understands (sync/state.py)
+log = logging.getLogger("edge_agent.syncview")
+
+SCHEMA_VERSION = "2"   # the shape of sync.db this reader understands (sync/state.py)
+# Older shapes it still reads: "1" has no caps and no validated sources (answered as none).
+READABLE = ("1", SCHEMA_VERSION)
 
 _STATUS_KEYS = ("connected", "reconnects", "sent_seq", "inflight_batches", "resends", "rewinds",
                 "ack_alarms", "alarm", "events_sent")
@@ -34,17 +43,52 @@ class _Nearby(msgspec.Struct):
     nearby: list[dict]
 
 
+class _Source(msgspec.Struct):
+    source_id: str
+    name: str
+    kind: str
+    available: int
+    lead_time_s: int
+    updated_at: str
+    stale: bool
+    stale_after_s: int | None = None
+
+
+class _Full(msgspec.Struct):
+    nearby: list[dict]
+    sources: list[_Source] | None = None
+
+
+class _Cap(msgspec.Struct):
+    limit: int
+    scope: Literal["store", "chain"]
+    period: Literal["day", "week", "month"]
+    period_start: str
+    period_end: str
+    allowance: int
+
+
 _item_decoder = msgspec.json.Decoder(_Nearby)
+_full_decoder = msgspec.json.Decoder(_Full)
+_cap_decoder = msgspec.json.Decoder(_Cap)
+
+
+def _cap_of(raw: bytes) -> Cap:
+    c = _cap_decoder.decode(raw)
+    return Cap(c.limit, c.scope, c.period, c.period_start, c.period_end, c.allowance)
 
 
 class SqliteSyncView:
     """`agent.ports.SyncView` over sync.db, read-only; see the module docstring."""
 
-    def __init__(self, path: str | Path, *, max_age_s: float = 120.0, now: Callable[[], float] = time.time):
+    def __init__(self, path: str | Path, *, max_age_s: float = 120.0, now: Callable[[], float] = time.time,
+                 busy_timeout_ms: int = 5000):
         self.path = Path(path)
         self.max_age_s = max_age_s
         self._now = now
+        self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
+        self._schema: str | None = None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -52,8 +96,13 @@ class SqliteSyncView:
             self._conn = None
 
     def _connection(self) -> sqlite3.Connection | None:
+        if self._conn is not None and self._schema != SCHEMA_VERSION:
+            # The sync process migrates an older file at its start: look again.
+            self._schema = self._schema_of(self._conn)
         if self._conn is None and self.path.exists():
             conn = open_readonly(self.path, f"no sync database at {self.path}")
+            if self._busy_timeout_ms != 5000:
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
             try:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             except sqlite3.Error as exc:
@@ -64,12 +113,22 @@ class SqliteSyncView:
             if row is None:
                 conn.close()
                 return None
-            if row[0] != SCHEMA_VERSION:
+            if row[0] not in READABLE:
                 conn.close()
                 raise StorageError(f"storage: {self.path} has sync schema {row[0]}, this agent reads"
-                                   f" {SCHEMA_VERSION} (edge-agent run and edge-agent sync of one version?)")
-            self._conn = conn
+                                   f" {', '.join(READABLE)} (edge-agent run and edge-agent sync of one version?)")
+            self._conn, self._schema = conn, row[0]
         return self._conn
+
+    def _schema_of(self, conn: sqlite3.Connection) -> str:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(f"read {self.path}", exc) from exc
+        if row is None or row[0] not in READABLE:
+            raise StorageError(f"storage: {self.path} has sync schema {row[0] if row else None},"
+                               f" this agent reads {', '.join(READABLE)}")
+        return row[0]
 
     def _read(self, what: str, fn: Callable[[sqlite3.Connection], object]):
         conn = self._connection()
@@ -136,6 +195,56 @@ class SqliteSyncView:
         nearby, online = (_item_decoder.decode(row[0]).nearby, row[1]) if row else ([], None)
         return nearby, online, self._describe(*head) if head else None
 
+    def item(self, sku: str) -> dict:
+        """Return {nearby, online, sources, cap, snapshot} for a SKU, all from one committed snapshot.
+
+        `sources` are as the hub sent them (its `stale` judgment included); `cap` is a
+        Cap or None. A sync.db of schema "1" answers no sources and no cap.
+        """
+        def read(conn: sqlite3.Connection):
+            cap_column = "cap" if self._schema != "1" else "NULL"
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(f"SELECT item, online, {cap_column} FROM availability_items WHERE sku = ?",
+                                   (sku,)).fetchone()
+                head = conn.execute("SELECT version, generated_at FROM availability_snapshot WHERE id = 1").fetchone()
+            finally:
+                conn.execute("COMMIT")
+            return row, head
+
+        found = self._read("availability", read)
+        answer = {"nearby": [], "online": None, "sources": [], "cap": None, "snapshot": None}
+        if found is None:
+            return answer
+        row, head = found
+        if row is not None:
+            item = _full_decoder.decode(row[0])
+            answer["nearby"], answer["online"] = item.nearby, row[1]
+            if self._schema != "1":
+                answer["sources"] = [msgspec.structs.asdict(s) for s in item.sources or ()]
+                answer["cap"] = _cap_of(row[2]) if row[2] is not None else None
+        answer["snapshot"] = self._describe(*head) if head else None
+        return answer
+
+    def caps(self, skus: Iterable[str]) -> dict[str, Cap]:
+        """Return the caps the held snapshot sets for those SKUs (absent: no cap). Raises StorageError."""
+        wanted = sorted(set(skus))
+
+        def read(conn: sqlite3.Connection):
+            if self._schema == "1" or not wanted:
+                return []
+            if len(wanted) == 1:
+                return conn.execute("SELECT sku, cap FROM availability_items WHERE sku = ? AND cap IS NOT NULL",
+                                    wanted).fetchall()
+            return conn.execute("SELECT sku, cap FROM availability_items WHERE cap IS NOT NULL AND sku IN"
+                                " (SELECT value FROM json_each(?))", (msgspec.json.encode(wanted),)).fetchall()
+
+        rows = self._read("caps", read) or []
+        try:
+            return {sku: _cap_of(raw) for sku, raw in rows}
+        except (msgspec.DecodeError, TypeError) as exc:
+            raise StorageError(f"storage: a cap in {self.path.name} does not decode: {exc}") from None
+
     def _describe(self, version: int, generated_at: str) -> dict:
         """{version, generated_at, age_s, stale}: age from the hub's generated_at to this clock, never negative."""
         try:
@@ -162,3 +271,46 @@ class SqliteSyncView:
             " ORDER BY (sku LIKE ?2 ESCAPE '\\') DESC, sku LIMIT ?3",
             (pattern, pattern[1:], max(0, limit))).fetchall())
         return [{"sku": sku, "name": name} for sku, name in rows or ()]
+
+
+class HeldCaps:
+    """The log writer's `caps_for`: the caps sync.db holds, read at decide time, never failing.
+
+    Own read-only connection, opened on the writer thread at its first call, with no busy
+    wait. When sync.db cannot be read (missing, locked, corrupt, an unknown schema) the
+    caps this process last read for those SKUs apply, and a SKU never read is uncapped.
+    A cap is a commercial limit on top of the store's stock rules, kept as data derived
+    from the hub's snapshot: a broken derived file must not stop the tills selling (a sale
+    is a fact the store records whatever happens), so the failure is logged, once per
+    distinct reason, and selling goes on under the caps last known.
+    """
+
+    def __init__(self, path: str | Path):
+        self._view = SqliteSyncView(path, busy_timeout_ms=0)
+        self._last: dict[str, Cap] = {}
+        self._failing: str | None = None
+        self.failures = 0
+
+    def __call__(self, skus: set[str]) -> dict[str, Cap]:
+        try:
+            found = self._view.caps(skus)
+        except Exception as exc:  # see the class docstring: a read never fails a write
+            self.failures += 1
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != self._failing:
+                log.warning("caps: cannot read %s (%s); the caps last read apply", self._view.path, reason)
+                self._failing = reason
+            self._view.close()   # open afresh next time: the file may have been replaced
+            return {sku: self._last[sku] for sku in skus if sku in self._last}
+        if self._failing is not None:
+            log.info("caps: %s is readable again", self._view.path)
+            self._failing = None
+        for sku in skus:
+            if sku in found:
+                self._last[sku] = found[sku]
+            else:
+                self._last.pop(sku, None)
+        return found
+
+    def close(self) -> None:
+        self._view.close()

@@ -74,3 +74,30 @@ class Uuid7:
 
 
 new_event_id = Uuid7()
+
+
+class ShiftedClock:
+    """A test-only clock: time.time() plus the offset in seconds written in a file.
+
+    Only for tests of clock jumps against a running process (EDGE_AGENT_TEST_CLOCK_OFFSET_FILE,
+    agent/settings.py); a store never sets it. The file is re-read when it changes (one
+    stat a call), so a test moves the clock of a running agent by rewriting it. A missing
+    or unreadable file means offset 0.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        try:
+            st = os.stat(self.path)
+            key = (st.st_mtime_ns, st.st_size)
+            if key != self._seen:
+                with open(self.path) as fh:
+                    self.offset = float(fh.read().strip() or 0)
+                self._seen = key
+        except (OSError, ValueError):
+            self.offset, self._seen = 0.0, None
+        return time.time() + self.offset

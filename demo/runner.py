@@ -183,6 +183,9 @@ class Demo:
                              "refresh_s": max(self.publish_interval_s, self.max_age_s / 2)},
             "catalog": {"path": str(self.dir / "catalog.csv")},
             "log": {"format": "text"},
+            # Only configured sources are accepted: the demo's warehouse feed (start_feed) is one.
+            "sources": [{"id": "wh-central", "name": "Central warehouse", "kind": "warehouse",
+                         "lead_time_s": 86400, "stale_after_s": 120}],
             "stores": [{"id": sid, "region": "north"} for sid in self.store_ids()],
             "sources": [dict(source) for source in SOURCES],   # what demo/feed.py publishes
         }))

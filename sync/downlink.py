@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from common import clock
 from common.errors import StorageError
 from agent.events import SKU_PATTERN, STORE_ID_PATTERN, TIME_PATTERN, valid_time
 from sync.ports import Row, SyncState
@@ -47,10 +48,39 @@ class _Nearby(msgspec.Struct, frozen=True, gc=False):
     available: _Count
 
 
+_Time = Annotated[str, msgspec.Meta(pattern=TIME_PATTERN)]   # and a real date-time: see _check_times
+
+
+class _Source(msgspec.Struct, frozen=True, gc=False):
+    """One external source listing the SKU (unknown members are ignored: newer hubs may add some)."""
+
+    source_id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    kind: Literal["warehouse", "partner", "supplier"]
+    available: _Count
+    lead_time_s: _Count
+    updated_at: _Time
+    stale: bool
+    stale_after_s: _Count | None = None
+
+
+class _Cap(msgspec.Struct, frozen=True, gc=False):
+    """The SKU's sales cap for this store (docs/availability.md)."""
+
+    limit: _Count
+    scope: Literal["store", "chain"]
+    period: Literal["day", "week", "month"]
+    period_start: _Time
+    period_end: _Time
+    allowance: _Count
+
+
 class _Item(msgspec.Struct, frozen=True, gc=False):
     sku: str               # checked a chunk at a time, see _check_ids
     nearby: list[_Nearby]
     online: _Count | None = None
+    sources: list[_Source] | None = None
+    cap: _Cap | None = None
 
 
 class _SnapshotHead(msgspec.Struct, frozen=True):
@@ -153,10 +183,15 @@ def rows_from(slices: list[msgspec.Raw], chunk: int = CHUNK_ITEMS) -> tuple[list
         try:
             items = _items_decoder.decode(b"[" + b",".join(part) + b"]")
         except msgspec.DecodeError as exc:  # ValidationError is one; JSON nested too deep too
-            raise Malformed("item", f"availability: items (from item {start}): {exc}") from None
+            raise Malformed(_reason_of(str(exc)), f"availability: items (from item {start}): {exc}") from None
         _check_ids(items, start)
-        # The item's JSON is stored as received: valid, and nothing to re-encode.
-        new = [(item.sku, raw, item.online) for item, raw in zip(items, part)]
+        # The item's JSON is stored as received: valid, and nothing to re-encode. A cap is
+        # also stored on its own (validated, re-encoded), for the agent's decide-time read.
+        new = [(item.sku, raw, item.online, None if item.cap is None else _check_cap(item, start + i))
+               for i, (item, raw) in enumerate(zip(items, part))]
+        for i, item in enumerate(items):
+            if item.sources:
+                _check_sources(item, start + i)
         seen.update(row[0] for row in new)
         rows.extend(new)
         if len(seen) != len(rows):
@@ -184,6 +219,36 @@ def decode_snapshot(payload: bytes, content_type: str | None, store_id: str) -> 
     finally:
         gc.enable()
     return head, rows, digest
+
+
+_ITEM_FIELD = re.compile(r"at `\$\[\d+\]\.(sources|cap)\b")
+
+
+def _reason_of(message: str) -> str:
+    """The drop reason of an item that does not decode: `sources` or `cap` when one of those is wrong."""
+    found = _ITEM_FIELD.search(message)
+    return found.group(1) if found else "item"
+
+
+def _check_cap(item: _Item, index: int) -> bytes:
+    """Check a cap's times; return its JSON to store. Raises Malformed("cap") naming the field."""
+    cap = item.cap
+    for name in ("period_start", "period_end"):
+        if not valid_time(getattr(cap, name)):
+            raise Malformed("cap", f"availability: item {index} ({item.sku}): cap.{name}"
+                                   f" {getattr(cap, name)!r} is not a real date-time")
+    if clock.parse_rfc3339(cap.period_end) <= clock.parse_rfc3339(cap.period_start):
+        raise Malformed("cap", f"availability: item {index} ({item.sku}): cap.period_end {cap.period_end}"
+                               f" is not after cap.period_start {cap.period_start}")
+    return msgspec.json.encode(cap)
+
+
+def _check_sources(item: _Item, index: int) -> None:
+    """Check each source's time; raises Malformed("sources") naming the field."""
+    for n, source in enumerate(item.sources):
+        if not valid_time(source.updated_at):
+            raise Malformed("sources", f"availability: item {index} ({item.sku}): sources[{n}].updated_at"
+                                       f" {source.updated_at!r} is not a real date-time")
 
 
 _SKUS = re.compile(r"(?:[A-Za-z0-9._:-]{1,64}\n)*")

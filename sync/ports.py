@@ -64,8 +64,9 @@ class ApplyOutcome:
     removed: int = 0
 
 
-# A snapshot row as stored: (sku, the item's JSON bytes as received, online or None).
-Row = tuple[str, bytes, "int | None"]
+# A snapshot row as stored: (sku, the item's JSON bytes as received, online or None,
+# the item's cap as JSON or None); a 3-tuple means no cap.
+Row = tuple
 
 
 class SyncState(Protocol):

@@ -344,3 +344,105 @@ def _canonical(payload: bytes, batch: EventBatch) -> bool:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return False
     return payload[len(head):-1] == _encoder.encode(events)
+
+
+# ------------------------------------------------- sources, caps, orders (issue 15)
+#
+# New wire structs of the hub's feeds and the snapshot item's optional additions. Old
+# agents ignore the added item fields; UNSET fields are left out of the JSON entirely, so
+# an item without sources or cap costs no bytes.
+
+
+def source_stock_topic(prefix: str, source_id: str) -> str:
+    """`P/sources/{source_id}/stock`: partner/supplier/warehouse feed -> hub, QoS 1, retained."""
+    return f"{prefix}/sources/{source_id}/stock"
+
+
+def sources_filter(prefix: str) -> str:
+    return f"{prefix}/sources/+/stock"
+
+
+def caps_topic(prefix: str, sku: str) -> str:
+    """`P/caps/{sku}`: a SKU's sales cap -> hub, QoS 1, retained (empty payload: no cap)."""
+    return f"{prefix}/caps/{sku}"
+
+
+def caps_filter(prefix: str) -> str:
+    return f"{prefix}/caps/+"
+
+
+def orders_topic(prefix: str, source_id: str) -> str:
+    """`P/orders/{source_id}`: open orders claiming a source's stock -> hub, QoS 1, not retained."""
+    return f"{prefix}/orders/{source_id}"
+
+
+def orders_filter(prefix: str) -> str:
+    return f"{prefix}/orders/+"
+
+
+ONLINE = "online"  # the orders topic level that claims against the sum of warehouse sources
+
+
+class SourceStock(msgspec.Struct, frozen=True):
+    """`P/sources/{id}/stock`: a configured source's whole list; a newer `version` replaces it."""
+
+    source_id: str
+    version: SeqOrZero
+    items: list[WarehouseItem]
+    v: Literal[1] = VERSION
+
+
+class CapMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`P/caps/{sku}`: limit per calendar period, per store (each, or `store_id` only) or chain-wide."""
+
+    sku: str
+    limit: int
+    period: str
+    scope: str = "store"
+    store_id: str | None = None
+    v: int = VERSION
+
+
+class Order(msgspec.Struct, frozen=True):
+    order_id: str
+    sku: str
+    qty: int
+    state: str
+
+
+class OrdersMessage(msgspec.Struct, frozen=True):
+    """`P/orders/{source_id}`: orders by id; the latest state of an order replaces the earlier."""
+
+    orders: list[Order]
+    v: int = VERSION
+
+
+class SourceFigure(msgspec.Struct, frozen=True, gc=False):
+    """One configured source's figure for a SKU in a snapshot item (net of open orders)."""
+
+    source_id: str
+    name: str
+    kind: str
+    available: int
+    lead_time_s: int
+    stale_after_s: float
+    updated_at: str
+    stale: bool
+
+
+class CapAllowance(msgspec.Struct, frozen=True, gc=False):
+    """A snapshot item's cap: the cap as set, the store's current period and its allowance."""
+
+    limit: int
+    scope: str
+    period: str
+    period_start: str
+    period_end: str
+    allowance: int
+
+
+class StoreItem(AvailabilityItem, frozen=True):
+    """A snapshot item with the optional `sources` and `cap` (left out when UNSET)."""
+
+    sources: list[SourceFigure] | msgspec.UnsetType = msgspec.UNSET
+    cap: CapAllowance | msgspec.UnsetType = msgspec.UNSET

@@ -30,7 +30,10 @@ from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction
 from sync.ports import ApplyOutcome, Row, UplinkStatus
 
-SCHEMA_VERSION = "1"
+# "2": availability_items has `cap` (the item's validated cap, for the agent's decide-time
+# read) and items' `sources`/`cap` were validated by the downlink. A "1" file is migrated
+# at open (see _migrate); agent/syncview.py still reads "1" (as holding no caps).
+SCHEMA_VERSION = "2"
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -68,8 +71,9 @@ CREATE TABLE IF NOT EXISTS availability_snapshot (
 );
 CREATE TABLE IF NOT EXISTS availability_items (
     sku    TEXT PRIMARY KEY,
-    item   BLOB NOT NULL,      -- the item's JSON as received: {"sku", "nearby": [...], "online"}
-    online INTEGER
+    item   BLOB NOT NULL,      -- the item's JSON as received: {"sku", "nearby": [...], "online", "sources"?, "cap"?}
+    online INTEGER,
+    cap    BLOB                -- the item's cap as JSON, NULL when none applies
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS catalog_meta (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
@@ -232,10 +236,38 @@ def _open(path: Path, store_id: str) -> sqlite3.Connection:
                          (store_id, SCHEMA_VERSION))
         elif owner[0] != store_id:
             raise StorageError(f"storage: {path} belongs to store {owner[0]!r}, not {store_id!r}")
+        else:
+            in_write_transaction(conn, _migrate, path)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a sync.db of schema "1" to "2"; refuse one newer than this process knows.
+
+    "1" stored items without looking at `sources` or `cap`: a held snapshot whose items
+    carry either is dropped (the hub's retained snapshot brings it back, validated);
+    one without them only gains the empty `cap` column.
+    """
+    held = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    version = held[0] if held else "1"
+    if version == SCHEMA_VERSION:
+        return
+    if version != "1":
+        raise StorageError(f"storage: {path} has sync schema {version}; this sync process knows {SCHEMA_VERSION}")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(availability_items)")}
+    if "cap" not in columns:
+        conn.execute("ALTER TABLE availability_items ADD COLUMN cap BLOB")
+    unchecked = conn.execute(
+        "SELECT 1 FROM availability_items WHERE instr(CAST(item AS TEXT), '\"cap\"')"
+        " OR instr(CAST(item AS TEXT), '\"sources\"') LIMIT 1").fetchone()
+    if unchecked:
+        conn.execute("DELETE FROM availability_items")
+        conn.execute("DELETE FROM availability_snapshot")
+    conn.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)"
+                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,))
 
 
 def _held(conn: sqlite3.Connection) -> tuple[int | None, int | None, dict[str, int]]:
@@ -256,9 +288,9 @@ def _apply_snapshot(conn: sqlite3.Connection, version: int, generated_at: str, a
     if held is None or held[1] != digest:
         before = conn.total_changes
         conn.executemany(
-            "INSERT INTO availability_items(sku, item, online) VALUES (?, ?, ?)"
-            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online"
-            " WHERE item IS NOT excluded.item", rows)
+            "INSERT INTO availability_items(sku, item, online, cap) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online, cap = excluded.cap"
+            " WHERE item IS NOT excluded.item", (row if len(row) == 4 else (*row, None) for row in rows))
         changed = conn.total_changes - before
         # Every listed SKU is in the table now; as many rows as SKUs means none is left over.
         if conn.execute("SELECT COUNT(*) FROM availability_items").fetchone()[0] != len(rows):

@@ -19,8 +19,10 @@ quantities; outputs are each store's snapshot items and the publish decision.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+import msgspec
 
 from sync import protocol
 
@@ -47,6 +49,7 @@ class Snapshot:
     generated_at_ms: int
     payload: bytes
     items: int
+    grants: Mapping[str, int] = field(default_factory=dict)   # sku -> chain-cap allowance changed in it
 
 
 def regions_of(stores: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -57,22 +60,101 @@ def regions_of(stores: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return {region: sorted(ids) for region, ids in out.items()}
 
 
-def region_items(members: list[str], available: Available, online: Mapping[str, int]
+def region_items(members: list[str], available: Available, online: Mapping[str, int | None],
+                 sources: Mapping[str, list[protocol.SourceFigure]] | None = None,
+                 caps: Mapping[str, Mapping[str, protocol.CapAllowance]] | None = None,
                  ) -> dict[str, list[protocol.AvailabilityItem]]:
-    """Return store_id -> its snapshot items, for the stores of one region (`members`)."""
-    skus: set[str] = set(online)
+    """Return store_id -> its snapshot items, for the stores of one region (`members`).
+
+    `sources`: sku -> the source figures every store of the region gets for it
+    (`source_figures`); `caps`: store_id -> sku -> that store's cap. A SKU with a cap for
+    one of the region's stores is listed for all of them.
+    """
+    sources = sources or {}
+    caps = caps or {}
+    skus: set[str] = set(online) | set(sources)
     for store_id in members:
         skus.update(available.get(store_id, ()))
+        skus.update(caps.get(store_id, ()))
     out: dict[str, list[protocol.AvailabilityItem]] = {s: [] for s in members}
     empty: Mapping[str, int] = {}
     stocks = [(s, available.get(s, empty)) for s in members]
+    store_caps = [(s, caps.get(s, empty)) for s in members]
+    unset = msgspec.UNSET
     for sku in sorted(skus):
         carried = [protocol.NearbyStore(s, stock[sku]) for s, stock in stocks if sku in stock]
         on = online.get(sku)
-        for store_id in members:
+        figures = sources.get(sku) or unset
+        for store_id, held in store_caps:
             nearby = [n for n in carried if n.store_id != store_id]
-            out[store_id].append(protocol.AvailabilityItem(sku, nearby, on))
+            cap = held.get(sku, unset)
+            if figures is unset and cap is unset:
+                out[store_id].append(protocol.AvailabilityItem(sku, nearby, on))
+            else:
+                out[store_id].append(protocol.StoreItem(sku, nearby, on, figures, cap))
     return out
+
+
+@dataclass(frozen=True)
+class Source:
+    """A configured source as the snapshot shows it (`[[sources]]`)."""
+
+    source_id: str
+    name: str
+    kind: str
+    lead_time_s: int
+    stale_after_s: float
+
+
+def source_figures(sources: list[Source], stock: Mapping[str, Mapping[str, int]],
+                   updated: Mapping[str, tuple[int, str]], claims: Mapping[str, Mapping[str, int]],
+                   now_ms: int) -> tuple[dict[str, list[protocol.SourceFigure]], dict[str, int | None]]:
+    """Return (sku -> source figures, sku -> online) for the configured `sources`, in their order.
+
+    `stock`: source_id -> sku -> available as last fed; `updated`: source_id -> (ms, RFC
+    3339) of the last accepted message (a source never heard from lists nothing);
+    `claims`: source_id (or "online") -> sku -> qty of open orders. Rules:
+
+    * a source is stale when `now_ms - updated` exceeds its `stale_after_s`;
+    * each figure is net of the open orders claimed against that source, never below 0;
+    * an order claimed "online" is taken from the fresh warehouse sources in config
+      order, so the per-warehouse figures and `online` agree;
+    * `online` is the sum of the fresh warehouses' net figures, None when no fresh
+      warehouse lists the SKU (a stale figure is shown, not counted).
+    """
+    figures: dict[str, list[protocol.SourceFigure]] = {}
+    online: dict[str, int | None] = {}
+    warehouse_net: dict[str, list[list]] = {}     # sku -> [[figure index, net], ...] of fresh warehouses
+    no_claims: Mapping[str, int] = {}
+    for src in sources:
+        if src.source_id not in updated:
+            continue
+        at_ms, at_text = updated[src.source_id]
+        stale = now_ms - at_ms > src.stale_after_s * 1000
+        claimed = claims.get(src.source_id, no_claims)
+        for sku, qty in stock.get(src.source_id, no_claims).items():
+            net = max(0, qty - claimed.get(sku, 0))
+            row = figures.setdefault(sku, [])
+            if src.kind == "warehouse" and not stale:
+                warehouse_net.setdefault(sku, []).append([len(row), net])
+            row.append(protocol.SourceFigure(src.source_id, src.name, src.kind, net, src.lead_time_s,
+                                             src.stale_after_s, at_text, stale))
+    online_claims = claims.get(protocol.ONLINE, no_claims)
+    for sku, nets in warehouse_net.items():
+        left = online_claims.get(sku, 0)
+        for entry in nets:
+            if left <= 0:
+                break
+            take = min(left, entry[1])
+            if take:
+                entry[1] -= take
+                left -= take
+                i = entry[0]
+                figures[sku][i] = msgspec.structs.replace(figures[sku][i], available=entry[1])
+        online[sku] = sum(net for _, net in nets)
+    for sku in figures:
+        online.setdefault(sku, None)
+    return figures, online
 
 
 def items_digest(encoded_items: bytes) -> bytes:
@@ -93,7 +175,8 @@ def due(previous: Published | None, digest: bytes, now_ms: int, refresh_ms: int,
 
 
 def build(store_id: str, items: list[protocol.AvailabilityItem], previous: Published | None,
-          now_ms: int, refresh_ms: int, generated_at: str, force: bool = False) -> Snapshot | None:
+          now_ms: int, refresh_ms: int, generated_at: str, force: bool = False,
+          grants: Mapping[str, int] | None = None) -> Snapshot | None:
     """Return the snapshot to publish for a store, or None when nothing is due.
 
     `generated_at` is `now_ms` as RFC 3339 (formatted by the caller's clock module).
@@ -105,7 +188,7 @@ def build(store_id: str, items: list[protocol.AvailabilityItem], previous: Publi
     version = next_version(previous, now_ms)
     head = b'{"v":1,"store_id":"%s","version":%d,"generated_at":"%s","items":' % (
         store_id.encode(), version, generated_at.encode())
-    return Snapshot(store_id, version, digest, now_ms, head + encoded_items + b"}", len(items))
+    return Snapshot(store_id, version, digest, now_ms, head + encoded_items + b"}", len(items), dict(grants or {}))
 
 
 def online_of(feeds: Mapping[str, Mapping[str, int]]) -> dict[str, int]:

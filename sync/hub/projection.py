@@ -1,4 +1,6 @@
-"""The hub's availability tables: each store's stock projection, warehouse feeds, publish state.
+"""The hub's availability tables: each store's stock projection and publish state.
+
+Source feeds and orders live in sync/hub/feeds.py, caps in sync/hub/captables.py.
 
 Every function takes a sqlite3 connection inside the caller's transaction (the hub
 store's ingest transaction for `apply_events`, `HubStore.run` for the others), so the
@@ -48,17 +50,6 @@ SCHEMA = [
         store_id TEXT NOT NULL,
         deltas   BLOB NOT NULL
     )""",
-    """CREATE TABLE IF NOT EXISTS warehouse_stock (
-        warehouse_id TEXT NOT NULL,
-        sku          TEXT NOT NULL,
-        available    INTEGER NOT NULL,
-        PRIMARY KEY (warehouse_id, sku)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS warehouse_feeds (
-        warehouse_id TEXT PRIMARY KEY,
-        version      INTEGER NOT NULL,
-        items        INTEGER NOT NULL
-    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS availability_published (
         store_id        TEXT PRIMARY KEY,
         version         INTEGER NOT NULL,
@@ -128,6 +119,7 @@ class _Returned(_Received, tag="returned"):
 
 class _Sold(_Fact, tag="sold"):
     qty: int
+    recorded_at: str  # the cap usage hook's day bucket (sync/hub/captables.py)
     location: _Location = "floor"
 
     def delta(self) -> tuple[int, int, int]:
@@ -162,6 +154,8 @@ class _Adjusted(_Fact, tag="adjusted"):
 
 class _Reserved(_Fact, tag="reserved"):
     qty: int
+    recorded_at: str
+    reservation_id: str
 
     def delta(self) -> tuple[int, int, int]:
         return 0, 0, self.qty
@@ -169,6 +163,8 @@ class _Reserved(_Fact, tag="reserved"):
 
 class _Released(_Fact, tag="reservation_released"):
     qty: int
+    recorded_at: str
+    reservation_id: str
 
     def delta(self) -> tuple[int, int, int]:
         return 0, 0, -self.qty
@@ -327,29 +323,6 @@ def available_by_store(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
             "SELECT store_id, sku, MAX(0, floor + backroom - reserved) FROM hub_stock"):
         out.setdefault(store_id, {})[sku] = available
     return out
-
-
-def warehouse_feeds(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """Return warehouse_id -> sku -> available, from the latest feed of each warehouse."""
-    out: dict[str, dict[str, int]] = {}
-    for warehouse_id, sku, available in conn.execute("SELECT warehouse_id, sku, available FROM warehouse_stock"):
-        out.setdefault(warehouse_id, {})[sku] = available
-    return out
-
-
-def replace_warehouse(conn: sqlite3.Connection, warehouse_id: str, version: int,
-                      items: list[tuple[str, int]]) -> bool:
-    """Replace a warehouse's stock with a feed if its version is newer; return whether it did."""
-    held = conn.execute("SELECT version FROM warehouse_feeds WHERE warehouse_id = ?", (warehouse_id,)).fetchone()
-    if held is not None and version <= held[0]:
-        return False
-    conn.execute("DELETE FROM warehouse_stock WHERE warehouse_id = ?", (warehouse_id,))
-    conn.executemany("INSERT OR REPLACE INTO warehouse_stock(warehouse_id, sku, available) VALUES (?,?,?)",
-                     [(warehouse_id, sku, qty) for sku, qty in items])
-    conn.execute("INSERT INTO warehouse_feeds(warehouse_id, version, items) VALUES (?,?,?)"
-                 " ON CONFLICT(warehouse_id) DO UPDATE SET version = excluded.version, items = excluded.items",
-                 (warehouse_id, version, len(items)))
-    return True
 
 
 def published(conn: sqlite3.Connection) -> dict[str, Published]:

@@ -1,19 +1,28 @@
-"""The hub's availability side: projection hook, warehouse feeds, snapshot and catalog publishing.
+"""The hub's availability side: projection hooks, feeds, snapshot and catalog publishing.
 
     publisher = await AvailabilityPublisher.attach(service)   # before service.run
     await publisher.publish_changed()                         # the scheduled job (tests call it)
 
-`attach` creates the tables (building the projection from held events the first time),
-hooks `projection.apply_events` into the hub store's ingest transaction, subscribes to
-the warehouse feeds (`P/warehouses/+/stock`) and adds `run` (an APScheduler 3 job every
-`availability.publish_interval_s`) to the service's jobs.
+`attach` creates the tables (building the projection and the cap use from held events
+the first time, moving a pre-sources database's warehouse feeds over), hooks
+`projection.apply_events` and `captables.apply_usage` into the hub store's ingest
+transaction, subscribes to the feeds (`P/warehouses/+/stock`, `P/sources/+/stock`,
+`P/orders/+`, `P/caps/+`: sync/hub/inputs.py) and the stores' statuses, reads
+`[caps] path`, and adds `run` (an APScheduler 3 job every
+`availability.publish_interval_s`) to the service's jobs. Each run reads the caps file
+again if it changed.
 
 `publish_changed` computes every configured store's snapshot off the event loop (its own
-read-only connection, in a thread), then for each store that is due persists the new
-version first and publishes it retained, QoS 1. Persisting first means a version is never
-reused, even after a crash between the two steps; a store whose publish failed, and every
-store after a (re)connect (a broker restart may lose retained messages), is forced due on
-the next run.
+read-only connection, in a thread: sync/hub/compute.py), then for each store that is due
+persists the new version and any chain-cap allowance it changes first and publishes it
+retained, QoS 1. Persisting first means a version is never reused and an allowance is
+counted as promised before any store can see it, even after a crash between the two
+steps; a store whose publish failed, and every store after a (re)connect (a broker
+restart may lose retained messages), is forced due on the next run.
+
+A store's retained status may carry `snapshot_version` (the snapshot it holds) and
+`last_seq`: once the hub holds that store's events up to `last_seq`, allowances
+published before that version no longer count as in force (sync/hub/caps.py).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import re
 import sqlite3
 import time
 import zlib
+import zoneinfo
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +46,11 @@ from common.aio import wait_for
 from agent.events import SKU_PATTERN
 from sync import protocol
 from sync.hub import availability as av
-from sync.hub import projection
+from sync.hub import captables, feeds, projection
+from sync.hub import caps as capcore
+from sync.hub.compute import Plan, compute
+from sync.hub.inputs import FeedInputs
+from sync.hub.settings import zones
 
 log = logging.getLogger("edge_hub.availability")
 
@@ -44,19 +58,14 @@ _SKU = re.compile(SKU_PATTERN)
 PUBLISH_TIMEOUT_S = 30.0
 
 
-class _WarehouseItem(msgspec.Struct, frozen=True, gc=False):
-    sku: str
-    available: int
+class _StatusCaps(msgspec.Struct, frozen=True):
+    """The optional fields of a store's status the cap split reads."""
+
+    snapshot_version: int | None = None
+    last_seq: int | None = None
 
 
-class _WarehouseStock(msgspec.Struct, frozen=True):
-    v: int
-    warehouse_id: str
-    version: int
-    items: list[_WarehouseItem]
-
-
-_warehouse_decoder = msgspec.json.Decoder(_WarehouseStock)
+_status_caps_decoder = msgspec.json.Decoder(_StatusCaps)
 
 
 class AvailabilityPublisher:
@@ -72,6 +81,13 @@ class AvailabilityPublisher:
         self.refresh_s = refresh_s if refresh_s is not None else self.config.availability.refresh_s
         self._now = now
         self._regions = av.regions_of((s.id, s.region) for s in self.config.stores)
+        self.zones = zones(self.config)
+        self.plan = Plan(self.store.path, self._regions, self.zones, [
+            av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources])
+        self.inputs = FeedInputs(service, now)
+        self._day_cache: dict[tuple[str, str], str] = {}
+        self.confirmed: dict[str, int] = {}                    # store -> snapshot version it holds (events held)
+        self._confirming: dict[str, tuple[int, int]] = {}      # store -> (version, last_seq) not yet held
         self._force: set[str] = set(self.service.store_ids)
         self._lock = asyncio.Lock()
         self.last: dict[str, av.Snapshot] = {}
@@ -87,35 +103,43 @@ class AvailabilityPublisher:
         folded = await self.store.run(projection.setup)
         if folded:
             log.info("hub: built the availability projection from %d held events", folded)
+        moved = await self.store.run(feeds.setup)
+        if moved:
+            log.info("hub: moved %d warehouse feed rows to the source tables", moved)
+        folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
+        if folded:
+            log.info("hub: built the cap use from %d held events", folded)
         self.store.ingest_hooks.append(projection.apply_events)
+        self.store.ingest_hooks.append(lambda conn, store_id, events: captables.apply_usage(
+            conn, store_id, events, self.day_of))
         service.event_view = projection.EVENT_VIEW
-        self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.on_warehouse)
+        self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.inputs.on_warehouse)
+        self.mqtt.subscribe(protocol.sources_filter(self.prefix), self.inputs.on_source)
+        self.mqtt.subscribe(protocol.orders_filter(self.prefix), self.inputs.on_orders)
+        self.mqtt.subscribe(protocol.caps_filter(self.prefix), self.inputs.on_cap)
         self.mqtt.subscribe(protocol.all_status_filter(self.prefix), self.on_status)
         self.mqtt.on_connection_change(self._connection_changed)
+        await self.inputs.load_caps_file()
         await self.load_catalog()
         service.jobs.append(self.run)
         return self
 
     # ----------------------------------------------------------------- inputs
 
+    def day_of(self, store_id: str, recorded_at: str) -> str:
+        """The local date of an event's `recorded_at` in its store's zone (cached per minute)."""
+        key = (store_id, recorded_at[:16])
+        day = self._day_cache.get(key)
+        if day is None:
+            if len(self._day_cache) > 100_000:
+                self._day_cache.clear()
+            zone = self.zones.get(store_id) or zoneinfo.ZoneInfo("UTC")
+            day = self._day_cache[key] = capcore.local_day(clock.parse_rfc3339(recorded_at), zone)
+        return day
+
     async def on_warehouse(self, message) -> None:
-        """The handler for `P/warehouses/+/stock`: store a newer feed; drop and count bad ones."""
-        warehouse_id = _warehouse_of(self.prefix, message.topic)
-        try:
-            feed = _warehouse_decoder.decode(message.payload)
-            problem = _warehouse_problem(feed, warehouse_id)
-        except msgspec.ValidationError as exc:
-            problem = f"shape: {exc}"
-        except msgspec.DecodeError as exc:
-            problem = f"not JSON: {exc}"
-        if problem:
-            self.counters["warehouse_dropped"] += 1
-            log.warning("hub: dropped warehouse feed on %s: %s", message.topic, problem[:300])
-            return
-        items = [(i.sku, i.available) for i in feed.items]
-        if await self.store.run(lambda conn: projection.replace_warehouse(conn, feed.warehouse_id, feed.version, items)):
-            self.counters["warehouse_applied"] += 1
-            log.info("hub: warehouse %s feed %d (%d items)", feed.warehouse_id, feed.version, len(items))
+        """`P/warehouses/{id}/stock`: see sync/hub/inputs.py."""
+        await self.inputs.on_warehouse(message)
 
     async def on_status(self, message) -> None:
         """The handler for `P/stores/+/status`: learn whether the store's agent reads zlib snapshots."""
@@ -128,6 +152,12 @@ class AvailabilityPublisher:
             self.counters["status_dropped"] += 1
             log.warning("hub: dropped status on %s: %s", message.topic, str(exc)[:300])
             return
+        try:
+            extra = _status_caps_decoder.decode(message.payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            extra = _StatusCaps()
+        if extra.snapshot_version is not None and extra.last_seq is not None:
+            self._confirming[store_id] = (extra.snapshot_version, extra.last_seq)
         zlib_ok = protocol.ZLIB_JSON in status.accept
         if self._accept.get(store_id, False) != zlib_ok:
             self._accept[store_id] = zlib_ok
@@ -171,17 +201,14 @@ class AvailabilityPublisher:
         """The scheduled job: publish every store's snapshot that is due; return what was published."""
         async with self._lock:
             now = self._now()
-            now_ms = int(now * 1000)
-            generated_at = clock.rfc3339(now)
             force, self._force = self._force, set()
             previous = await self.store.run(_fold_and_read_published)
+            confirmed = self._confirmed()
             snapshots = await asyncio.to_thread(
-                compute, self.store.path, self._regions, previous, force, now_ms,
-                int(self.refresh_s * 1000), generated_at)
+                compute, self.plan, previous, force, now, int(self.refresh_s * 1000), confirmed)
             out = []
             for snap in snapshots:
-                await self.store.run(lambda conn, s=snap: projection.record_published(
-                    conn, s.store_id, s.version, s.digest, s.generated_at_ms))
+                await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id)))
                 payload, content_type = snap.payload, None
                 if self.compresses(snap.store_id):
                     payload = await asyncio.to_thread(zlib.compress, snap.payload, 6)
@@ -218,8 +245,17 @@ class AvailabilityPublisher:
         finally:
             scheduler.shutdown(wait=False)
 
+    def _confirmed(self) -> dict[str, int]:
+        """Promote a store's reported snapshot version once the hub holds its events up to then."""
+        for store_id, (version, last_seq) in list(self._confirming.items()):
+            if self.store.acked(store_id) >= last_seq:
+                del self._confirming[store_id]
+                self.confirmed[store_id] = max(version, self.confirmed.get(store_id, 0))
+        return dict(self.confirmed)
+
     async def _tick(self) -> None:
         try:
+            await self.inputs.load_caps_file()
             if self.mqtt.connected:
                 await self.publish_changed()
         except Exception:
@@ -240,25 +276,10 @@ def _fold_and_read_published(conn: sqlite3.Connection) -> dict[str, av.Published
     return projection.published(conn)
 
 
-def compute(db_path, regions: dict[str, list[str]], previous: dict[str, av.Published], force: set[str],
-            now_ms: int, refresh_ms: int, generated_at: str) -> list[av.Snapshot]:
-    """Read the projection and feeds (own read-only connection) and build the due snapshots."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
-    try:
-        conn.execute("BEGIN")  # one consistent view of stock and feeds
-        available = projection.available_by_store(conn)
-        online = av.online_of(projection.warehouse_feeds(conn))
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    out = []
-    for members in regions.values():
-        for store_id, items in av.region_items(members, available, online).items():
-            snap = av.build(store_id, items, previous.get(store_id), now_ms, refresh_ms, generated_at,
-                            force=store_id in force)
-            if snap is not None:
-                out.append(snap)
-    return out
+def _record(conn: sqlite3.Connection, snap: av.Snapshot, confirmed: int | None) -> None:
+    projection.record_published(conn, snap.store_id, snap.version, snap.digest, snap.generated_at_ms)
+    if snap.grants:
+        captables.record_grants(conn, snap.store_id, snap.version, snap.grants, confirmed)
 
 
 def read_catalog(path: str | Path) -> list[tuple[str, str]]:
@@ -272,26 +293,6 @@ def read_catalog(path: str | Path) -> list[tuple[str, str]]:
                 continue
             rows[sku] = name
     return sorted(rows.items())
-
-
-def _warehouse_of(prefix: str, topic: str) -> str | None:
-    lead, tail = f"{prefix}/warehouses/", "/stock"
-    if topic.startswith(lead) and topic.endswith(tail):
-        return topic[len(lead):-len(tail)]
-    return None
-
-
-def _warehouse_problem(feed: _WarehouseStock, topic_id: str | None) -> str | None:
-    if feed.v != 1:
-        return f"v is {feed.v}, expected 1"
-    if feed.warehouse_id != topic_id:
-        return f"payload warehouse_id {feed.warehouse_id!r} differs from the topic's {topic_id!r}"
-    if feed.version < 0:
-        return f"version {feed.version} is negative"
-    for item in feed.items:
-        if not _SKU.match(item.sku) or item.available < 0:
-            return f"item {item.sku!r}: invalid sku or negative available {item.available}"
-    return None
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -2,12 +2,14 @@
 
 `load_hub_config(path)` reads the TOML file with `EDGE_HUB__SECTION__KEY` overrides and
 raises ConfigError naming the key for anything that does not fit. `[[stores]]` is
-required and its ids must be unique.
+required and its ids must be unique, and so must `[[sources]]` ids ("online" is reserved);
+a store's `timezone` must be a known IANA zone.
 """
 
 from __future__ import annotations
 
 import os
+import zoneinfo
 from typing import Annotated, Literal
 
 import msgspec
@@ -28,6 +30,25 @@ class HubStorageSection(Section):
 class StoreEntry(Section):
     id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
     region: str = ""
+    timezone: str = "UTC"   # IANA zone: calendar periods of sales caps are in it
+
+
+class SourceEntry(Section):
+    """One external stock source (`[[sources]]`): a warehouse, a partner or a supplier."""
+
+    id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]   # the topic level
+    kind: Literal["warehouse", "partner", "supplier"]
+    name: str = ""                                                # display name (default: id)
+    lead_time_s: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stale_after_s: Annotated[float, msgspec.Meta(gt=0)] = 3600
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class CapsSection(Section):
+    path: str = ""   # JSON lines of caps, read at start and when the file changes
 
 
 class HubAvailabilitySection(Section):
@@ -57,6 +78,8 @@ class HubConfig(Section):
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
     availability: HubAvailabilitySection = msgspec.field(default_factory=HubAvailabilitySection)
     catalog: CatalogSection = msgspec.field(default_factory=CatalogSection)
+    sources: list[SourceEntry] = []
+    caps: CapsSection = msgspec.field(default_factory=CapsSection)
     ingest: IngestSection = msgspec.field(default_factory=IngestSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
 
@@ -75,4 +98,21 @@ def load_hub_config(path: str | os.PathLike | None, environ=None) -> HubConfig:
         if store.id in seen:
             raise ConfigError(f"config {path}: stores: store id {store.id!r} is listed twice")
         seen.add(store.id)
+        try:
+            zoneinfo.ZoneInfo(store.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"config {path}: stores: store {store.id!r}: timezone {store.timezone!r}"
+                              " is not a known IANA time zone") from None
+    sources: set[str] = set()
+    for source in config.sources:
+        if source.id in sources:
+            raise ConfigError(f"config {path}: sources: source id {source.id!r} is listed twice")
+        if source.id == "online":
+            raise ConfigError(f"config {path}: sources: source id 'online' is reserved (orders claimed online)")
+        sources.add(source.id)
     return config
+
+
+def zones(config: HubConfig) -> dict[str, zoneinfo.ZoneInfo]:
+    """Return store_id -> its time zone."""
+    return {store.id: zoneinfo.ZoneInfo(store.timezone) for store in config.stores}

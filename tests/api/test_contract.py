@@ -281,7 +281,7 @@ async def test_availability_answers_here_from_the_projection(agent):
     await agent.post(cmd("c1", receive(qty=4), {"type": "reserved", "sku": "A1", "qty": 1, "reservation_id": "r"}))
     assert await agent.get("/v1/availability/A1") == (200, {
         "sku": "A1", "here": {"floor": 0, "backroom": 4, "reserved": 1, "available": 3},
-        "nearby": [], "online": None, "snapshot": None})
+        "nearby": [], "online": None, "snapshot": None, "sources": [], "cap": None})
 
 
 async def test_availability_of_a_sku_not_stocked_here_is_zero_here(agent):

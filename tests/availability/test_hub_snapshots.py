@@ -56,6 +56,7 @@ def hub_config(tmp_path, broker, catalog: str = ""):
     path.write_text(
         f'[storage]\npath = "{tmp_path / "hub.db"}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
         f'[catalog]\npath = "{catalog}"\n'
+        '[[sources]]\nid = "wh-1"\nkind = "warehouse"\n'
         '[[stores]]\nid = "store-a"\nregion = "north"\n[[stores]]\nid = "store-b"\nregion = "north"\n'
         '[[stores]]\nid = "store-c"\nregion = "south"\n')
     return load_hub_config(path, environ={})
@@ -124,7 +125,7 @@ async def test_publish_job_projects_ingested_events_and_persists_versions(tmp_pa
                                           {"v": 1, "warehouse_id": "wh-1", "version": 1,
                                            "items": [{"sku": "A", "available": 9}]}))
         await publisher.on_warehouse(_msg("retail/warehouses/wh-1/stock", b"{bad"))
-        assert service.counters["warehouse_dropped"] == 1
+        assert service.counters["source_undecodable"] == 1
         t[0] += 1
         second = {s.store_id: s for s in await publisher.publish_changed()}
         assert items_of(second["store-b"])["A"] == ([{"store_id": "store-a", "available": 0}], 9)

@@ -79,7 +79,8 @@ async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_se
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("sku,name\nSKU-1,Blue enamel mug\n")
     hub = HubProcess(tmp_path / "hub", broker, stores=("store-a", "store-b"),
-                     extra=f'[availability]\npublish_interval_s = 0.2\n[catalog]\npath = "{catalog}"\n')
+                     extra=f'[availability]\npublish_interval_s = 0.2\n[catalog]\npath = "{catalog}"\n'
+                     '[[sources]]\nid = "wh-1"\nkind = "warehouse"\n')
     with ExitStack() as stack:
         stack.enter_context(hub)
         a = stack.enter_context(store_agent(tmp_path, broker, "store-a"))

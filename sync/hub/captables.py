@@ -1,0 +1,215 @@
+"""The hub's cap tables: caps as set, each store's cap use by local day, allowances published (SQL).
+
+Every function takes a sqlite3 connection inside the caller's transaction.
+
+* `caps`: one row per (sku, origin). Origin "file" rows come from `[caps] path`, "mqtt"
+  rows from `P/caps/{sku}`; a SKU's MQTT cap overrides its file cap (`effective_caps`).
+* `cap_sold` / `cap_reserved`: the cap usage rule (docs/availability.md) kept by local
+  day in the store's time zone, filled by the ingest hook in the same transaction as the
+  events: `sold` adds its qty to its day; `reserved` is one row per reservation, and a
+  `reservation_released` marks it released (so it no longer counts in the day it was
+  made). Fulfilment changes nothing. A period's use is the sum over its local days.
+* `cap_grants`: (sku, store_id, snapshot version, allowance) each time a store's
+  allowance for a chain cap changed in a published snapshot, persisted before the
+  publish; `caps.in_force_after` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Callable, Iterable, Mapping
+
+from agent.events import EventDecodeError, ReservationReleased, Reserved, Sold, decode_event
+from sync.hub import caps as capcore
+
+log = logging.getLogger("edge_hub.caps")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS caps (
+        sku        TEXT NOT NULL,
+        origin     TEXT NOT NULL,
+        cap_limit  INTEGER NOT NULL,
+        period     TEXT NOT NULL,
+        scope      TEXT NOT NULL,
+        store_id   TEXT,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (sku, origin)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS cap_sold (
+        store_id TEXT NOT NULL,
+        sku      TEXT NOT NULL,
+        day      TEXT NOT NULL,
+        qty      INTEGER NOT NULL,
+        PRIMARY KEY (store_id, sku, day)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS cap_reserved (
+        store_id       TEXT NOT NULL,
+        reservation_id TEXT NOT NULL,
+        sku            TEXT NOT NULL,
+        day            TEXT NOT NULL,
+        qty            INTEGER NOT NULL,
+        released       INTEGER NOT NULL,
+        PRIMARY KEY (store_id, reservation_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS cap_reserved_sku ON cap_reserved(store_id, sku, day)",
+    """CREATE TABLE IF NOT EXISTS cap_grants (
+        sku       TEXT NOT NULL,
+        store_id  TEXT NOT NULL,
+        version   INTEGER NOT NULL,
+        allowance INTEGER NOT NULL,
+        PRIMARY KEY (sku, store_id, version)
+    ) WITHOUT ROWID""",
+]
+
+
+def setup(conn: sqlite3.Connection, day_of: Callable[[str, str], str]) -> int:
+    """Create the tables; the first time, fold every held event into the day buckets.
+
+    `day_of(store_id, recorded_at)` returns the event's local date. Returns events folded.
+    """
+    for statement in SCHEMA:
+        conn.execute(statement)
+    if conn.execute("SELECT 1 FROM hub_meta WHERE key = 'cap_usage'").fetchone():
+        return 0
+    folded = 0
+    for (store_id,) in conn.execute("SELECT DISTINCT store_id FROM events").fetchall():
+        rows = conn.execute("SELECT body FROM events WHERE store_id = ? ORDER BY seq", (store_id,))
+        batch = [(None, body) for (body,) in rows]
+        apply_usage(conn, store_id, batch, day_of)
+        folded += len(batch)
+    conn.execute("INSERT INTO hub_meta(key, value) VALUES ('cap_usage', 'v1')")
+    return folded
+
+
+# ---------------------------------------------------------------- usage hook
+
+
+def _facts(events: Iterable[tuple[object, bytes]]):
+    """Yield (kind, sku, qty, recorded_at, reservation_id) of the events that count toward caps."""
+    for head, body in events:
+        kind = getattr(head, "__struct_config__", None)
+        tag = kind.tag if kind is not None else None
+        if tag in ("sold", "reserved", "reservation_released"):
+            yield tag, head.sku, head.qty, head.recorded_at, getattr(head, "reservation_id", "")
+            continue
+        if tag is not None and hasattr(head, "sku"):
+            continue  # another type of the narrow view: no cap use
+        try:
+            event = decode_event(body)
+        except (EventDecodeError, TypeError):
+            continue  # the projection logs an event it cannot read
+        if isinstance(event, Sold):
+            yield "sold", event.sku, event.qty, event.recorded_at, ""
+        elif isinstance(event, Reserved):
+            yield "reserved", event.sku, event.qty, event.recorded_at, event.reservation_id
+        elif isinstance(event, ReservationReleased):
+            yield "reservation_released", event.sku, event.qty, event.recorded_at, event.reservation_id
+
+
+def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
+                day_of: Callable[[str, str], str]) -> None:
+    """Add newly stored events' cap use to the day buckets (the ingest hook; idempotent per event)."""
+    sold: dict[tuple[str, str], int] = {}
+    for kind, sku, qty, recorded_at, reservation_id in _facts(events):
+        if kind == "sold":
+            key = (sku, day_of(store_id, recorded_at))
+            sold[key] = sold.get(key, 0) + qty
+        elif kind == "reserved":
+            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                         " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
+                         " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
+                         (store_id, reservation_id, sku, day_of(store_id, recorded_at), qty))
+        else:  # a release stored before its reservation (after a gap) still marks it
+            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                         " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
+                         (store_id, reservation_id, sku))
+    if sold:
+        conn.executemany("INSERT INTO cap_sold(store_id, sku, day, qty) VALUES (?,?,?,?)"
+                         " ON CONFLICT(store_id, sku, day) DO UPDATE SET qty = qty + excluded.qty",
+                         [(store_id, sku, day, qty) for (sku, day), qty in sold.items()])
+
+
+def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, after_day: str) -> int:
+    """Return a store's cap use of a SKU over the local days [first_day, after_day)."""
+    sold = conn.execute("SELECT COALESCE(SUM(qty), 0) FROM cap_sold WHERE store_id = ? AND sku = ?"
+                        " AND day >= ? AND day < ?", (store_id, sku, first_day, after_day)).fetchone()[0]
+    reserved = conn.execute("SELECT COALESCE(SUM(qty), 0) FROM cap_reserved WHERE store_id = ? AND sku = ?"
+                            " AND day >= ? AND day < ? AND released = 0",
+                            (store_id, sku, first_day, after_day)).fetchone()[0]
+    return sold + reserved
+
+
+# ------------------------------------------------------------------- caps
+
+
+def set_cap(conn: sqlite3.Connection, cap: capcore.Cap, origin: str, now_ms: int) -> bool:
+    """Set a SKU's cap of an origin; return whether anything changed."""
+    row = (cap.limit, cap.period, cap.scope, cap.store_id)
+    held = conn.execute("SELECT cap_limit, period, scope, store_id FROM caps WHERE sku = ? AND origin = ?",
+                        (cap.sku, origin)).fetchone()
+    if held == row:
+        return False
+    conn.execute("INSERT INTO caps(sku, origin, cap_limit, period, scope, store_id, updated_ms) VALUES (?,?,?,?,?,?,?)"
+                 " ON CONFLICT(sku, origin) DO UPDATE SET cap_limit = excluded.cap_limit, period = excluded.period,"
+                 " scope = excluded.scope, store_id = excluded.store_id, updated_ms = excluded.updated_ms",
+                 (cap.sku, origin, *row, now_ms))
+    return True
+
+
+def clear_cap(conn: sqlite3.Connection, sku: str, origin: str) -> bool:
+    """Clear a SKU's cap of an origin; with no cap left, forget its allowance history. Return whether it held one."""
+    gone = conn.execute("DELETE FROM caps WHERE sku = ? AND origin = ?", (sku, origin)).rowcount > 0
+    if gone and conn.execute("SELECT 1 FROM caps WHERE sku = ?", (sku,)).fetchone() is None:
+        conn.execute("DELETE FROM cap_grants WHERE sku = ?", (sku,))
+    return gone
+
+
+def replace_file_caps(conn: sqlite3.Connection, caps: list[capcore.Cap], now_ms: int) -> int:
+    """Make the "file" caps exactly `caps`; return how many rows changed."""
+    changed = 0
+    keep = {cap.sku for cap in caps}
+    for (sku,) in conn.execute("SELECT sku FROM caps WHERE origin = 'file'").fetchall():
+        if sku not in keep:
+            changed += clear_cap(conn, sku, "file")
+    for cap in caps:
+        changed += set_cap(conn, cap, "file", now_ms)
+    return changed
+
+
+def effective_caps(conn: sqlite3.Connection) -> dict[str, tuple[capcore.Cap, str]]:
+    """Return sku -> (its cap, origin): the MQTT cap where there is one, else the file's."""
+    out: dict[str, tuple[capcore.Cap, str]] = {}
+    for sku, origin, limit, period, scope, store_id in conn.execute(
+            "SELECT sku, origin, cap_limit, period, scope, store_id FROM caps ORDER BY sku, origin = 'mqtt'"):
+        out[sku] = (capcore.Cap(sku, limit, period, scope, store_id), origin)
+    return out
+
+
+# ----------------------------------------------------------------- grants
+
+
+def grant_history(conn: sqlite3.Connection, skus: Iterable[str]) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """Return sku -> store_id -> [(version, allowance), ...] in version order."""
+    out: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    wanted = set(skus)
+    for sku, store_id, version, allowance in conn.execute(
+            "SELECT sku, store_id, version, allowance FROM cap_grants ORDER BY sku, store_id, version"):
+        if sku in wanted:
+            out.setdefault(sku, {}).setdefault(store_id, []).append((version, allowance))
+    return out
+
+
+def record_grants(conn: sqlite3.Connection, store_id: str, version: int, grants: Mapping[str, int],
+                  confirmed: int | None) -> None:
+    """Persist a store's changed allowances under the snapshot version about to be published.
+
+    Rows older than the one in force at the store's `confirmed` version are dropped: they
+    can no longer be acted on.
+    """
+    conn.executemany("INSERT OR REPLACE INTO cap_grants(sku, store_id, version, allowance) VALUES (?,?,?,?)",
+                     [(sku, store_id, version, allowance) for sku, allowance in grants.items()])
+    if confirmed is not None:
+        conn.execute("DELETE FROM cap_grants WHERE store_id = ? AND version < (SELECT MAX(g.version)"
+                     " FROM cap_grants g WHERE g.store_id = cap_grants.store_id AND g.sku = cap_grants.sku"
+                     " AND g.version <= ?)", (store_id, confirmed))
