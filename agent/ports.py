@@ -39,6 +39,9 @@ class LogQueries(Protocol):
     def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
 
+    def expired_leases(self, now: str, limit: int = 500) -> list[tuple[str, str]]:
+        """Return up to `limit` (reservation_id, expires_at) of open leases ended by `now`, oldest first."""
+
     def cap_used(self, sku: str, first_slot: int, end_slot: int) -> int:
         """Return the SKU's cap usage (sold + reserved - released) in the 15-minute slots [first, end)."""
 

@@ -104,6 +104,16 @@ class LogReader:
         return self._one("SELECT COALESCE(SUM(qty), 0) FROM cap_usage WHERE sku = ? AND slot >= ? AND slot < ?",
                          (sku, first_slot, end_slot))[0]
 
+    def expired_leases(self, now: str, limit: int = 500) -> list[tuple[str, str]]:
+        """Return up to `limit` (reservation_id, expires_at) of open leases with expires_at <= now, oldest first.
+
+        `now` is in the agent's time format (what the log writes as `expires_at`), so the
+        comparison is the string order; the partial index on open leases answers it.
+        """
+        return self._all("SELECT reservation_id, expires_at FROM reservations"
+                         " WHERE status = 'open' AND expires_at IS NOT NULL AND expires_at <= ?"
+                         " ORDER BY expires_at LIMIT ?", (now, limit))
+
     def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
         rows = self._all("SELECT seq, schema, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",

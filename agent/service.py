@@ -15,6 +15,7 @@ decides when. A failing job is logged once per distinct reason, and once when it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any, Awaitable, Callable
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent import backup
+from agent import events as ev
 from agent.disk import MIB
+from agent.inventory import Refused
 from common.notify import Notifier, watchdog_interval, watchdog_pings
 
 log = logging.getLogger("edge_agent.service")
@@ -56,6 +59,58 @@ async def backup_log(ctx) -> backup.BackupResult:
 async def check_disk(ctx) -> bool:
     """Re-read free space now (logging a transition once); return True when writes are allowed."""
     return True if ctx.disk is None else ctx.disk.refresh()
+
+
+LEASE_BATCH = 500   # leases released per round of the expiry job (one group commit)
+
+
+def lease_command_id(reservation_id: str) -> str:
+    """The expiry's command id for a reservation: the same on every run, so a retry is a duplicate.
+
+    `lease-expired:{reservation_id}`, or a hash of the id when that would pass the 128
+    characters a command id may have.
+    """
+    cid = f"lease-expired:{reservation_id}"
+    if len(cid) <= 128:
+        return cid
+    return "lease-expired:sha256:" + hashlib.sha256(reservation_id.encode()).hexdigest()
+
+
+def lease_release(reservation_id: str, expires_at: str) -> ev.AppendCommand:
+    """The command that releases an expired lease: reason `expired`, occurred at the lease's end."""
+    return ev.AppendCommand(command_id=lease_command_id(reservation_id), events=[
+        ev.ReleaseReservation(reservation_id=reservation_id, reason=ev.EXPIRED, occurred_at=expires_at)])
+
+
+async def expire_leases(ctx) -> int:
+    """Release every open lease whose `expires_at` is at or before the agent's clock; return how many.
+
+    Idempotent: each release has its reservation's deterministic command id, so a second
+    run, or a run after a crash or restart, appends nothing twice; a lease closed in the
+    meantime (fulfilled, released) is refused by decide and skipped, and so is one the
+    clock has gone back before (decide refuses reason `expired` before the lease's end).
+    """
+    released = 0
+    while True:
+        due = ctx.queries.expired_leases(ctx.now(), LEASE_BATCH)
+        # Appended concurrently so the log's writer group-commits them in one transaction.
+        results = await asyncio.gather(*(ctx.log.append(lease_release(rid, at)) for rid, at in due),
+                                       return_exceptions=True)
+        progress = 0
+        for (rid, _), result in zip(due, results):
+            if isinstance(result, Refused):
+                log.info("service: lease %s not released: %s", rid, result.message)
+            elif isinstance(result, BaseException):
+                raise result
+            elif not result.duplicate:
+                progress += 1
+        released += progress
+        # A full round that released something may have left more behind; otherwise done.
+        if len(due) < LEASE_BATCH or not progress:
+            break
+    if released:
+        log.info("service: released %d expired lease%s", released, "" if released == 1 else "s")
+    return released
 
 
 def status_line(ctx) -> str:
@@ -114,6 +169,7 @@ def build_scheduler(ctx) -> AsyncIOScheduler:
         ("wal_checkpoint", checkpoint_wal, service.wal_checkpoint_interval_s),
         ("heartbeat", heartbeat, service.heartbeat_interval_s),
         ("disk_check", check_disk, service.disk_check_interval_s),
+        ("lease_expiry", expire_leases, service.lease_expiry_interval_s),
     ]
     if service.backup_interval_s > 0:
         jobs.append(("backup", backup_log, service.backup_interval_s))

@@ -425,7 +425,7 @@ class SourceFigure(msgspec.Struct, frozen=True, gc=False):
     kind: str
     available: int
     lead_time_s: int
-    stale_after_s: float
+    stale_after_s: int
     updated_at: str
     stale: bool
 

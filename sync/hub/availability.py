@@ -103,7 +103,7 @@ class Source:
     name: str
     kind: str
     lead_time_s: int
-    stale_after_s: float
+    stale_after_s: int
 
 
 def source_figures(sources: list[Source], stock: Mapping[str, Mapping[str, int]],

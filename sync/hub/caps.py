@@ -53,7 +53,7 @@ PERIODS = ("day", "week", "month")
 SCOPES = ("store", "chain")
 MAX_LIMIT = 1_000_000_000
 
-_SKU = re.compile(SKU_PATTERN)
+SKU = re.compile(SKU_PATTERN)
 _STORE = re.compile(STORE_ID_PATTERN)
 
 
@@ -89,7 +89,7 @@ def check(sku: object, limit: object, period: object, scope: object = "store",
     """
     if v != 1:
         raise CapError("v", f"is {v!r}, expected 1")
-    if not isinstance(sku, str) or not _SKU.match(sku):
+    if not isinstance(sku, str) or not SKU.match(sku):
         raise CapError("sku", f"{sku!r} is not a valid SKU")
     if topic_sku is not None and sku != topic_sku:
         raise CapError("sku", f"{sku!r} differs from the topic's {topic_sku!r}")

@@ -3,10 +3,17 @@
     edge-hub run --config hub.toml              the long-running service (SIGTERM: clean stop)
     edge-hub export --config hub.toml --store ID   the store's events as JSON lines, seq order
     edge-hub stats --config hub.toml            acked positions, counts, conflicts, rejections
+    edge-hub caps set SKU --limit N --period day|week|month [--scope store|chain] [--store ID]
+    edge-hub caps clear SKU                     publish (retained) to P/caps/{sku}; the hub applies it
+    edge-hub caps list                          the caps the hub holds and the allowances it sent (JSON lines)
+
+`caps set` and `caps clear` publish to the caps feed and return once the broker has it:
+the running hub stays the only writer of hub.db (`caps list` reads it read-only). A cap
+that does not fit is refused before anything is published (exit 2 naming the field).
 
 `--config` goes before or after the subcommand (the later one wins). The config defaults
 to $EDGE_HUB_CONFIG or /etc/edge-hub/hub.toml, with EDGE_HUB__SECTION__KEY overrides.
-Exit codes: 0 ok, 2 bad usage or configuration, 3 storage trouble.
+Exit codes: 0 ok, 2 bad usage, configuration or cap, 3 storage trouble, 4 broker unreachable.
 """
 
 from __future__ import annotations
@@ -72,6 +79,75 @@ def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
     return 0
 
 
+def cmd_caps(args: argparse.Namespace, cfg: HubConfig) -> int:
+    if args.caps_command == "list":
+        return _caps_list(cfg)
+    from sync import protocol
+    from sync.hub import caps as capcore
+
+    try:
+        if not capcore.SKU.match(args.sku):
+            raise capcore.CapError("sku", f"{args.sku!r} is not a valid SKU")
+        if args.caps_command == "clear":
+            payload = b""
+        else:
+            cap = capcore.check(args.sku, args.limit, args.period, args.scope, args.store, stores=cfg.store_ids())
+            payload = protocol.encode(protocol.CapMessage(sku=cap.sku, limit=cap.limit, period=cap.period,
+                                                          scope=cap.scope, store_id=cap.store_id))
+    except capcore.CapError as exc:
+        print(f"edge-hub: caps {args.caps_command}: {exc}", file=sys.stderr)
+        return 2
+    topic = protocol.caps_topic(cfg.mqtt.topic_prefix, args.sku)
+    try:
+        asyncio.run(_publish_retained(cfg, topic, payload, args.timeout))
+    except Exception as exc:  # no broker, refused credentials, no PUBACK in time
+        print(f"edge-hub: caps {args.caps_command}: could not publish to {topic}: {exc or type(exc).__name__}",
+              file=sys.stderr)
+        return 4
+    print(json.dumps({"topic": topic, "cap": json.loads(payload) if payload else None}))
+    return 0
+
+
+async def _publish_retained(cfg: HubConfig, topic: str, payload: bytes, timeout: float) -> None:
+    import msgspec
+
+    from common.aio import wait_for
+    from sync.mqtt import MqttClient
+
+    # A client id of its own: reusing the hub's would disconnect the running hub.
+    mqtt = msgspec.structs.replace(cfg.mqtt, client_id="")
+    client = MqttClient.from_settings(mqtt, f"edge-hub-{cfg.hub.id}-cli-{os.getpid()}")
+    await client.start()
+    try:
+        await client.wait_connected(timeout)
+        await wait_for(client.publish(topic, payload, qos=1, retain=True), timeout)
+    finally:
+        await client.stop()
+
+
+def _caps_list(cfg: HubConfig) -> int:
+    from sync.hub import captables
+    from sync.hub.store import HubReader
+
+    reader = HubReader(cfg.storage.path)
+    try:
+        caps = captables.effective_caps(reader.conn)
+        history = captables.grant_history(reader.conn, caps)
+    except Exception as exc:  # a hub database from before caps has no caps table
+        if "no such table" not in str(exc):
+            raise
+        caps, history = {}, {}
+    finally:
+        reader.close()
+    for sku, (cap, origin) in sorted(caps.items()):
+        row = {"sku": sku, "limit": cap.limit, "period": cap.period, "scope": cap.scope,
+               "store_id": cap.store_id, "origin": origin}
+        if cap.scope == "chain":
+            row["allowances"] = {store: rows[-1][1] for store, rows in sorted(history.get(sku, {}).items())}
+        print(json.dumps(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_help = f"TOML config (default $EDGE_HUB_CONFIG or {DEFAULT_CONFIG})"
     # Every subcommand takes --config too (`edge-hub run --config F`, as the unit writes it).
@@ -85,10 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[after], help="print a store's events as JSON lines in seq order")
     export.add_argument("--store", required=True, help="store id")
     sub.add_parser("stats", parents=[after], help="print acked positions and counters as JSON")
+    caps = sub.add_parser("caps", parents=[after], help="set, clear or list sales caps")
+    caps_sub = caps.add_subparsers(dest="caps_command", required=True)
+    cap_set = caps_sub.add_parser("set", parents=[after], help="publish a SKU's cap to P/caps/{sku}")
+    cap_set.add_argument("sku")
+    cap_set.add_argument("--limit", type=int, required=True, help="units per period (0 or more)")
+    cap_set.add_argument("--period", required=True, help="day, week or month (calendar, store's time zone)")
+    cap_set.add_argument("--scope", default="store", help="store (each store, or --store only) or chain")
+    cap_set.add_argument("--store", default=None, help="with scope store: only this store")
+    cap_clear = caps_sub.add_parser("clear", parents=[after], help="clear a SKU's cap (empty retained message)")
+    cap_clear.add_argument("sku")
+    for p in (cap_set, cap_clear):
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
+    caps_sub.add_parser("list", parents=[after], help="print the caps the hub holds as JSON lines")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ class SourceEntry(Section):
     kind: Literal["warehouse", "partner", "supplier"]
     name: str = ""                                                # display name (default: id)
     lead_time_s: Annotated[int, msgspec.Meta(ge=0)] = 0
-    stale_after_s: Annotated[float, msgspec.Meta(gt=0)] = 3600
+    stale_after_s: Annotated[int, msgspec.Meta(ge=1)] = 3600
 
     @property
     def display_name(self) -> str:

@@ -192,7 +192,8 @@ async def test_scheduler_has_every_job_with_misfire_grace(ctx):
     scheduler.start(paused=True)  # job defaults apply when the scheduler starts
     jobs = {job.id: job for job in scheduler.get_jobs()}
     scheduler.shutdown(wait=False)
-    assert set(jobs) == {"projection_checkpoint", "wal_checkpoint", "heartbeat", "disk_check", "backup"}
+    assert set(jobs) == {"projection_checkpoint", "wal_checkpoint", "heartbeat", "disk_check", "backup",
+                         "lease_expiry"}
     assert all(job.misfire_grace_time == 60 and job.coalesce and job.max_instances == 1 for job in jobs.values())
 
 

@@ -1,0 +1,105 @@
+"""Partner and supplier feeds on a real `edge-hub run` and a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sync import protocol
+from tests.availability.hubfeeds import PREFIX, Snapshots, feed_hub, items, publish, source_toml, stock, wait_rejected
+
+SUPPLIER = source_toml("sup-x", "supplier", "Supplier X", lead_time_s=259200)
+WAREHOUSE = source_toml("wh-1", "warehouse", "Central warehouse", lead_time_s=86400)
+
+
+async def test_each_configured_source_is_listed_and_online_sums_the_warehouses(tmp_path, broker):
+    with feed_hub(tmp_path, broker, SUPPLIER, WAREHOUSE, source_toml("wh-2", "warehouse")):
+        async with Snapshots(broker) as snaps:
+            await publish(broker, protocol.source_stock_topic(PREFIX, "sup-x"), stock("sup-x", 1, SKU_1=40))
+            # The contract's warehouse topic, for a configured warehouse source.
+            await publish(broker, protocol.warehouse_stock_topic(PREFIX, "wh-1"), {
+                "v": 1, "warehouse_id": "wh-1", "version": 3, "items": [{"sku": "SKU-1", "available": 7}]})
+            await publish(broker, protocol.source_stock_topic(PREFIX, "wh-2"), stock("wh-2", 1, SKU_1=5, SKU_2=1))
+            snap = await snaps.wait("store-b", lambda i: len(i.get("SKU-1", {}).get("sources", [])) == 3)
+            item = items(snap)["SKU-1"]
+            assert item["online"] == 12
+            rows = {s["source_id"]: s for s in item["sources"]}
+            assert [s["source_id"] for s in item["sources"]] == ["sup-x", "wh-1", "wh-2"]  # config order
+            assert rows["sup-x"] | {"updated_at": None} == {
+                "source_id": "sup-x", "name": "Supplier X", "kind": "supplier", "available": 40,
+                "lead_time_s": 259200, "stale_after_s": 3600, "updated_at": None, "stale": False}
+            assert abs(protocol_time(rows["sup-x"]["updated_at"]) - time.time()) < 60
+            assert items(snap)["SKU-2"]["online"] == 1
+            assert items(snaps.latest("store-a"))["SKU-1"]["sources"] == item["sources"]
+
+
+def protocol_time(text: str) -> float:
+    from common.clock import parse_rfc3339
+    return parse_rfc3339(text)
+
+
+async def test_an_invalid_feed_message_is_refused_counted_and_the_held_list_stays(tmp_path, broker):
+    with feed_hub(tmp_path, broker, SUPPLIER) as hub:
+        async with Snapshots(broker) as snaps:
+            topic = protocol.source_stock_topic(PREFIX, "sup-x")
+            await publish(broker, topic, stock("sup-x", 1, SKU_1=40))
+            await snaps.wait("store-a", lambda i: "SKU-1" in i)
+            for bad in (stock("sup-x", 2, SKU_1=-3),                  # negative available
+                        stock("other", 3, SKU_1=1),                   # source_id differs from the topic
+                        {"v": 1, "source_id": "sup-x", "version": 4,  # a SKU listed twice
+                         "items": [{"sku": "SKU-1", "available": 1}, {"sku": "SKU-1", "available": 2}]}):
+                await publish(broker, topic, bad)
+            await publish(broker, topic, b"{not json")
+            await publish(broker, topic, {"v": 1, "source_id": "sup-x", "version": "5", "items": []})
+            stats = await wait_rejected(hub, "source_invalid", 3)
+            assert stats["rejected"]["source_undecodable"] == 2
+            assert items(snaps.latest("store-a"))["SKU-1"]["sources"][0]["available"] == 40
+            out = hub.output()
+            # Logged naming the field (one line per reason a minute: the rest are counted).
+            assert "(source_invalid): items[0].available: -3 is negative" in out
+            assert "(source_undecodable): SourceStock: JSON is malformed" in out
+            # Still running, and a good feed still applies.
+            await publish(broker, topic, stock("sup-x", 6, SKU_1=39))
+            await snaps.wait("store-a", lambda i: i.get("SKU-1", {}).get("sources", [{}])[0].get("available") == 39)
+            assert hub.running
+
+
+async def test_an_unconfigured_source_is_refused_and_counted(tmp_path, broker):
+    with feed_hub(tmp_path, broker, SUPPLIER) as hub:
+        async with Snapshots(broker) as snaps:
+            await publish(broker, protocol.source_stock_topic(PREFIX, "nobody"), stock("nobody", 1, SKU_9=5))
+            # The warehouse topic takes a configured warehouse only: not an unknown id, nor a supplier.
+            await publish(broker, protocol.warehouse_stock_topic(PREFIX, "wh-9"), {
+                "v": 1, "warehouse_id": "wh-9", "version": 1, "items": [{"sku": "SKU-9", "available": 5}]})
+            await publish(broker, protocol.warehouse_stock_topic(PREFIX, "sup-x"), {
+                "v": 1, "warehouse_id": "sup-x", "version": 1, "items": [{"sku": "SKU-9", "available": 5}]})
+            await wait_rejected(hub, "source_unconfigured", 3)
+            await publish(broker, protocol.source_stock_topic(PREFIX, "sup-x"), stock("sup-x", 1, SKU_1=2))
+            snap = await snaps.wait("store-a", lambda i: "SKU-1" in i)
+            assert "SKU-9" not in items(snap)
+            assert "source 'nobody' is not in the hub's [[sources]]" in hub.output()
+
+
+async def test_a_source_that_stops_sending_is_marked_stale_after_its_own_interval(tmp_path, broker):
+    quick = source_toml("wh-quick", "warehouse", stale_after_s=3)
+    slow = source_toml("wh-slow", "warehouse", stale_after_s=3600)
+    with feed_hub(tmp_path, broker, quick, slow):
+        async with Snapshots(broker) as snaps:
+            await publish(broker, protocol.source_stock_topic(PREFIX, "wh-quick"), stock("wh-quick", 1, SKU_1=4, SKU_2=6))
+            await publish(broker, protocol.source_stock_topic(PREFIX, "wh-slow"), stock("wh-slow", 1, SKU_1=10))
+            fresh = await snaps.wait("store-a", lambda i: i.get("SKU-1", {}).get("online") == 14)
+            sent_at = time.monotonic()
+            assert [s["stale"] for s in items(fresh)["SKU-1"]["sources"]] == [False, False]
+            # No feed message, no stock change, refresh_s 1 h: the stale flip alone republishes.
+            stale = await snaps.wait("store-a", lambda i: i["SKU-1"]["sources"][0]["stale"], 30, "a stale wh-quick")
+            assert time.monotonic() - sent_at >= 2.5  # not before its own 3 s (the clock started before)
+            assert stale["version"] > fresh["version"]
+            sku1, sku2 = items(stale)["SKU-1"], items(stale)["SKU-2"]
+            assert [(s["source_id"], s["stale"], s["available"]) for s in sku1["sources"]] == [
+                ("wh-quick", True, 4), ("wh-slow", False, 10)]
+            assert sku1["online"] == 10           # the stale warehouse is shown, not counted
+            assert sku2["online"] is None         # only a stale warehouse lists it: unknown, not 0
+            # It sends again: fresh again, counted again.
+            await publish(broker, protocol.source_stock_topic(PREFIX, "wh-quick"), stock("wh-quick", 2, SKU_1=4))
+            await snaps.wait("store-a", lambda i: i["SKU-1"]["online"] == 14 and not i["SKU-1"]["sources"][0]["stale"])
+            await asyncio.sleep(0)
