@@ -154,7 +154,6 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
         return web.Response(body=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
 
-
     async def asset(request: web.Request) -> web.Response:
         only_params(request.query)
         found = assets.get(request.match_info["name"])
