@@ -15,6 +15,8 @@ const PREFIX = "edge-kiosk-shell-";
 const CACHE = PREFIX + VERSION;
 const SHELL = ["/", "/kiosk/kiosk.css", "/kiosk/kiosk.js"];
 const NETWORK_TIMEOUT_MS = 4000;   // an agent that hangs (stopped, not dead) falls back too
+const UNANSWERED_MS = 10000;       // after a fallback, the rest of the shell comes from the cache at once
+let unansweredAt = -Infinity;
 
 self.addEventListener("install", (event) => {
   event.waitUntil((async () => {
@@ -54,11 +56,19 @@ async function fromNetwork(request) {
 
 async function shell(request, key) {
   const cache = await caches.open(CACHE);
+  if (request.mode !== "navigate" && Date.now() - unansweredAt < UNANSWERED_MS) {
+    // The agent did not answer a moment ago: the page's script and style should not wait
+    // out the timeout again. A navigation always asks the agent first.
+    const kept = await cache.match(key);
+    if (kept) return kept;
+  }
   try {
     const response = await fromNetwork(request);
+    unansweredAt = -Infinity;
     if (response.ok && response.type === "basic") await cache.put(key, response.clone());
     return response;
   } catch (err) {
+    unansweredAt = Date.now();
     const kept = await cache.match(key);
     if (kept) return kept;
     throw err;

@@ -33,9 +33,9 @@ def open_kettle(page, url: str) -> dict:
     return {field: page.locator(f"#here-{field}").inner_text() for field in ("available", "floor", "reserved")}
 
 
-def expect_last_known(page, shown: dict) -> None:
+def expect_last_known(page, shown: dict, timeout_ms: int = 15_000) -> None:
     assert page.title().startswith("Stock check"), page.content()[:500]
-    expect(page.locator("#link-status")).to_have_text(DOWN)
+    expect(page.locator("#link-status")).to_have_text(DOWN, timeout=timeout_ms)
     expect(page.locator("#link-status")).to_have_attribute("data-state", "down")
     expect(page.locator("#last-known")).to_have_text(LAST_KNOWN)
     expect(page.locator("#detail")).to_have_attribute("data-freshness", "last-known")
@@ -76,9 +76,10 @@ def test_a_reload_with_the_agent_frozen_falls_back_to_the_shell(stack, page):
     shown = open_kettle(page, stack.a.url)
     os.kill(stack.a.proc.pid, signal.SIGSTOP)
     try:
-        # The worker waits 4 s for the network, then serves the kept shell.
+        # The worker waits 4 s for the network, then serves the kept shell; the page waits
+        # 4 s for its first answer, then says it cannot reach the service.
         page.reload(timeout=30_000)
-        expect_last_known(page, shown)
+        expect_last_known(page, shown, timeout_ms=30_000)
     finally:
         os.kill(stack.a.proc.pid, signal.SIGCONT)
     expect_live(page, stack)
