@@ -122,9 +122,19 @@ class Api:
     # ---------------------------------------------------------------- reads
 
     async def get_stock(self, request: web.Request) -> web.Response:
-        only_params(request.query, "as_of_seq")
+        """The SKU's stock now, after events 1..as_of_seq, or as the log stood at time as_of."""
+        only_params(request.query, "as_of_seq", "as_of")
         sku = _sku(request)
         raw = request.query.get("as_of_seq")
+        at = request.query.get("as_of")
+        if raw is not None and at is not None:
+            raise ApiError(400, "invalid", "give as_of_seq or as_of, not both", "as_of")
+        if at is not None:
+            seq = self._seq_at(at)
+            row = self.reader.stock_as_of(sku, seq)
+            if row is None:
+                raise ApiError(404, "unknown_sku", f"no event had touched SKU {sku!r} by {at}", "sku")
+            return _json(dict(row, as_of=at, as_of_seq=seq))
         if raw is None:
             row = self.reader.stock(sku)
         else:
@@ -137,6 +147,20 @@ class Api:
             where = "" if raw is None else f" by seq {raw}"
             raise ApiError(404, "unknown_sku", f"no event has touched SKU {sku!r}{where}", "sku")
         return _json(row)
+
+    def _seq_at(self, at: str) -> int:
+        """The log's last seq at time `at`; ApiError naming `as_of` for a bad or future time."""
+        if not ev.valid_time(at):
+            raise ApiError(400, "invalid", f"as_of {at[:64]!r} is not an RFC 3339 UTC time such as"
+                                           " 2026-11-27T13:00:00Z", "as_of")
+        cut = ev.to_ms_precision(at)
+        seq = self.reader.seq_at(cut)
+        now = self.ctx.now()
+        # A time after the clock has no final answer yet, unless the log already holds an
+        # event recorded after it (the clock went back): then the cut is fixed.
+        if cut > now and seq >= self.log.last_seq:
+            raise ApiError(400, "invalid", f"as_of {at} is after the agent's clock ({now})", "as_of")
+        return seq
 
     async def get_availability(self, request: web.Request) -> web.Response:
         only_params(request.query)

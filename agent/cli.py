@@ -40,9 +40,12 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 def _open_log(cfg: AgentConfig):
     from agent.log import SqliteEventLog
+    from agent.settings import sync_db_path
+    from agent.syncview import HeldCaps
 
+    # A write from the command line keeps the store's sales caps, as one through the API does.
     return SqliteEventLog.open(cfg.storage.path, cfg.store.id, synchronous=cfg.storage.synchronous,
-                               checkpoint_every=cfg.storage.checkpoint_every)
+                               checkpoint_every=cfg.storage.checkpoint_every, caps_for=HeldCaps(sync_db_path(cfg)))
 
 
 def _reader(cfg: AgentConfig):
@@ -64,7 +67,7 @@ def cmd_init(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
 
 _RECORD_FIELDS = ("sku", "qty", "location", "from", "to", "counted", "delta", "reason",
-                  "reservation_id", "ref", "occurred_at")
+                  "reservation_id", "ref", "occurred_at", "ttl_s", "expires_at")
 
 
 def cmd_record(args: argparse.Namespace, cfg: AgentConfig) -> int:
@@ -106,18 +109,26 @@ def _print_stock(rows: list[dict]) -> None:
 
 
 def cmd_stock(args: argparse.Namespace, cfg: AgentConfig) -> int:
+    if args.as_of is not None and args.as_of_seq is not None:
+        print("stock: give --as-of-seq or --as-of, not both", file=sys.stderr)
+        return 2
+    if args.as_of is not None and not ev.valid_time(args.as_of):
+        print(f"stock: --as-of {args.as_of!r} is not an RFC 3339 UTC time such as 2026-11-27T13:00:00Z",
+              file=sys.stderr)
+        return 2
     reader = _reader(cfg)
     try:
         if args.sku is None:
-            if args.as_of_seq is not None:
-                print("stock: --as-of-seq needs a SKU", file=sys.stderr)
+            if args.as_of_seq is not None or args.as_of is not None:
+                print("stock: --as-of-seq and --as-of need a SKU", file=sys.stderr)
                 return 2
             rows = reader.all_stock()
         else:
-            row = (reader.stock(args.sku) if args.as_of_seq is None
-                   else reader.stock_as_of(args.sku, args.as_of_seq))
+            seq = reader.seq_at(ev.to_ms_precision(args.as_of)) if args.as_of is not None else args.as_of_seq
+            row = reader.stock(args.sku) if seq is None else reader.stock_as_of(args.sku, seq)
             if row is None:
-                print(f"stock: no events for {args.sku}", file=sys.stderr)
+                by = f" by {args.as_of}" if args.as_of else (f" by seq {seq}" if seq is not None else "")
+                print(f"stock: no events for {args.sku}{by}", file=sys.stderr)
                 return 1
             rows = [row]
     finally:
@@ -260,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--reservation-id", dest="reservation_id")
     rec.add_argument("--ref")
     rec.add_argument("--occurred-at", dest="occurred_at")
+    rec.add_argument("--ttl-s", type=int, dest="ttl_s", help="reserved: a lease of this many seconds")
+    rec.add_argument("--expires-at", dest="expires_at", help="reserved: a lease ending at this time")
     rec.add_argument("--command-id", dest="command_id", help="idempotency key (default: a new UUID)")
     rec.set_defaults(fn=cmd_record)
 
-    st = sub.add_parser("stock", help="current stock (all SKUs, or one) or stock as of a seq")
+    st = sub.add_parser("stock", help="current stock (all SKUs, or one) or stock as of a seq or a time")
     st.add_argument("sku", nargs="?")
     st.add_argument("--as-of-seq", type=int, dest="as_of_seq")
+    st.add_argument("--as-of", dest="as_of", metavar="TIME",
+                    help="the stock as the log stood at this RFC 3339 UTC time (docs/events.md)")
     st.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     st.set_defaults(fn=cmd_stock)
 

@@ -298,6 +298,16 @@ def valid_time(text: str) -> bool:
 
 
 _TIME = re.compile(TIME_PATTERN)
+
+
+def to_ms_precision(text: str) -> str:
+    """Return a valid time (see valid_time) in the agent's format, cut to whole milliseconds.
+
+    Cut, not rounded: "13:00:00.0009Z" is before 13:00:00.001, so it becomes .000 and
+    compares with the agent's recorded_at strings as the instants do.
+    """
+    whole, _, frac = text[:-1].partition(".")
+    return f"{whole}.{(frac + '000')[:3]}Z"
 _occurred_at = attrgetter("occurred_at")
 
 

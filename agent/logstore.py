@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Protocol
 from agent import events as ev
 from agent.inventory import (Cap, Inventory, Refused, Reservation, Stock, cap_window, decide_and_apply,
                              skus_touched, usage_change)
-from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, migrate, take_checkpoint
+from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, mark_time, migrate, take_checkpoint
 from common.sqlite import in_write_transaction
 from common.errors import StorageError
 from common.sqlite import insert_rows
@@ -123,6 +123,7 @@ def decide_and_store(conn: sqlite3.Connection, store_id: str, tail: Tail, batch:
         _answer_refused_retries(conn, batch, refused, results)
     if rows:
         _store(conn, rows, command_rows, state, skus, rids, usage_rows(appended, state.reservations))
+        mark_time(conn, now, rows[0][0])
     if state.last_seq - cp_seq >= checkpoint_every:
         take_checkpoint(conn, cp_seq, state.last_seq, now)
         cp_seq = state.last_seq

@@ -19,10 +19,26 @@ TITLE = "Store Edge Agent local API"
 VERSION = "1"
 
 
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+
+
 class ErrorDetail(msgspec.Struct):
+    """`sales_cap_reached` adds the cap (sku ... left); `lease_expired` the reservation and its end."""
+
     code: str
     message: str
-    field: str | msgspec.UnsetType = msgspec.UNSET
+    field: str | _Unset = _UNSET
+    sku: str | _Unset = _UNSET
+    limit: int | _Unset = _UNSET
+    period: Literal["day", "week", "month"] | _Unset = _UNSET
+    period_start: str | _Unset = _UNSET
+    period_end: str | _Unset = _UNSET
+    scope: Literal["store", "chain"] | _Unset = _UNSET
+    allowance: int | _Unset = _UNSET
+    left: int | _Unset = _UNSET
+    reservation_id: str | _Unset = _UNSET
+    expires_at: str | _Unset = _UNSET
 
 
 class Error(msgspec.Struct):
@@ -50,12 +66,16 @@ class AppendAnswer(msgspec.Struct):
 
 
 class Stock(msgspec.Struct):
+    """With ?as_of=TIME: also `as_of` (as asked) and `as_of_seq`, the last seq the log held then."""
+
     sku: str
     floor: int
     backroom: int
     reserved: int
     available: Annotated[int, msgspec.Meta(ge=0)]
     last_seq: int
+    as_of: str | _Unset = _UNSET
+    as_of_seq: int | _Unset = _UNSET
 
 
 class Here(msgspec.Struct):
@@ -77,12 +97,41 @@ class SnapshotMeta(msgspec.Struct):
     stale: bool
 
 
+class Source(msgspec.Struct):
+    """A hub-configured source listing the SKU; `age_s` from updated_at to the agent's clock."""
+
+    source_id: str
+    name: str
+    kind: Literal["warehouse", "partner", "supplier"]
+    available: Annotated[int, msgspec.Meta(ge=0)]
+    lead_time_s: Annotated[int, msgspec.Meta(ge=0)]
+    updated_at: str
+    age_s: float | None
+    stale: bool
+    stale_after_s: int | None | _Unset = _UNSET
+
+
+class CapAnswer(msgspec.Struct):
+    """The SKU's sales cap in the period containing now; `used`/`left` counted from the log."""
+
+    limit: int
+    scope: Literal["store", "chain"]
+    period: Literal["day", "week", "month"]
+    period_start: str
+    period_end: str
+    allowance: int
+    used: int
+    left: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class Availability(msgspec.Struct):
     sku: str
     here: Here
     nearby: list[Nearby]
     online: int | None
     snapshot: SnapshotMeta | None
+    sources: list[Source]
+    cap: CapAnswer | None
 
 
 class EventsPage(msgspec.Struct):
@@ -148,11 +197,16 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                        _query("limit", 1, 1000, "page size (default 100)")],
         "responses": {"200": _json("EventsPage", "a page of events"), **_errors(400)}},
     ("GET", "/v1/stock/{sku}"): {
-        "summary": "A SKU's stock; ?as_of_seq=N answers the stock after events 1..N.",
-        "parameters": [_SKU_PARAM, _query("as_of_seq", 0, None, "time travel: stock after events 1..N")],
+        "summary": "A SKU's stock; ?as_of_seq=N after events 1..N; ?as_of=TIME as the log stood at TIME.",
+        "parameters": [_SKU_PARAM, _query("as_of_seq", 0, None, "time travel: stock after events 1..N"),
+                       {"name": "as_of", "in": "query", "required": False,
+                        "schema": {"type": "string", "format": "date-time"},
+                        "description": "time travel by time (RFC 3339 UTC, not after the agent's clock): the"
+                                       " stock after every event before the first one recorded after it;"
+                                       " not together with as_of_seq"}],
         "responses": {"200": _json("Stock", "the SKU's stock"), **_errors(400, 404)}},
     ("GET", "/v1/availability/{sku}"): {
-        "summary": "The kiosk answer: local stock plus nearby stores and online from the latest snapshot.",
+        "summary": "The kiosk answer: local stock, nearby stores, online, sources and the sales cap.",
         "parameters": [_SKU_PARAM],
         "responses": {"200": _json("Availability", "availability"), **_errors(400, 404)}},
     ("GET", "/v1/sync"): {"summary": "Sync progress toward the hub.",

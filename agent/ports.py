@@ -39,6 +39,9 @@ class LogQueries(Protocol):
     def events_after(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Return up to `limit` (seq, body) pairs after `after_seq`, bodies at the current schema."""
 
+    def seq_at(self, at: str) -> int:
+        """Return the seq before the first event recorded after `at` (the log as it stood at `at`)."""
+
     def expired_leases(self, now: str, limit: int = 500) -> list[tuple[str, str]]:
         """Return up to `limit` (reservation_id, expires_at) of open leases ended by `now`, oldest first."""
 

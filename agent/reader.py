@@ -104,6 +104,17 @@ class LogReader:
         return self._one("SELECT COALESCE(SUM(qty), 0) FROM cap_usage WHERE sku = ? AND slot >= ? AND slot < ?",
                          (sku, first_slot, end_slot))[0]
 
+    def seq_at(self, at: str) -> int:
+        """Return the last seq of the log as it stood at time `at` (the agent's time format).
+
+        That is the seq before the first event recorded after `at`, found by one probe of
+        `time_marks`; with a clock that never went back, every event recorded at or before
+        `at`. An event recorded after a jump back to a time <= `at` but appended after one
+        recorded later than `at` is not included: the log's order is seq (docs/events.md).
+        """
+        row = self._one("SELECT seq FROM time_marks WHERE high > ? ORDER BY high LIMIT 1", (at,))
+        return row[0] - 1 if row else self.last_seq()
+
     def expired_leases(self, now: str, limit: int = 500) -> list[tuple[str, str]]:
         """Return up to `limit` (reservation_id, expires_at) of open leases with expires_at <= now, oldest first.
 

@@ -82,6 +82,14 @@ CREATE TABLE IF NOT EXISTS cap_usage (
     PRIMARY KEY (sku, slot)
 ) WITHOUT ROWID;
 
+-- Time marks, for time travel by time: a row when a transaction's recorded_at passes
+-- every earlier one, `seq` its first event. `high` grows with seq, so "the first event
+-- recorded after T" is one probe: the first mark with high > T (docs/events.md).
+CREATE TABLE IF NOT EXISTS time_marks (
+    high TEXT PRIMARY KEY,            -- the running maximum of recorded_at, the agent's time format
+    seq  INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- Projection checkpoints: at checkpoint `seq`, a row for every SKU changed since the
 -- previous checkpoint. Stock as of N = the SKU's latest row at or before N plus the
 -- sums of its events after that row's seq.
@@ -113,18 +121,20 @@ FILL_RESERVATION_TIMES = """
         expires_at = (SELECT json_extract(CAST(body AS TEXT), '$.expires_at') FROM events e
                        WHERE e.seq = reservations.opened_seq)
 """
-FILL_CAP_USAGE = f"""
-    INSERT INTO cap_usage(sku, slot, qty)
-    SELECT sku, slot, SUM(qty) FROM (
-        SELECT e.sku, {_SLOT.format(t="json_extract(CAST(e.body AS TEXT), '$.recorded_at')")} AS slot,
-               json_extract(CAST(e.body AS TEXT), '$.qty') AS qty
+_BODY = "json_extract(CAST({e}.body AS TEXT), '$.{key}')"
+# Cap usage replayed from the events alone: what `cap_usage` must hold (zero rows aside).
+REPLAY_CAP_USAGE = f"""
+    SELECT sku, slot, SUM(qty) AS qty FROM (
+        SELECT e.sku, {_SLOT.format(t=_BODY.format(e="e", key="recorded_at"))} AS slot,
+               {_BODY.format(e="e", key="qty")} AS qty
           FROM events e WHERE e.type IN ('sold', 'reserved')
         UNION ALL
-        SELECT r.sku, {_SLOT.format(t="r.opened_at")}, -r.qty
-          FROM events e JOIN reservations r ON r.reservation_id = e.rid
-         WHERE e.type = 'reservation_released' AND r.opened_at IS NOT NULL)
+        SELECT o.sku, {_SLOT.format(t=_BODY.format(e="o", key="recorded_at"))}, -{_BODY.format(e="o", key="qty")}
+          FROM events e JOIN events o ON o.rid = e.rid AND o.type = 'reserved'
+         WHERE e.type = 'reservation_released')
      GROUP BY sku, slot
 """
+FILL_CAP_USAGE = "INSERT INTO cap_usage(sku, slot, qty) " + REPLAY_CAP_USAGE
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -133,6 +143,9 @@ def migrate(conn: sqlite3.Connection) -> None:
     Adds the reservations' lease and time columns and the cap usage table, filled from
     the events; a no-op on a current log.
     """
+    if (conn.execute("SELECT 1 FROM time_marks LIMIT 1").fetchone() is None
+            and conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None):
+        fill_time_marks(conn)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(reservations)")}
     if "opened_at" in columns:
         return
@@ -141,6 +154,23 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.execute(FILL_RESERVATION_TIMES)
     conn.execute("DELETE FROM cap_usage")
     conn.execute(FILL_CAP_USAGE)
+
+
+def fill_time_marks(conn: sqlite3.Connection) -> None:
+    """Build `time_marks` from the commands (every event of a command shares its recorded_at)."""
+    high = ""
+    marks = []
+    for first_seq, recorded_at in conn.execute("SELECT first_seq, recorded_at FROM commands ORDER BY first_seq"):
+        if recorded_at > high:
+            high = recorded_at
+            marks.append((high, first_seq))
+    conn.executemany("INSERT INTO time_marks(high, seq) VALUES (?, ?)", marks)
+
+
+def mark_time(conn: sqlite3.Connection, recorded_at: str, first_seq: int) -> None:
+    """Record a transaction's recorded_at when it passes every earlier one (in its transaction)."""
+    conn.execute("INSERT INTO time_marks(high, seq) SELECT ?1, ?2"
+                 " WHERE ?1 > COALESCE((SELECT MAX(high) FROM time_marks), '')", (recorded_at, first_seq))
 
 
 LEASE_INDEX_SQL = """

@@ -9,7 +9,8 @@ one consistent state even while the service writes:
      columns beside it equal the effect computed from the body; each count's variance
      equals the on-hand it replaced;
   on a second thread, in SQL (SQLite releases the GIL, so this uses the other core):
-  4. the stored projections (stock, reservations, the latest checkpoint) equal a replay
+  4. the stored projections (stock, reservations with their lease times, cap usage, the
+     latest checkpoint) equal a replay
      of the events in that connection's snapshot;
   5. `PRAGMA integrity_check` is ok.
 """
@@ -28,7 +29,7 @@ import msgspec
 from agent import events as ev
 from common.errors import storage_error
 from agent.reader import open_readonly
-from agent.schema import GENESIS, take_checkpoint
+from agent.schema import FILL_CAP_USAGE, GENESIS, REPLAY_CAP_USAGE, fill_time_marks, take_checkpoint
 from common.sqlite import in_write_transaction
 
 MAX_LISTED = 20
@@ -199,7 +200,8 @@ _REPLAY_RESERVATIONS = """
     SELECT o.rid, o.sku, o.d_reserved,
            CASE c.type WHEN 'reservation_released' THEN 'released'
                        WHEN 'reservation_fulfilled' THEN 'fulfilled' ELSE 'open' END,
-           o.seq, c.seq
+           o.seq, c.seq, json_extract(CAST(o.body AS TEXT), '$.recorded_at'),
+           json_extract(CAST(o.body AS TEXT), '$.expires_at')
       FROM events o LEFT JOIN events c ON c.rid = o.rid AND c.type != 'reserved'
      WHERE o.type = 'reserved'
 """
@@ -210,7 +212,9 @@ def _check_projections(conn: sqlite3.Connection, problems: list[str]) -> int:
     for label, replay, stored in (
         ("stock", _REPLAY_STOCK, "SELECT sku, floor, backroom, reserved, last_seq FROM stock"),
         ("reservations", _REPLAY_RESERVATIONS,
-         "SELECT reservation_id, sku, qty, status, opened_seq, closed_seq FROM reservations"),
+         "SELECT reservation_id, sku, qty, status, opened_seq, closed_seq, opened_at, expires_at FROM reservations"),
+        ("cap_usage", f"SELECT sku, slot, qty FROM ({REPLAY_CAP_USAGE}) WHERE qty != 0",
+         "SELECT sku, slot, qty FROM cap_usage WHERE qty != 0"),
     ):
         extra = conn.execute(f"{stored} EXCEPT {replay}").fetchmany(5)
         missing = conn.execute(f"{replay} EXCEPT {stored}").fetchmany(5)
@@ -242,7 +246,7 @@ def rebuild_projections(conn: sqlite3.Connection, chunk: int,
 
 
 def _rebuild(conn: sqlite3.Connection, chunk: int, progress: Callable[[int], None] | None) -> int:
-    for table in ("stock", "reservations", "stock_checkpoints", "checkpoints"):
+    for table in ("stock", "reservations", "stock_checkpoints", "checkpoints", "cap_usage", "time_marks"):
         conn.execute(f"DELETE FROM {table}")
     last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
     taken_at = conn.execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
@@ -261,6 +265,8 @@ def _rebuild(conn: sqlite3.Connection, chunk: int, progress: Callable[[int], Non
         if progress:
             progress(upto - done)
         done = upto
-    conn.execute("INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq) "
-                 + _REPLAY_RESERVATIONS)
+    conn.execute("INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq, opened_at,"
+                 " expires_at) " + _REPLAY_RESERVATIONS)
+    conn.execute(FILL_CAP_USAGE)
+    fill_time_marks(conn)
     return last

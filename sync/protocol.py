@@ -444,5 +444,6 @@ class CapAllowance(msgspec.Struct, frozen=True, gc=False):
 class StoreItem(AvailabilityItem, frozen=True):
     """A snapshot item with the optional `sources` and `cap` (left out when UNSET)."""
 
-    sources: list[SourceFigure] | msgspec.UnsetType = msgspec.UNSET
+    # msgspec.Raw: the hub encodes a SKU's source list once for every store of the region.
+    sources: list[SourceFigure] | msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     cap: CapAllowance | msgspec.UnsetType = msgspec.UNSET

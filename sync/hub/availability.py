@@ -61,13 +61,13 @@ def regions_of(stores: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def region_items(members: list[str], available: Available, online: Mapping[str, int | None],
-                 sources: Mapping[str, list[protocol.SourceFigure]] | None = None,
+                 sources: Mapping[str, list[protocol.SourceFigure] | msgspec.Raw] | None = None,
                  caps: Mapping[str, Mapping[str, protocol.CapAllowance]] | None = None,
                  ) -> dict[str, list[protocol.AvailabilityItem]]:
     """Return store_id -> its snapshot items, for the stores of one region (`members`).
 
     `sources`: sku -> the source figures every store of the region gets for it
-    (`source_figures`); `caps`: store_id -> sku -> that store's cap. A SKU with a cap for
+    (`source_figures`, or their JSON as msgspec.Raw, encoded once); `caps`: store_id -> sku -> that store's cap. A SKU with a cap for
     one of the region's stores is listed for all of them.
     """
     sources = sources or {}
@@ -84,7 +84,7 @@ def region_items(members: list[str], available: Available, online: Mapping[str, 
     for sku in sorted(skus):
         carried = [protocol.NearbyStore(s, stock[sku]) for s, stock in stocks if sku in stock]
         on = online.get(sku)
-        figures = sources.get(sku) or unset
+        figures = sources.get(sku, unset)
         for store_id, held in store_caps:
             nearby = [n for n in carried if n.store_id != store_id]
             cap = held.get(sku, unset)

@@ -15,6 +15,8 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Mapping
 
+import msgspec
+
 from common import clock
 from common.sqlite import open_readonly
 from sync import protocol
@@ -55,10 +57,11 @@ def compute(plan: Plan, previous: Mapping[str, av.Published], force: set[str], n
         conn.close()
     updated = {sid: (ms, clock.rfc3339(ms / 1000)) for sid, ms in updated_ms.items()}
     figures, online = av.source_figures(plan.sources, stock, updated, claims, now_ms)
+    encoded = {sku: msgspec.Raw(protocol.encode(rows)) for sku, rows in figures.items()}
     generated_at = clock.rfc3339(now)
     out = []
     for members in plan.regions.values():
-        for store_id, items in av.region_items(members, available, online, figures, cap_items).items():
+        for store_id, items in av.region_items(members, available, online, encoded, cap_items).items():
             snap = av.build(store_id, items, previous.get(store_id), now_ms, refresh_ms, generated_at,
                             force=store_id in force, grants=grants.get(store_id))
             if snap is not None:

@@ -94,6 +94,7 @@ class AvailabilityPublisher:
         self.sent_bytes: dict[str, int] = {}        # payload bytes of the last publish per store
         self._accept: dict[str, bool] = {}           # store_id -> reads zlib (its status says so)
         self.catalog_version: int | None = None
+        self.compute_s = 0.0                          # the last run's snapshot computation, seconds
         self._catalog_payload: bytes | None = None
 
     @classmethod
@@ -204,8 +205,13 @@ class AvailabilityPublisher:
             force, self._force = self._force, set()
             previous = await self.store.run(_fold_and_read_published)
             confirmed = self._confirmed()
+            started = time.perf_counter()
             snapshots = await asyncio.to_thread(
                 compute, self.plan, previous, force, now, int(self.refresh_s * 1000), confirmed)
+            self.compute_s = time.perf_counter() - started
+            if snapshots:
+                log.info("hub: computed %d due snapshots of %d stores in %.3f s", len(snapshots),
+                         len(self.service.store_ids), self.compute_s)
             out = []
             for snap in snapshots:
                 await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id)))

@@ -103,3 +103,21 @@ async def test_without_a_sync_database_no_cap_is_known_and_sales_go_on(start_age
     agent = await start_agent()
     assert not (tmp_path / "events.sync.db").exists()
     assert (await agent.post(command("c1", {"type": "sold", "sku": "CONSOLE", "qty": 50})))[0] == 201
+
+
+async def test_an_unreadable_sync_database_never_fails_a_write_and_the_caps_last_read_apply(start_agent, tmp_path):
+    agent = await start_agent()
+    await store_snapshot(agent, 1, cap_item("CONSOLE", 1, time.time() - 3600))
+    assert (await agent.post(command("c1", {"type": "sold", "sku": "CONSOLE", "qty": 1})))[0] == 201
+    # sync.db is overwritten in place with garbage (a broken disk): nothing reads as a database.
+    for suffix in ("", "-wal", "-shm"):
+        path = tmp_path / f"events.sync.db{suffix}"
+        if path.exists():
+            with open(path, "r+b") as fh:
+                fh.write(b"\xa5" * max(path.stat().st_size, 65536))
+    status, body = await agent.post(command("c2", {"type": "sold", "sku": "CONSOLE", "qty": 1}))
+    assert status == 409 and body["error"]["code"] == "sales_cap_reached", body   # the cap last read holds
+    assert agent.ctx.log._caps_for.failures >= 1   # it was the fallback that answered, not the file
+    # A SKU whose cap was never read is uncapped, and writes go on.
+    assert (await agent.post(command("c3", {"type": "sold", "sku": "OTHER", "qty": 3})))[0] == 201
+    assert (await agent.post(command("c4", {"type": "received", "sku": "CONSOLE", "qty": 3})))[0] == 201

@@ -146,3 +146,47 @@ def test_a_sync_database_of_schema_1_is_migrated_and_read(tmp_path):
     assert view.item("A1")["online"] == 3 and view.item("A1")["snapshot"]["version"] == 4
     assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
     view.close()
+
+
+def _raw(item: dict):
+    import msgspec
+
+    return msgspec.Raw(json.dumps(item).encode())
+
+
+def _item(**fields) -> dict:
+    item = json.loads(capped_snapshot("store-a", 1, "CONSOLE", 2, 1_796_000_000))["items"][0]
+    item.update(fields)
+    return item
+
+
+def test_the_downlink_stores_a_valid_cap_and_reads_old_items_as_uncapped():
+    from sync.downlink import rows_from
+
+    (sku, raw, _, cap), (old_sku, _, _, old_cap) = rows_from(
+        [_raw(_item()), _raw({"sku": "OLD", "nearby": [], "online": 3})])[0]
+    assert sku == "CONSOLE" and json.loads(cap)["allowance"] == 2
+    assert json.loads(bytes(raw))["sources"][0]["kind"] == "supplier"
+    assert old_sku == "OLD" and old_cap is None
+    assert rows_from([_raw(_item(cap=None, sources=[]))])[0][0][3] is None
+
+
+def test_a_malformed_source_or_cap_drops_the_snapshot_naming_the_field():
+    import pytest
+
+    from sync.downlink import Malformed, rows_from
+
+    good = _item()
+    cases = [
+        ("sources", {"sources": [dict(good["sources"][0], kind="shop")]}, "sources"),
+        ("sources", {"sources": [dict(good["sources"][0], available=-1)]}, "available"),
+        ("sources", {"sources": [dict(good["sources"][0], updated_at="2026-02-30T00:00:00Z")]}, "updated_at"),
+        ("cap", {"cap": dict(good["cap"], period="fortnight")}, "cap.period"),
+        ("cap", {"cap": dict(good["cap"], allowance="2")}, "cap.allowance"),
+        ("cap", {"cap": dict(good["cap"], period_end=good["cap"]["period_start"])}, "period_end"),
+        ("cap", {"cap": {k: v for k, v in good["cap"].items() if k != "limit"}}, "limit"),
+    ]
+    for reason, change, named in cases:
+        with pytest.raises(Malformed) as bad:
+            rows_from([_raw({"sku": "OK", "nearby": []}), _raw(dict(good, **change))])
+        assert bad.value.reason == reason and named in str(bad.value), (change, str(bad.value))

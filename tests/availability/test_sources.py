@@ -103,3 +103,27 @@ async def test_a_source_that_stops_sending_is_marked_stale_after_its_own_interva
             await publish(broker, protocol.source_stock_topic(PREFIX, "wh-quick"), stock("wh-quick", 2, SKU_1=4))
             await snaps.wait("store-a", lambda i: i["SKU-1"]["online"] == 14 and not i["SKU-1"]["sources"][0]["stale"])
             await asyncio.sleep(0)
+
+
+def test_source_and_zone_config_mistakes_name_the_key(tmp_path):
+    import pytest
+
+    from common.config import ConfigError
+    from sync.hub.settings import load_hub_config, zones
+
+    path = tmp_path / "hub.toml"
+    store = '[[stores]]\nid = "store-a"\n'
+    for body, match in ((store + '[[sources]]\nid = "s1"\n', "kind"),
+                        (store + '[[sources]]\nid = "s1"\nkind = "shop"\n', "kind"),
+                        (store + '[[sources]]\nid = "s1"\nkind = "partner"\nstale_after_s = 1.5\n', "stale_after_s"),
+                        (store + '[[sources]]\nid = "s1"\nkind = "partner"\n' * 2, "source id 's1' is listed twice"),
+                        (store + '[[sources]]\nid = "online"\nkind = "warehouse"\n', "'online' is reserved"),
+                        ('[[stores]]\nid = "store-a"\ntimezone = "Mars/Olympus"\n', "timezone 'Mars/Olympus'")):
+        path.write_text(body)
+        with pytest.raises(ConfigError, match=match):
+            load_hub_config(path, environ={})
+    path.write_text('[[stores]]\nid = "store-a"\ntimezone = "Europe/Paris"\n[[stores]]\nid = "store-b"\n'
+                    '[[sources]]\nid = "s1"\nkind = "partner"\n')
+    config = load_hub_config(path, environ={})
+    assert {k: str(v) for k, v in zones(config).items()} == {"store-a": "Europe/Paris", "store-b": "UTC"}
+    assert config.sources[0].display_name == "s1" and config.sources[0].stale_after_s == 3600
