@@ -26,6 +26,7 @@
   const state = {
     query: "", items: [], selected: null, names: {}, availability: null,
     fetchedAt: 0, sync: null, streamUp: false, agentUp: true, typeTimer: null, searchSeq: 0,
+    asked: null,       // the query of a search someone asked for, while it is on its way
     fromKept: false,   // the figures shown were kept from before this page load
     kept: {},          // sku -> {answer, at}: the last answers, saved in localStorage
   };
@@ -152,9 +153,14 @@
 
   async function runSearch(query, { quiet = false } = {}) {
     const q = query.trim();
+    // A quiet refresh (live update, reconnect) never supersedes a search someone asked for
+    // that is still on its way: that one summarises and opens an exact SKU.
+    if (quiet && state.asked !== null && state.asked === q) return;
     state.query = q;
     const mine = ++state.searchSeq;
+    if (!quiet) state.asked = q;
     if (!q) {
+      state.asked = null;
       state.items = [];
       renderResults();
       text(els.summary, "");
@@ -165,10 +171,14 @@
       answer = await getJSON("/v1/search?q=" + encodeURIComponent(q) + "&limit=20");
     } catch (err) {
       markAgent(false);
-      if (!quiet && mine === state.searchSeq) text(els.summary, "Cannot search: the stock service does not answer.");
+      if (mine === state.searchSeq) {
+        state.asked = null;
+        if (!quiet) text(els.summary, "Cannot search: the stock service does not answer.");
+      }
       return;
     }
     if (mine !== state.searchSeq) return;  // a newer search has started
+    state.asked = null;
     markAgent(true);
     state.items = (answer.body && answer.body.items) || [];
     for (const item of state.items) if (item.name) state.names[item.sku] = item.name;
