@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.inventory import cap_window
+from agent.caps import cap_window
 from common import clock
 
 from agent.disk import DiskGuard

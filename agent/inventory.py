@@ -11,7 +11,7 @@ and time-travel the projection with plain sums.
 
 Sales caps: `Inventory.caps` holds the allowance of each capped SKU a command touches
 (read by the shell from the hub's snapshot at decide time) and `Inventory.usage` the
-cap usage the log counted, per 15-minute slot of `recorded_at` (`usage_change`). A
+cap usage the log counted, per 15-minute slot of `recorded_at` (agent/caps.py). A
 `sold` or `reserved` that would take a SKU's usage in the current period past its
 allowance is refused (`sales_cap_reached`). Leases: a reservation may carry
 `expires_at`; closing it at or after that instant is refused (`lease_expired`) except by
@@ -20,14 +20,14 @@ the release that says `reason: expired`, which is only allowed then.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import msgspec
 
 from agent import events as ev
-from common.clock import parse_rfc3339, rfc3339
+# Re-exported: the core's callers and tests reach the cap types through the core.
+from agent.caps import SLOT_MS, Cap, Window, cap_window, ms_of, slot_of, time_of, usage_change  # noqa: F401
 
 
 class Refused(Exception):
@@ -44,82 +44,6 @@ class Refused(Exception):
         self.field = field
         self.status = status
         self.extra = extra   # more members of the error object (a cap refusal names its cap)
-
-
-# ------------------------------------------------------------------------ time
-
-SLOT_MS = 900_000   # cap usage is counted per 15 minutes: every time zone's offset is a multiple
-
-
-@functools.lru_cache(maxsize=256)
-def ms_of(text: str) -> int:
-    """Return the Unix time in milliseconds of an RFC 3339 string; raises ValueError."""
-    return round(parse_rfc3339(text) * 1000)
-
-
-def time_of(ms: int) -> str:
-    """Format Unix milliseconds as the agent writes times (RFC 3339 UTC, milliseconds)."""
-    return rfc3339(ms / 1000)
-
-
-def slot_of(text: str) -> int:
-    """Return the 15-minute usage slot a time falls in."""
-    return ms_of(text) // SLOT_MS
-
-
-# ------------------------------------------------------------------------ caps
-
-
-@dataclass(frozen=True)
-class Cap:
-    """A SKU's sales cap as the hub's snapshot sent it (docs/availability.md)."""
-
-    limit: int
-    scope: str
-    period: str
-    period_start: str
-    period_end: str
-    allowance: int
-
-
-@dataclass(frozen=True)
-class Window:
-    """The cap period that contains a given instant, in ms and in usage slots."""
-
-    start: str
-    end: str
-    first_slot: int   # the slots counted: first_slot <= slot < end_slot
-    end_slot: int
-
-
-def cap_window(cap: Cap, now: str) -> Window:
-    """Return the period of `cap` that contains `now`.
-
-    The hub sends the current period; when `now` is outside it (the store was offline
-    past `period_end`, or the clock went back) the period moves by whole periods of the
-    same length, keeping the allowance. Slots whose start lies in [start, end) count.
-    """
-    start, end, at = ms_of(cap.period_start), ms_of(cap.period_end), ms_of(now)
-    length = max(end - start, 1)
-    if not start <= at < end:
-        start += (at - start) // length * length
-        end = start + length
-    return Window(time_of(start), time_of(end), -(-start // SLOT_MS), -(-end // SLOT_MS))
-
-
-def usage_change(event: ev.AnyEvent, reservation: "Reservation | None") -> tuple[str, int, int] | None:
-    """Return (sku, slot, delta) an event adds to cap usage, or None.
-
-    `sold` and `reserved` add their qty in the slot they were recorded in; a release takes
-    the reservation's qty back from the slot the reservation was recorded in (a
-    reservation made in a period and released gives that period's allowance back).
-    Fulfilment changes nothing: the reservation already counted.
-    """
-    if isinstance(event, (ev.Sold, ev.Reserved)):
-        return event.sku, slot_of(event.recorded_at), event.qty
-    if isinstance(event, ev.ReservationReleased) and reservation is not None and reservation.opened_at:
-        return event.sku, slot_of(reservation.opened_at), -event.qty
-    return None
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from agent import events as ev
-from agent.inventory import (Cap, Inventory, Refused, Reservation, Stock, cap_window, decide_and_apply,
-                             skus_touched, usage_change)
+from agent.caps import Cap, cap_window, usage_change
+from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, skus_touched
 from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, mark_time, migrate, take_checkpoint
 from common.sqlite import in_write_transaction
 from common.errors import StorageError

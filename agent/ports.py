@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import Iterable
 
     from agent import events as ev
-    from agent.inventory import Cap
+    from agent.caps import Cap
     from agent.logstore import AppendResult
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Literal
 
 import msgspec
 
-from agent.inventory import Cap
+from agent.caps import Cap
 from common import clock
 from common.errors import StorageError, storage_error
 from common.sqlite import open_readonly

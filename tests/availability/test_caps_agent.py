@@ -69,7 +69,8 @@ async def test_a_capped_sku_is_refused_409_with_nothing_appended_and_the_cap_hol
         broker.kill()
         agent.kill()
         agent.start()
-        assert not agent.request("GET", "/v1/sync")[1]["connected"]
+        # (The killed sync's last status says connected until the new one reports.)
+        wait_until(lambda: not agent.request("GET", "/v1/sync")[1]["connected"], 20, "sync to report no broker")
         status, body = post(agent, {"type": "reserved", "sku": "CONSOLE", "qty": 1, "reservation_id": "r-1"})
         assert status == 409 and body["error"]["code"] == "sales_cap_reached", body
         assert last_seq(agent) == seq

@@ -109,3 +109,25 @@ def test_a_tills_fulfilled_on_an_expired_lease_is_refused_409_before_the_job_run
         assert "cart-9" in body["error"]["message"] and body["error"]["expires_at"]
         assert agent.request("GET", "/v1/stock/LAPTOP")[1] == {
             "sku": "LAPTOP", "floor": 5, "backroom": 0, "reserved": 1, "available": 4, "last_seq": seq}
+
+
+def test_edge_agent_record_takes_a_lease(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[store]\nid = "store-0042"\n[storage]\npath = "{tmp_path / "events.db"}"\n')
+    cli = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())", "--config", str(config)]
+
+    def record(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, "record", *args], capture_output=True, text=True, timeout=60)
+
+    assert record("received", "--sku", "LAPTOP", "--qty", "2").returncode == 0
+    assert record("reserved", "--sku", "LAPTOP", "--qty", "1", "--reservation-id", "r1", "--ttl-s", "600").returncode == 0
+    both = record("reserved", "--sku", "LAPTOP", "--qty", "1", "--reservation-id", "r2", "--ttl-s", "6",
+                  "--expires-at", "2999-01-01T00:00:00Z")
+    assert both.returncode == 1 and "expires_at" in both.stderr
+    out = subprocess.run([*cli, "export"], capture_output=True, text=True, timeout=60)
+    reserved = [json.loads(line) for line in out.stdout.splitlines() if '"reserved"' in line]
+    assert len(reserved) == 1 and reserved[0]["expires_at"] > reserved[0]["recorded_at"]
