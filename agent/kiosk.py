@@ -2,8 +2,15 @@
 
 `setup_kiosk(app, ctx)` adds:
 
-* `GET /` the page, `GET /kiosk/{file}` its script and style sheet (agent/static/; no
-  CDN, the store may be offline).
+* `GET /` the page (`?q=TEXT` opens it on a search), `GET /kiosk/{file}` its script and
+  style sheet (agent/static/; no CDN, the store may be offline).
+* `GET /kiosk/kiosk-sw.js` the page's service worker. It caches the page shell (the page,
+  its script and style) so that a reload while this agent is down still shows the page,
+  with the last figures the page kept and "cannot reach the stock service". It is served
+  with `Service-Worker-Allowed: /`, so that it may take the scope `/` and cover the page
+  from beside the other assets. Its cache is named after `shell_version()`, a hash of the
+  package version and the shell's files: an agent release that changes the shell replaces
+  the cached one.
 * `GET /v1/search?q=TEXT&limit=N` products whose SKU or catalog name matches:
   `{"query", "items": [{"sku", "name", "available"}]}`, exact SKU first. Names come
   from the hub's catalog (`P/catalog`, kept by the sync process in sync.db and read
@@ -20,11 +27,12 @@ The page reads the stock itself from the contract's `GET /v1/availability/{sku}`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
 import json
 import logging
 import re
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any, Callable
 
 from aiohttp import web
@@ -38,6 +46,7 @@ STATIC_FILES = {
     "kiosk.css": "text/css",
     "kiosk.js": "text/javascript",
 }
+SERVICE_WORKER = "kiosk-sw.js"
 SEARCH_LIMIT_MAX = 50
 HEARTBEAT_S = 15.0
 CLIENT_QUEUE_MAX = 256
@@ -46,6 +55,26 @@ _SKU = re.compile(SKU_PATTERN)
 
 def _static(name: str) -> bytes:
     return resources.files("agent").joinpath("static", name).read_bytes()
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("store-edge-agent")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def shell_version(package_version: str, files: dict[str, bytes]) -> str:
+    """Name one release of the page shell: the same version and files give the same name.
+
+    The service worker's cache is `edge-kiosk-shell-<this>`; a change to any shell file or
+    to the package version gives a new service worker script, which the browser installs,
+    and whose activation deletes the older caches.
+    """
+    digest = hashlib.sha256(package_version.encode())
+    for name in sorted(files):
+        digest.update(b"\0" + name.encode() + b"\0" + files[name])
+    return f"{package_version}-{digest.hexdigest()[:12]}"
 
 
 def search(text: str, catalog: Any, stock: Callable[[str], dict | None], limit: int) -> list[dict]:
@@ -109,15 +138,19 @@ def _sse(kind: str, data: dict) -> bytes:
 
 
 def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
-    """Add the kiosk page, its assets, search and the live stream to `app`; return the feed."""
+    """Add the page, its assets and service worker, search and the live stream; return the feed."""
     feed = StockFeed()
     ctx.log.add_listener(feed.on_commit)
     store_id = html.escape(ctx.config.store.id)
-    page = _static("index.html").replace(b"{{store_id}}", store_id.encode())
-    assets = {name: (_static(name), kind) for name, kind in STATIC_FILES.items()}
+    shell = {name: _static(name) for name in ("index.html", SERVICE_WORKER, *STATIC_FILES)}
+    version = shell_version(_package_version(), shell).encode()
+    page = shell["index.html"].replace(b"{{store_id}}", store_id.encode()).replace(b"{{version}}", version)
+    assets = {name: (shell[name], kind, {}) for name, kind in STATIC_FILES.items()}
+    assets[SERVICE_WORKER] = (shell[SERVICE_WORKER].replace(b"{{version}}", version), "text/javascript",
+                              {"Service-Worker-Allowed": "/"})
 
     async def index(request: web.Request) -> web.Response:
-        only_params(request.query)
+        only_params(request.query, "q")
         return web.Response(body=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
 
@@ -126,9 +159,11 @@ def setup_kiosk(app: web.Application, ctx: Any) -> StockFeed:
         found = assets.get(request.match_info["name"])
         if found is None:
             raise web.HTTPNotFound()
-        body, kind = found
+        body, kind, headers = found
+        # no-cache: revalidated at every load, so the browser sees a new release (and a new
+        # service worker) as soon as the agent serves one.
         return web.Response(body=body, content_type=kind, charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": "no-cache", **headers})
 
     async def search_handler(request: web.Request) -> web.Response:
         only_params(request.query, "q", "limit")

@@ -24,10 +24,9 @@ from pathlib import Path
 import aiohttp
 
 from demo.catalog import products, write_csv
-from demo.feed import WarehouseFeed
+from demo.feed import SOURCES, Feeds
 from demo.proxy import LinkProxy
 from demo.traffic import StoreClient, Traffic
-from sync.mqtt import MqttClient
 
 log = logging.getLogger("demo")
 MARKER = ".edge-demo-state"
@@ -127,6 +126,7 @@ class Demo:
         self.stores: list[Store] = []
         self.broker_port = 0
         self.traffic: Traffic | None = None
+        self.feeds: Feeds | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -174,7 +174,7 @@ class Demo:
     def tls_broker_conf(self) -> str:
         """A TLS listener as config/mosquitto-tls.conf: certificate CN = username, config/acl."""
         done = subprocess.run([str(ROOT / "scripts" / "certs"), str(self.certs), "broker", "edge-hub",
-                               "warehouse-feed", *self.store_ids()], capture_output=True, text=True)
+                               "warehouse-feed", "edge-feed", *self.store_ids()], capture_output=True, text=True)
         if done.returncode != 0:
             raise DemoError(f"scripts/certs failed: {done.stderr}")
         acl = self.dir / "acl"
@@ -214,6 +214,7 @@ class Demo:
             "sources": [{"id": "wh-central", "name": "Central warehouse", "kind": "warehouse",
                          "lead_time_s": 86400, "stale_after_s": 120}],
             "stores": [{"id": sid, "region": "north"} for sid in self.store_ids()],
+            "sources": [dict(source) for source in SOURCES],   # what demo/feed.py publishes
         }))
         (self.dir / "hub").mkdir(exist_ok=True)
         self.spawn("hub", [*console_script("edge-hub", "sync.hub.cli"), "run", "--config", str(config)])
@@ -350,7 +351,8 @@ class Demo:
         stats = self.traffic.stats if self.traffic else None
         if stats:
             rows.append(f"traffic: {stats.commands} commands, {stats.events} events, "
-                        f"{stats.refused} refused (over-reservations), {stats.failed} failed")
+                        f"{stats.refused} refused (over-reservations), {stats.capped} over the sales cap, "
+                        f"{stats.failed} failed")
         return "\n".join(rows)
 
     async def print_status(self) -> None:
@@ -387,10 +389,8 @@ class Demo:
             control = await self.serve_control()
             skus = [sku for sku, _ in self.catalog]
             self.traffic = Traffic([StoreClient(s.store_id, s.url) for s in self.stores], skus, self.rate)
-            feed = WarehouseFeed("wh-central", skus, port=self.broker_port, prefix=self.prefix)
-            if self.tls:   # the feed's own identity, as config/acl's warehouse-feed
-                feed.client = MqttClient(host="127.0.0.1", port=self.broker_port, client_id="demo-feed-wh-central",
-                                         reconnect_min_s=0.2, reconnect_max_s=2.0, **self.mqtt_tls("warehouse-feed"))
+            # Each feed under its own identity in a --tls demo, as config/acl grants them.
+            feed = self.feeds = Feeds(skus, port=self.broker_port, prefix=self.prefix, mqtt_options=self.mqtt_tls)
             for name, coro in (("traffic", self.traffic.run()), ("feed", feed.run()),
                                ("status", self.print_status()), ("stdin", self.read_stdin()),
                                ("watch", self.watch_children(stop))):
@@ -424,6 +424,8 @@ class Demo:
         self.say(f"  broker: 127.0.0.1:{self.broker_port}"
                  + (" (TLS, certificate identity, config/acl)" if self.tls else "")
                  + f"   state and logs: {self.dir}")
+        for line in self.feeds.describe() if self.feeds else ():
+            self.say(f"  {line}")
         self.say("Pull a store's link:  type `down store-2` here (then `up store-2`),")
         self.say(f"  or from another terminal: uv run python -m demo --state-dir {self.dir} link store-2 down")
         self.say("Ctrl-C stops everything.")

@@ -1,13 +1,14 @@
 """Screenshots of the kiosk for the docs, from a real demo run: `python -m demo.screenshots`.
 
 Starts the demo in a temporary directory, drives Debian's Chromium with Playwright
-(never a downloaded browser) and writes docs/img/kiosk-{wide,phone,offline}.png.
+(never a downloaded browser) and writes docs/img/kiosk-{wide,phone,offline,cap,agent-down}.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
@@ -37,7 +38,21 @@ def get(url: str):
         return json.loads(resp.read())
 
 
-def shoot(urls: dict[str, str], state: Path, out_dir: Path) -> list[Path]:
+def agent_pid(state: Path, store_id: str) -> int:
+    """The pid of the demo's `edge-agent run --config STATE/STORE.toml`."""
+    config = str(state / f"{store_id}.toml").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"run" in argv and config in argv:
+                return int(entry.name)
+    raise RuntimeError(f"screenshots: no agent process for {store_id}")
+
+
+def shoot(urls: dict[str, str], state: Path, out_dir: Path, capped: str) -> list[Path]:
     from playwright.sync_api import expect, sync_playwright
 
     def search(page, url: str, query: str) -> None:
@@ -77,6 +92,28 @@ def shoot(urls: dict[str, str], state: Path, out_dir: Path) -> list[Path]:
         expect(offline.locator("#link-status")).to_have_attribute("data-state", "offline", timeout=15_000)
         written.append(out_dir / "kiosk-offline.png")
         offline.screenshot(path=written[-1])
+
+        # The capped product with its sources; then its agent frozen and the page reloaded.
+        cap = browser.new_page(viewport={"width": 1280, "height": 1000})
+        cap.goto(urls["store-1"] + "/")
+        cap.get_by_label("Find a product by name or SKU").fill(capped)
+        cap.keyboard.press("Enter")
+        expect(cap.locator("#cap")).to_be_visible(timeout=30_000)
+        expect(cap.locator("#sources li.source")).to_have_count(3, timeout=30_000)
+        cap.wait_for_function("navigator.serviceWorker.controller !== null")
+        cap.wait_for_timeout(300)
+        written.append(out_dir / "kiosk-cap.png")
+        cap.screenshot(path=written[-1], full_page=True)
+        pid = agent_pid(state, "store-1")
+        os.kill(pid, signal.SIGSTOP)   # stopped, not killed: the demo would stop on a dead child
+        try:
+            cap.reload(timeout=30_000)
+            expect(cap.locator("#last-known")).to_contain_text("cannot reach the stock service", timeout=30_000)
+            cap.wait_for_timeout(300)
+            written.append(out_dir / "kiosk-agent-down.png")
+            cap.screenshot(path=written[-1], full_page=True)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         browser.close()
     return written
 
@@ -96,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             text = wait_for(lambda: "Ctrl-C stops" in log.read_text() and log.read_text(), 90, "the demo to start")
             urls = dict(re.findall(r"(store-\d+) kiosk: (http://127\.0\.0\.1:\d+)/", text))
+            capped = re.search(r"capped: (\S+),", text).group(1)
             for url in urls.values():
                 wait_for(lambda: (get(url + "/v1/sync").get("acked_seq") or 0) > 600, 60, "traffic at the hub")
             time.sleep(3)   # a few snapshot rounds, so nearby figures include today's traffic
-            for path in shoot(urls, state, out_dir):
+            for path in shoot(urls, state, out_dir, capped):
                 print(f"wrote {path}")
         finally:
             demo.send_signal(signal.SIGINT)

@@ -2,7 +2,8 @@
 counts and reservations, at a configurable rate (commands per second, all stores together).
 
 The simulator is a client like a POS or a scanner: it only POSTs to /v1/events and
-reads /v1/stock; refusals (an over-reservation) are normal traffic and are counted.
+reads /v1/stock; refusals (an over-reservation, a sale past the sales cap) are normal
+traffic and are counted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TrafficStats:
     commands: int = 0
     events: int = 0
     refused: int = 0
+    capped: int = 0      # refused 409 sales_cap_reached (the demo caps one product)
     failed: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
 
@@ -137,7 +139,11 @@ class Traffic:
                 self.stats.by_type[event["type"]] = self.stats.by_type.get(event["type"], 0) + 1
             return True
         if status == 409:
-            self.stats.refused += 1
+            code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+            if code == "sales_cap_reached":
+                self.stats.capped += 1
+            else:
+                self.stats.refused += 1
             return False
         self.stats.failed += 1
         log.warning("traffic: %s answered %d to %s: %s", store.store_id, status, events[0]["type"], body)

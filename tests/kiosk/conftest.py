@@ -7,6 +7,7 @@ The browser is Debian's `chromium` driven by Playwright (never a downloaded brow
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -25,6 +26,13 @@ CATALOG = [("SKU-KET-17", "Electric kettle 1.7 l"), ("SKU-KET-10", "Electric ket
            ("SKU-TST-2", "Toaster 2-slice"), ("SKU-KNF-20", "Chef's knife 20 cm"),
            ("CHURN-1", "Test churn item")]
 MAX_AGE_S = 3
+# The hub's configured sources (test_kiosk_sources.py publishes their feeds).
+SOURCES = [
+    {"id": "wh-1", "name": "Central warehouse", "kind": "warehouse", "lead_time_s": 86_400, "stale_after_s": 3600},
+    {"id": "partner-north", "name": "Partner North", "kind": "partner", "lead_time_s": 2 * 86_400,
+     "stale_after_s": 3600},
+    {"id": "supplier-x", "name": "Supplier X", "kind": "supplier", "lead_time_s": 3 * 86_400, "stale_after_s": 4},
+]
 
 
 
@@ -47,20 +55,38 @@ def browser():
         launched.close()
 
 
+class PinnedAgent(AgentProcess):
+    """An agent that comes back on the port it first had.
+
+    A page's service worker and the answers it kept belong to one origin (host and port):
+    a restarted kiosk agent must answer where the page already looks.
+    """
+
+    pinned = 0
+
+    def _write_config(self) -> None:
+        if self.pinned:
+            self.port = self.pinned
+        super()._write_config()
+        self.pinned = self.port
+
+
 class Stack:
     def __init__(self, root: Path):
         self.broker = Broker(root / "broker").start()
         catalog = root / "catalog.csv"
         catalog.write_text("sku,name\n" + "".join(f'{sku},"{name}"\n' for sku, name in CATALOG))
+        sources = "".join("[[sources]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in source.items())
+                          for source in SOURCES)
         self.hub = HubProcess(root / "hub", self.broker, stores=("store-a", "store-b"), extra=(
-            f'[availability]\npublish_interval_s = 0.3\n[catalog]\npath = "{catalog}"\n'))
+            f'[availability]\npublish_interval_s = 0.3\n[catalog]\npath = "{catalog}"\n{sources}'))
         self.hub.start()
         sections = {"mqtt": {"port": self.broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
                     "availability": {"max_age_s": MAX_AGE_S}, "sync": {"ack_timeout_s": 2},
                     "log": {"format": "text"}}
         (root / "a").mkdir()
         (root / "b").mkdir()
-        self.a = AgentProcess(root / "a", store_id="store-a", sections=sections).start()
+        self.a = PinnedAgent(root / "a", store_id="store-a", sections=sections).start()
         self.b = AgentProcess(root / "b", store_id="store-b", sections=sections).start()
         self._stop = threading.Event()
         self._churn = threading.Thread(target=self._churn_b, name="churn", daemon=True)

@@ -1,4 +1,5 @@
-"""The one-command demo: starts, sends traffic that reaches the hub, pulls a link, stops on SIGINT."""
+"""The one-command demo: starts, sends traffic that reaches the hub, shows a capped product and
+two partner/supplier sources on the kiosk, pulls a link, stops on SIGINT."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+from playwright.sync_api import expect
 
 from tests.conftest import require_binary
 from tests.sync.helpers import wait_until
@@ -39,7 +42,26 @@ def processes_under(state: Path) -> list[int]:
     return found
 
 
-def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint(tmp_path):
+def kiosk_shows_the_cap_and_the_sources(browser, url: str, sku: str) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(url + "/")
+        page.get_by_label("Find a product by name or SKU").fill(sku)
+        page.keyboard.press("Enter")
+        expect(page.locator("#detail-sku")).to_have_text(sku)
+        expect(page.locator("#cap")).to_have_text(re.compile(r"^Limit 2 per week, (\d+|none) left"))
+        for source_id, text in (("partner-north", "Partner North: "), ("supplier-x", "Supplier X: ")):
+            row = page.locator(f'#sources li[data-source-id="{source_id}"]')
+            expect(row).to_contain_text(text)
+            expect(row).to_contain_text(re.compile(r"delivery in \d+ days, (updated|not updated for)"))
+        expect(page.locator('#sources li[data-source-id="wh-central"]')).to_contain_text("Central warehouse: ")
+    finally:
+        context.close()
+
+
+def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint(tmp_path, browser):
     require_binary("mosquitto")
     state = tmp_path / "demo"
     out = tmp_path / "demo.out"
@@ -60,6 +82,18 @@ def test_demo_runs_traffic_to_the_hub_survives_a_pulled_link_and_stops_on_sigint
         for store, url in urls.items():
             wait_until(lambda: get(url + "/v1/sync")["acked_seq"] > 125, timeout=60, what=f"hub acks for {store}")
         assert get(urls["store-1"] + "/v1/search?q=kettle")["items"], "the catalog reached store-1"
+
+        # The capped product: its cap and its two partner/supplier sources reach every store.
+        capped = re.search(r"capped: (SKU-\d+), limit 2 per week per store", text).group(1)
+        for url in urls.values():
+            answer = wait_until(lambda: (a := get(f"{url}/v1/availability/{capped}"))["cap"] and len(
+                a["sources"]) == 3 and a, timeout=60, what=f"the cap and the sources at {url}")
+            assert {k: answer["cap"][k] for k in ("limit", "scope", "period")} == {
+                "limit": 2, "scope": "store", "period": "week"}, answer
+            assert 0 <= answer["cap"]["left"] <= 2
+            kinds = {s["source_id"]: s["kind"] for s in answer["sources"]}
+            assert kinds == {"wh-central": "warehouse", "partner-north": "partner", "supplier-x": "supplier"}
+        kiosk_shows_the_cap_and_the_sources(browser, urls["store-1"], capped)
 
         down = demo_cli(state, "link", "store-2", "down")
         assert down.returncode == 0 and "DOWN" in down.stdout, down

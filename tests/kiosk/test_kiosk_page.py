@@ -54,6 +54,14 @@ def test_search_by_sku_opens_the_product(stack, page):
     expect(page.locator("#here-available")).to_have_text("3")
 
 
+def test_a_url_with_q_opens_the_page_on_that_search(stack, page):
+    page.goto(stack.a.url + "/?q=SKU-TST-2")
+    expect(page.locator("#search-input")).to_have_value("SKU-TST-2")
+    expect(page.locator("#detail-title")).to_have_text("Toaster 2-slice")
+    # Any other parameter is still refused, naming it.
+    assert page.goto(stack.a.url + "/?x=1").status == 400
+
+
 def test_keyboard_only_search_and_pick(stack, page):
     page.goto(stack.a.url + "/")
     expect(page.locator("#search-input")).to_be_focused()
