@@ -145,10 +145,15 @@ class SqliteSyncState:
 
     async def _run(self, fn: Callable[..., Any], *args: Any, transaction: bool = False) -> Any:
         async with self._lock:
+            work = asyncio.ensure_future(asyncio.to_thread(in_write_transaction, self._conn, fn, *args)
+                                         if transaction else asyncio.to_thread(fn, self._conn, *args))
             try:
-                if transaction:
-                    return await asyncio.to_thread(in_write_transaction, self._conn, fn, *args)
-                return await asyncio.to_thread(fn, self._conn, *args)
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A cancelled caller does not stop the thread, which still uses the connection:
+                # hold the lock until it is done, so close() never closes it under a statement.
+                await asyncio.wait([work])
+                raise
             except sqlite3.Error as exc:
                 raise storage_error(f"sync state {getattr(fn, '__name__', 'write')}", exc) from exc
 

@@ -248,3 +248,27 @@ async def test_downlink_storage_failure_raises_so_the_message_is_not_acked(state
     with pytest.raises(StorageError):
         await downlink.on_availability(Message("t", snapshot_payload(version=2), 1, True))
     assert state.snapshot_version is None
+
+
+async def test_close_waits_for_a_statement_whose_caller_was_cancelled(tmp_path):
+    """A cancelled caller leaves its thread running on the connection: close() must wait for it."""
+    import threading
+    import time
+
+    state = await SqliteSyncState.open(tmp_path / "cancel.sync.db", "store-1")
+    started, finished = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> int:
+        started.set()
+        time.sleep(0.3)
+        value = conn.execute("SELECT 1").fetchone()[0]   # would fail on a closed connection
+        finished.set()
+        return value
+
+    caller = asyncio.create_task(state._run(slow))
+    await asyncio.to_thread(started.wait, 5)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await state.close()
+    assert finished.is_set(), "the connection was closed while a statement was still running on it"
