@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from agent import events as ev
 from common.clock import parse_rfc3339, rfc3339
-
-if TYPE_CHECKING:
-    from agent.inventory import Reservation
 
 # ------------------------------------------------------------------------ time
 
@@ -79,8 +74,10 @@ def cap_window(cap: Cap, now: str) -> Window:
     return Window(time_of(start), time_of(end), -(-start // SLOT_MS), -(-end // SLOT_MS))
 
 
-def usage_change(event: ev.AnyEvent, reservation: "Reservation | None") -> tuple[str, int, int] | None:
+def usage_change(event: ev.AnyEvent, opened_at: str | None) -> tuple[str, int, int] | None:
     """Return (sku, slot, delta) an event adds to cap usage, or None.
+
+    `opened_at` is when the reservation a release closes was recorded (None: not known).
 
     `sold` and `reserved` add their qty in the slot they were recorded in; a release takes
     the reservation's qty back from the slot the reservation was recorded in (a
@@ -89,6 +86,6 @@ def usage_change(event: ev.AnyEvent, reservation: "Reservation | None") -> tuple
     """
     if isinstance(event, (ev.Sold, ev.Reserved)):
         return event.sku, slot_of(event.recorded_at), event.qty
-    if isinstance(event, ev.ReservationReleased) and reservation is not None and reservation.opened_at:
-        return event.sku, slot_of(reservation.opened_at), -event.qty
+    if isinstance(event, ev.ReservationReleased) and opened_at:
+        return event.sku, slot_of(opened_at), -event.qty
     return None

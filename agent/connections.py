@@ -34,7 +34,7 @@ import time
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from agent.api_errors import error_body
-from agent.guard import LogLimiter
+from common.logsetup import LogLimiter
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics

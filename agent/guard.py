@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from aiohttp import web
 
 from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception
+from common.logsetup import LogLimiter
 
 if TYPE_CHECKING:
     from agent.connections import ConnectionTable
@@ -197,24 +198,6 @@ class RateLimiter:
         return len(self._buckets)
 
 
-class LogLimiter:
-    """Say once per `interval` and key; count what was held back in between."""
-
-    def __init__(self, interval: float = LOG_INTERVAL_S):
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def admit(self, key: str, now: float) -> int | None:
-        """None: stay quiet (counted). Else log now; the int is how many were held back since."""
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._held.pop(key, 0)
-
-
 # ------------------------------------------------------------------ the middleware
 
 class Refusal(Exception):
@@ -240,7 +223,7 @@ class RequestGuard:
         self.clock = clock
         self.authorize = authorize
         self.body_timeout_s = api.body_timeout_s
-        self._quiet = LogLimiter()
+        self._quiet = LogLimiter(LOG_INTERVAL_S)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler) -> web.StreamResponse:

@@ -195,7 +195,7 @@ def _apply(state: Inventory, event: ev.AnyEvent) -> Effect:
 
 
 def _count(state: Inventory, event: ev.AnyEvent, reservation: Reservation | None) -> None:
-    change = usage_change(event, reservation)
+    change = usage_change(event, reservation.opened_at if reservation is not None else None)
     if change is not None:
         sku, slot, delta = change
         slots = state.usage_of(sku)

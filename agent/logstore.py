@@ -226,7 +226,8 @@ def usage_rows(events: Iterable[ev.AnyEvent], reservations: dict[str, Reservatio
     """Return the (sku, slot, delta) cap-usage changes of appended events, summed per slot."""
     sums: dict[tuple[str, int], int] = {}
     for event in events:
-        change = usage_change(event, reservations.get(getattr(event, "reservation_id", None) or ""))
+        reservation = reservations.get(getattr(event, "reservation_id", None) or "")
+        change = usage_change(event, reservation.opened_at if reservation is not None else None)
         if change is not None:
             key = change[:2]
             sums[key] = sums.get(key, 0) + change[2]

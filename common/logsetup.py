@@ -74,3 +74,21 @@ def setup_logging(level: str = "INFO", fmt: str = "journal", stream: IO[str] | N
     # APScheduler logs every run at INFO; our jobs log what matters themselves.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
     return handler
+
+
+class LogLimiter:
+    """Say once per `interval` and key; count what was held back in between."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str, now: float) -> int | None:
+        """None: stay quiet (counted). Else log now; the int is how many were held back since."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)

@@ -3,7 +3,8 @@
 import pytest
 
 from agent.connections import FD_RESERVE, connection_budget
-from agent.guard import (LogLimiter, RateLimiter, content_type_refusal, host_name, host_refusal,
+from common.logsetup import LogLimiter
+from agent.guard import (RateLimiter, content_type_refusal, host_name, host_refusal,
                          normalize_origins, origin_refusal)
 from agent.settings import AgentConfig, ApiSection, ConfigError, StoreSection
 
