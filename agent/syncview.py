@@ -28,9 +28,10 @@ from common.sqlite import open_readonly
 
 log = logging.getLogger("edge_agent.syncview")
 
-SCHEMA_VERSION = "2"   # the shape of sync.db this reader understands (sync/state.py)
-# Older shapes it still reads: "1" has no caps and no validated sources (answered as none).
-READABLE = ("1", SCHEMA_VERSION)
+SCHEMA_VERSION = "3"   # the shape of sync.db this reader understands (sync/state.py)
+# Older shapes it still reads: "1" has no caps and no validated sources (answered as none);
+# "2" keeps each source's metadata in the item's `sources` list (no sources table).
+READABLE = ("1", "2", SCHEMA_VERSION)
 
 _STATUS_KEYS = ("connected", "reconnects", "sent_seq", "inflight_batches", "resends", "rewinds",
                 "ack_alarms", "alarm", "events_sent")
@@ -56,7 +57,12 @@ class _Source(msgspec.Struct):
 
 class _Full(msgspec.Struct):
     nearby: list[dict]
-    sources: list[_Source] | None = None
+    # "3": source_id -> available (the rest is in availability_sources); "2": whole entries.
+    sources: dict[str, int] | list[_Source] | None = None
+
+
+_TABLE_SQL = ("SELECT source_id, name, kind, lead_time_s, updated_at, stale, stale_after_s"
+              " FROM availability_sources ORDER BY position")
 
 
 class _Cap(msgspec.Struct):
@@ -76,6 +82,19 @@ _cap_decoder = msgspec.json.Decoder(_Cap)
 def _cap_of(raw: bytes) -> Cap:
     c = _cap_decoder.decode(raw)
     return Cap(c.limit, c.scope, c.period, c.period_start, c.period_end, c.allowance)
+
+
+def _joined(sources: dict[str, int] | list[_Source] | None, table: list[tuple]) -> list[dict]:
+    """An item's sources as the answer lists them: its quantities joined with the sources table."""
+    if not sources:
+        return []
+    if isinstance(sources, list):   # schema "2": the item carried whole entries
+        return [msgspec.structs.asdict(s) for s in sources]
+    return [{"source_id": source_id, "name": name, "kind": kind, "available": sources[source_id],
+             "lead_time_s": lead_time_s, "updated_at": updated_at, "stale": bool(stale),
+             "stale_after_s": stale_after_s}
+            for source_id, name, kind, lead_time_s, updated_at, stale, stale_after_s in table
+            if source_id in sources]
 
 
 class SqliteSyncView:
@@ -206,30 +225,35 @@ class SqliteSyncView:
     def item(self, sku: str) -> dict:
         """Return {nearby, online, sources, cap, snapshot} for a SKU, all from one committed snapshot.
 
-        `sources` are as the hub sent them (its `stale` judgment included); `cap` is a
-        Cap or None. A sync.db of schema "1" answers no sources and no cap.
+        `sources`: each source listing the SKU, in the hub's order, as {source_id, name,
+        kind, available, lead_time_s, updated_at, stale, stale_after_s}: the item's
+        quantity joined with the snapshot's sources table (the hub's `stale` judgment
+        included); `cap` is a Cap or None. A sync.db of schema "1" answers no sources and
+        no cap.
         """
         def read(conn: sqlite3.Connection):
-            cap_column = "cap" if self._schema != "1" else "NULL"
-            conn.execute("BEGIN")
+            schema = self._schema   # known once the connection is open
+            cap_column = "cap" if schema != "1" else "NULL"
+            conn.execute("BEGIN")  # the item, its sources table and the head of one snapshot
             try:
                 row = conn.execute(f"SELECT item, online, {cap_column} FROM availability_items WHERE sku = ?",
                                    (sku,)).fetchone()
                 head = conn.execute("SELECT version, generated_at FROM availability_snapshot WHERE id = 1").fetchone()
+                table = conn.execute(_TABLE_SQL).fetchall() if row is not None and schema == "3" else []
             finally:
                 conn.execute("COMMIT")
-            return row, head
+            return row, head, table, schema
 
         found = self._read("availability", read)
         answer = {"nearby": [], "online": None, "sources": [], "cap": None, "snapshot": None}
         if found is None:
             return answer
-        row, head = found
+        row, head, table, schema = found
         if row is not None:
             item = _full_decoder.decode(row[0])
             answer["nearby"], answer["online"] = item.nearby, row[1]
-            if self._schema != "1":
-                answer["sources"] = [msgspec.structs.asdict(s) for s in item.sources or ()]
+            if schema != "1":
+                answer["sources"] = _joined(item.sources, table)
                 answer["cap"] = _cap_of(row[2]) if row[2] is not None else None
         answer["snapshot"] = self._describe(*head) if head else None
         return answer

@@ -88,8 +88,11 @@ def samples() -> dict[str, bytes]:
     event = _event(1)
     catalog = {"v": 1, "version": 2, "items": [{"sku": f"A{i}", "name": f"Item {i}"} for i in range(3)]}
     snapshot = {"v": 1, "store_id": STORE, "version": 3, "generated_at": "2026-11-27T13:05:00.123Z",
+                "sources": [{"source_id": "sup-x", "name": "Supplier X", "kind": "supplier", "lead_time_s": 60,
+                             "updated_at": "2026-11-27T13:00:00.000Z", "stale": False, "stale_after_s": 3600}],
                 "items": [{"sku": f"A{i}", "nearby": [{"store_id": "store-b", "available": i}], "online": 2}
                           for i in range(3)]}
+    snapshot["items"][0]["sources"] = {"sup-x": 4}
     out = {
         "batch": _batch(1, 3), "batch_view": _batch(1, 3, hashes=False), "event": _dump(event),
         "ack": _dump({"v": 1, "store_id": "store-0042", "acked_seq": 5}),

@@ -116,23 +116,37 @@ def sku(i: int) -> str:
     return f"SKU-{i}"   # the kiosk asks for SKU-0 .. SKU-4999 (bench/sync.py)
 
 
+def stock_rows(stores: list[str], skus: int, round_: int, every: int) -> list[tuple]:
+    """The hub_stock rows of a round. A round of every SKU changed bumps every figure of the
+    base; a 1% round (`every` 100) starts from the previous round's figures and bumps every
+    100th SKU, so that 1% of the items differ from the snapshot the agent holds."""
+    if every > 1 and round_:
+        rows = stock_rows(stores, skus, round_ - 1, 1)
+        rnd = random.Random(round_)
+        return [(s, k, floor + (rnd.randrange(1, 40) if int(k[4:]) % every == 0 else 0), b, r)
+                for s, k, floor, b, r in rows]
+    rnd = random.Random(round_)
+    return [(s, sku(i), (i * 7 + n * 13) % 50 + (rnd.randrange(1, 40) if round_ else 0), 3, 0)
+            for n, s in enumerate(stores) for i in range(skus)]
+
+
+def source_rows(skus: int, k: int, round_: int, every: int) -> list[tuple[str, int]]:
+    """A source's list in a round: every figure moved, or (`every` 100) the previous round's with 1% moved."""
+    base = round_ - 1 if every > 1 else round_
+    return [(sku(i), (i * 13 + k + base + (1 if every > 1 and i % every == 0 else 0)) % 500) for i in range(skus)]
+
+
 def seed(db: Path, stores: list[str], skus: int, round_: int, every: int, sources: int, caps: int) -> None:
     """The bench's write while the hub is stopped: stock, and with `sources`, feeds and caps."""
-    rnd = random.Random(round_)
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("DELETE FROM hub_stock")
-        rows = []
-        for n, s in enumerate(stores):
-            for i in range(skus):
-                bump = rnd.randrange(1, 40) if round_ and i % every == 0 else 0
-                rows.append((s, sku(i), (i * 7 + n * 13) % 50 + bump, 3, 0))
-        conn.executemany("INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved) VALUES (?,?,?,?,?)", rows)
+        conn.executemany("INSERT INTO hub_stock(store_id, sku, floor, backroom, reserved) VALUES (?,?,?,?,?)",
+                         stock_rows(stores, skus, round_, every))
         now_ms = int(time.time() * 1000)
         for k in range(sources):
-            feeds.replace_source(conn, f"src-{k}", round_ + 1, [
-                (sku(i), (i * 13 + k + (round_ if i % every == 0 else 0)) % 500) for i in range(skus)], now_ms)
+            feeds.replace_source(conn, f"src-{k}", round_ + 1, source_rows(skus, k, round_, every), now_ms)
         conn.execute("DELETE FROM caps")
         for c in range(caps):
             cap = capcore.Cap(sku(c * (skus // max(1, caps))), 2 + c % 5, "week", "chain" if c % 2 else "store")
@@ -210,8 +224,14 @@ def one_round(label, work, args, stores, api_port, arrivals, sources, round_, ev
         hub.send_signal(signal.SIGTERM)
         hub.wait(60)
     return {"round": label, "hub_compute_s": compute_s(out, mark), "json_bytes": json_bytes(out, mark, version),
-            "sent_bytes": sent,
+            "sent_bytes": sent, "rows_changed": rows_changed(work / "agent.out", version),
             "apply_s": round(applied - arrived, 3), "_idle": idle, "_during": (arrived, applied)}
+
+
+def rows_changed(agent_out: Path, version: int) -> int | None:
+    """The item rows the agent's sync wrote for that snapshot (its log line "... N changed")."""
+    found = re.findall(rb"applied availability snapshot %d .*?, (\d+) changed" % version, agent_out.read_bytes())
+    return int(found[-1]) if found else None
 
 
 def json_bytes(out: Path, mark: int, version: int) -> int | None:

@@ -102,8 +102,11 @@ class SyncState(Protocol):
         """The held availability snapshot's version, or None."""
 
     async def apply_snapshot(self, version: int, generated_at: str, rows: Sequence[Row],
-                             digest: bytes) -> ApplyOutcome:
-        """Store a snapshot if `version` is newer than the held one; idempotent by version."""
+                             digest: bytes, sources: Sequence[tuple] = ()) -> ApplyOutcome:
+        """Store a snapshot if `version` is newer than the held one; idempotent by version.
+
+        `sources`: the snapshot's sources table as rows (sync.downlink.table_rows).
+        """
 
     @property
     def catalog_version(self) -> int | None:

@@ -177,13 +177,17 @@ class AvailabilityItem(msgspec.Struct, frozen=True):
 
 
 class Availability(msgspec.Struct, frozen=True):
-    """`P/stores/{id}/availability`: retained; `version` grows monotonically."""
+    """`P/stores/{id}/availability`: retained; `version` grows monotonically.
+
+    `sources`: the configured sources' table (SnapshotSource), absent from hubs before it.
+    """
 
     store_id: StoreId
     version: SeqOrZero
     generated_at: str
     items: list[AvailabilityItem]
     v: Literal[1] = VERSION
+    sources: list[SnapshotSource] | None = None
 
 
 class WarehouseItem(msgspec.Struct, frozen=True):
@@ -451,17 +455,20 @@ class OrdersMessage(msgspec.Struct, frozen=True):
     v: int = VERSION
 
 
-class SourceFigure(msgspec.Struct, frozen=True, gc=False):
-    """One configured source's figure for a SKU in a snapshot item (net of open orders)."""
+class SnapshotSource(msgspec.Struct, frozen=True, gc=False):
+    """One configured source in a snapshot's `sources` table: its metadata, once per snapshot.
+
+    The items carry only each source's quantity (`StoreItem.sources`), so a new list from
+    a source moves `updated_at` here, in one entry, not in every item it lists.
+    """
 
     source_id: str
     name: str
     kind: str
-    available: int
     lead_time_s: int
-    stale_after_s: int
     updated_at: str
     stale: bool
+    stale_after_s: int
 
 
 class CapAllowance(msgspec.Struct, frozen=True, gc=False):
@@ -478,6 +485,7 @@ class CapAllowance(msgspec.Struct, frozen=True, gc=False):
 class StoreItem(AvailabilityItem, frozen=True):
     """A snapshot item with the optional `sources` and `cap` (left out when UNSET)."""
 
-    # msgspec.Raw: the hub encodes a SKU's source list once for every store of the region.
-    sources: list[SourceFigure] | msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    # source_id -> available (net of open orders), in config order; each source_id is in
+    # the snapshot's `sources` table. msgspec.Raw: the hub encodes it once per region.
+    sources: dict[str, int] | msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     cap: CapAllowance | msgspec.UnsetType = msgspec.UNSET

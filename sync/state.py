@@ -30,10 +30,12 @@ from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction
 from sync.ports import ApplyOutcome, Row, UplinkStatus
 
-# "2": availability_items has `cap` (the item's validated cap, for the agent's decide-time
-# read) and items' `sources`/`cap` were validated by the downlink. A "1" file is migrated
-# at open (see _migrate); agent/syncview.py still reads "1" (as holding no caps).
-SCHEMA_VERSION = "2"
+# "3": the snapshot's sources table is stored once (availability_sources) and an item's
+# `sources` is its source_id -> available mapping. "2": availability_items has `cap` (the
+# item's validated cap, for the agent's decide-time read) and items' `sources`/`cap` were
+# validated by the downlink. Older files are migrated at open (see _migrate);
+# agent/syncview.py still reads "1" (as holding no caps) and "2".
+SCHEMA_VERSION = "3"
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -83,6 +85,18 @@ CREATE TABLE IF NOT EXISTS availability_items (
     online INTEGER,
     cap    BLOB                -- the item's cap as JSON, NULL when none applies
 ) WITHOUT ROWID;
+-- The held snapshot's sources table: each source's metadata once; the items' `sources`
+-- map source_id -> available. Replaced with the snapshot, in the same transaction.
+CREATE TABLE IF NOT EXISTS availability_sources (
+    position      INTEGER PRIMARY KEY,   -- the hub's order (its config order)
+    source_id     TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    lead_time_s   INTEGER NOT NULL,
+    updated_at    TEXT NOT NULL,
+    stale         INTEGER NOT NULL,      -- the hub's judgment when it generated the snapshot
+    stale_after_s INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS catalog_meta (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -216,10 +230,12 @@ class SqliteSyncState:
         return self._snapshot_version
 
     async def apply_snapshot(self, version: int, generated_at: str, rows: Sequence[Row],
-                             digest: bytes) -> ApplyOutcome:
+                             digest: bytes, sources: Sequence[tuple] = ()) -> ApplyOutcome:
+        """Store a newer snapshot: its items (`rows`) and its sources table (`sources`,
+        downlink.table_rows), in one transaction."""
         applied_at = clock.rfc3339(self._now())
         outcome = await self._run(_apply_snapshot, version, generated_at, applied_at, rows, digest,
-                                  transaction=True)
+                                  list(sources), transaction=True)
         if outcome.applied:
             self._snapshot_version = version
         return outcome
@@ -274,25 +290,28 @@ def _open(path: Path, store_id: str) -> sqlite3.Connection:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a sync.db of schema "1" to "2"; refuse one newer than this process knows.
+    """Bring a sync.db of schema "1" or "2" to "3"; refuse one newer than this process knows.
 
-    "1" stored items without looking at `sources` or `cap`: a held snapshot whose items
-    carry either is dropped (the hub's retained snapshot brings it back, validated);
-    one without them only gains the empty `cap` column.
+    "1" stored items without looking at `sources` or `cap`, and "2" items carry each
+    source's metadata in a `sources` list: a held snapshot whose items carry either (for
+    "1") or `sources` (for "2") is dropped, and the hub's retained snapshot brings it
+    back, validated, in the current shape. A snapshot without them is kept ("1" gains
+    the empty `cap` column; the sources table, created empty, is its table).
     """
     held = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     version = held[0] if held else "1"
     if version == SCHEMA_VERSION:
         return
-    if version != "1":
+    if version not in ("1", "2"):
         raise StorageError(f"storage: {path} has sync schema {version}; this sync process knows {SCHEMA_VERSION}")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(availability_items)")}
     if "cap" not in columns:
         conn.execute("ALTER TABLE availability_items ADD COLUMN cap BLOB")
-    unchecked = conn.execute(
-        "SELECT 1 FROM availability_items WHERE instr(CAST(item AS TEXT), '\"cap\"')"
-        " OR instr(CAST(item AS TEXT), '\"sources\"') LIMIT 1").fetchone()
-    if unchecked:
+    unchecked = " OR instr(CAST(item AS TEXT), '\"cap\"')" if version == "1" else ""
+    stale_shape = conn.execute(
+        "SELECT 1 FROM availability_items WHERE instr(CAST(item AS TEXT), '\"sources\"')" + unchecked
+        + " LIMIT 1").fetchone()
+    if stale_shape:
         conn.execute("DELETE FROM availability_items")
         conn.execute("DELETE FROM availability_snapshot")
     conn.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)"
@@ -308,27 +327,32 @@ def _held(conn: sqlite3.Connection) -> tuple[int | None, int | None, dict[str, i
 
 
 def _apply_snapshot(conn: sqlite3.Connection, version: int, generated_at: str, applied_at: str,
-                    rows: Sequence[Row], digest: bytes) -> ApplyOutcome:
-    """Write only what changed: an upsert that skips equal rows, then the SKUs no longer listed."""
+                    rows: Sequence[Row], digest: bytes, sources: list[tuple]) -> ApplyOutcome:
+    """Write only what changed: the rows that differ from the held ones, then the SKUs no longer listed.
+
+    The sources table (a few rows) is replaced whole.
+    """
     held = conn.execute("SELECT version, digest FROM availability_snapshot WHERE id = 1").fetchone()
     if held is not None and version <= held[0]:
         return ApplyOutcome(False, held[0])
+    conn.execute("DELETE FROM availability_sources")
+    conn.executemany("INSERT INTO availability_sources(position, source_id, name, kind, lead_time_s,"
+                     " updated_at, stale, stale_after_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", sources)
     changed = removed = 0
     if held is None or held[1] != digest:
-        before = conn.total_changes
+        # Compare with the held items and write only the rows that differ: at 100,000 SKUs
+        # reading them back costs about a third of an upsert that skips equal rows.
+        stored = dict(conn.execute("SELECT sku, item FROM availability_items"))
+        fresh = [row if len(row) == 4 else (*row, None) for row in rows
+                 if stored.pop(row[0], None) != memoryview(row[1])]
         conn.executemany(
             "INSERT INTO availability_items(sku, item, online, cap) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online, cap = excluded.cap"
-            " WHERE item IS NOT excluded.item", (row if len(row) == 4 else (*row, None) for row in rows))
-        changed = conn.total_changes - before
-        # Every listed SKU is in the table now; as many rows as SKUs means none is left over.
-        if conn.execute("SELECT COUNT(*) FROM availability_items").fetchone()[0] != len(rows):
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_skus (sku TEXT PRIMARY KEY) WITHOUT ROWID")
-            conn.execute("DELETE FROM temp.snapshot_skus")
-            conn.executemany("INSERT OR IGNORE INTO temp.snapshot_skus(sku) VALUES (?)", ((r[0],) for r in rows))
-            removed = conn.execute(
-                "DELETE FROM availability_items WHERE sku NOT IN (SELECT sku FROM temp.snapshot_skus)").rowcount
-            conn.execute("DELETE FROM temp.snapshot_skus")
+            " ON CONFLICT(sku) DO UPDATE SET item = excluded.item, online = excluded.online, cap = excluded.cap",
+            fresh)
+        changed = len(fresh)
+        if stored:  # what is left is no longer listed
+            conn.executemany("DELETE FROM availability_items WHERE sku = ?", ((sku,) for sku in stored))
+            removed = len(stored)
     conn.execute(
         "INSERT INTO availability_snapshot(id, version, generated_at, applied_at, digest, items)"
         " VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET version = excluded.version,"

@@ -9,6 +9,8 @@ quantities; outputs are each store's snapshot items and the publish decision.
 * `nearby` lists the region's other stores that know the SKU, with their available
   (0 included: "carried there, sold out" differs from "not carried"), in store order.
 * `online` is the sum of the warehouses' available for the SKU, None when none lists it.
+* The configured sources' metadata (name, kind, lead time, `updated_at`, stale) is one
+  table per snapshot (`source_table`); an item carries only each source's quantity.
 * A store's snapshot is published when its items changed since the last publish (by
   digest), or when the last publish is older than the refresh interval, so a quiet
   region's snapshot is not shown as stale by the kiosks.
@@ -61,13 +63,13 @@ def regions_of(stores: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def region_items(members: list[str], available: Available, online: Mapping[str, int | None],
-                 sources: Mapping[str, list[protocol.SourceFigure] | msgspec.Raw] | None = None,
+                 sources: Mapping[str, Mapping[str, int] | msgspec.Raw] | None = None,
                  caps: Mapping[str, Mapping[str, protocol.CapAllowance]] | None = None,
                  ) -> dict[str, list[protocol.AvailabilityItem]]:
     """Return store_id -> its snapshot items, for the stores of one region (`members`).
 
-    `sources`: sku -> the source figures every store of the region gets for it
-    (`source_figures`, or their JSON as msgspec.Raw, encoded once); `caps`: store_id -> sku -> that store's cap. A SKU with a cap for
+    `sources`: sku -> source_id -> available, what every store of the region gets for it
+    (`source_figures`, or its JSON as msgspec.Raw, encoded once); `caps`: store_id -> sku -> that store's cap. A SKU with a cap for
     one of the region's stores is listed for all of them.
     """
     sources = sources or {}
@@ -106,10 +108,26 @@ class Source:
     stale_after_s: int
 
 
+def source_table(sources: list[Source], updated: Mapping[str, tuple[int, str]],
+                 now_ms: int) -> list[protocol.SnapshotSource]:
+    """Return the snapshot's `sources` table: each configured source heard from, in config order.
+
+    `updated`: source_id -> (ms, RFC 3339) of the last accepted message. A source is stale
+    when `now_ms - updated` exceeds its `stale_after_s`.
+    """
+    out = []
+    for src in sources:
+        if src.source_id in updated:
+            at_ms, at_text = updated[src.source_id]
+            out.append(protocol.SnapshotSource(src.source_id, src.name, src.kind, src.lead_time_s, at_text,
+                                               now_ms - at_ms > src.stale_after_s * 1000, src.stale_after_s))
+    return out
+
+
 def source_figures(sources: list[Source], stock: Mapping[str, Mapping[str, int]],
                    updated: Mapping[str, tuple[int, str]], claims: Mapping[str, Mapping[str, int]],
-                   now_ms: int) -> tuple[dict[str, list[protocol.SourceFigure]], dict[str, int | None]]:
-    """Return (sku -> source figures, sku -> online) for the configured `sources`, in their order.
+                   now_ms: int) -> tuple[dict[str, dict[str, int]], dict[str, int | None]]:
+    """Return (sku -> source_id -> available, sku -> online) for the configured `sources`, in their order.
 
     `stock`: source_id -> sku -> available as last fed; `updated`: source_id -> (ms, RFC
     3339) of the last accepted message (a source never heard from lists nothing);
@@ -122,44 +140,53 @@ def source_figures(sources: list[Source], stock: Mapping[str, Mapping[str, int]]
     * `online` is the sum of the fresh warehouses' net figures, None when no fresh
       warehouse lists the SKU (a stale figure is shown, not counted).
     """
-    figures: dict[str, list[protocol.SourceFigure]] = {}
+    figures: dict[str, dict[str, int]] = {}
     online: dict[str, int | None] = {}
-    warehouse_net: dict[str, list[list]] = {}     # sku -> [[figure index, net], ...] of fresh warehouses
+    warehouses: dict[str, list[str]] = {}     # sku -> the fresh warehouses listing it, in config order
     no_claims: Mapping[str, int] = {}
     for src in sources:
         if src.source_id not in updated:
             continue
-        at_ms, at_text = updated[src.source_id]
-        stale = now_ms - at_ms > src.stale_after_s * 1000
+        stale = now_ms - updated[src.source_id][0] > src.stale_after_s * 1000
+        fresh_warehouse = src.kind == "warehouse" and not stale
         claimed = claims.get(src.source_id, no_claims)
-        for sku, qty in stock.get(src.source_id, no_claims).items():
-            net = max(0, qty - claimed.get(sku, 0))
-            row = figures.setdefault(sku, [])
-            if src.kind == "warehouse" and not stale:
-                warehouse_net.setdefault(sku, []).append([len(row), net])
-            row.append(protocol.SourceFigure(src.source_id, src.name, src.kind, net, src.lead_time_s,
-                                             src.stale_after_s, at_text, stale))
+        source_id = src.source_id
+        for sku, qty in stock.get(source_id, no_claims).items():
+            row = figures.get(sku)
+            if row is None:
+                row = figures[sku] = {}
+            row[source_id] = max(0, qty - claimed.get(sku, 0))
+            if fresh_warehouse:
+                warehouses.setdefault(sku, []).append(source_id)
     online_claims = claims.get(protocol.ONLINE, no_claims)
-    for sku, nets in warehouse_net.items():
+    for sku, ids in warehouses.items():
+        row = figures[sku]
         left = online_claims.get(sku, 0)
-        for entry in nets:
+        for source_id in ids:
             if left <= 0:
                 break
-            take = min(left, entry[1])
-            if take:
-                entry[1] -= take
-                left -= take
-                i = entry[0]
-                figures[sku][i] = msgspec.structs.replace(figures[sku][i], available=entry[1])
-        online[sku] = sum(net for _, net in nets)
+            take = min(left, row[source_id])
+            row[source_id] -= take
+            left -= take
+        online[sku] = sum(row[source_id] for source_id in ids)
     for sku in figures:
         online.setdefault(sku, None)
     return figures, online
 
 
-def items_digest(encoded_items: bytes) -> bytes:
-    """Digest of a snapshot's encoded items: equal digests, same content."""
-    return hashlib.sha256(encoded_items).digest()
+def items_digest(encoded_items: bytes, table: list[protocol.SnapshotSource] | None = None) -> bytes:
+    """Digest of a snapshot's content: its encoded items and its sources table but `updated_at`.
+
+    Equal digests, same content. A source's `updated_at` alone moving (a new list with
+    the same figures) leaves it equal, so it is carried at the next publish that is due
+    anyway (a changed figure, a stale transition, `refresh_s`), not by a republish of
+    every store. Without a table the digest is the items' alone, as before the table.
+    """
+    h = hashlib.sha256(encoded_items)
+    if table:
+        h.update(b"\n" + protocol.encode([[s.source_id, s.name, s.kind, s.lead_time_s, s.stale, s.stale_after_s]
+                                           for s in table]))
+    return h.digest()
 
 
 def next_version(previous: Published | None, now_ms: int) -> int:
@@ -176,18 +203,23 @@ def due(previous: Published | None, digest: bytes, now_ms: int, refresh_ms: int,
 
 def build(store_id: str, items: list[protocol.AvailabilityItem], previous: Published | None,
           now_ms: int, refresh_ms: int, generated_at: str, force: bool = False,
-          grants: Mapping[str, int] | None = None) -> Snapshot | None:
+          grants: Mapping[str, int] | None = None,
+          table: list[protocol.SnapshotSource] | None = None) -> Snapshot | None:
     """Return the snapshot to publish for a store, or None when nothing is due.
 
-    `generated_at` is `now_ms` as RFC 3339 (formatted by the caller's clock module).
+    `generated_at` is `now_ms` as RFC 3339 (formatted by the caller's clock module);
+    `table` is the snapshot's `sources` table (`source_table`), left out when empty.
     """
     encoded_items = protocol.encode(items)
-    digest = items_digest(encoded_items)
+    digest = items_digest(encoded_items, table)
     if not due(previous, digest, now_ms, refresh_ms, force):
         return None
     version = next_version(previous, now_ms)
-    head = b'{"v":1,"store_id":"%s","version":%d,"generated_at":"%s","items":' % (
+    head = b'{"v":1,"store_id":"%s","version":%d,"generated_at":"%s",' % (
         store_id.encode(), version, generated_at.encode())
+    if table:
+        head += b'"sources":%s,' % protocol.encode(table)
+    head += b'"items":'
     return Snapshot(store_id, version, digest, now_ms, head + encoded_items + b"}", len(items), dict(grants or {}))
 
 

@@ -3,8 +3,9 @@
 `compute(plan, previous, force, now)` opens its own read-only connection, reads the stock
 projection, the configured sources' lists, the open orders' claims, the caps with each
 capped store's use this period and the chain caps' allowance history, all in one
-transaction, then builds every store's items (sync/hub/availability.py) and the chain-cap
-split (sync/hub/caps.py), both pure, and returns the snapshots that are due.
+transaction, then builds every store's items and the snapshot's sources table
+(sync/hub/availability.py) and the chain-cap split (sync/hub/caps.py), both pure, and
+returns the snapshots that are due.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def compute(plan: Plan, previous: Mapping[str, av.Published], force: set[str], n
         conn.close()
     updated = {sid: (ms, clock.rfc3339(ms / 1000)) for sid, ms in updated_ms.items()}
     figures, online = av.source_figures(plan.sources, stock, updated, claims, now_ms)
+    table = av.source_table(plan.sources, updated, now_ms)
     encoded = {sku: msgspec.Raw(protocol.encode(rows)) for sku, rows in figures.items()}
     generated_at = clock.rfc3339(now)
     out = []
     for members in plan.regions.values():
         for store_id, items in av.region_items(members, available, online, encoded, cap_items).items():
             snap = av.build(store_id, items, previous.get(store_id), now_ms, refresh_ms, generated_at,
-                            force=store_id in force, grants=grants.get(store_id))
+                            force=store_id in force, grants=grants.get(store_id), table=table)
             if snap is not None:
                 out.append(snap)
     return out

@@ -15,20 +15,23 @@ from tests.api.conftest import STORE
 
 def cap_item(sku: str, allowance: int, start: float, days: float = 7, limit: int | None = None) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode({
-        "sku": sku, "nearby": [], "online": None,
-        "sources": [{"source_id": "supplier-x", "name": "Supplier X", "kind": "supplier", "available": 40,
-                     "lead_time_s": 259200, "updated_at": rfc3339(time.time() - 7200), "stale": False,
-                     "stale_after_s": 3600}],
+        "sku": sku, "nearby": [], "online": None, "sources": {"supplier-x": 40},
         "cap": {"limit": allowance if limit is None else limit, "scope": "store", "period": "week",
                 "period_start": rfc3339(start), "period_end": rfc3339(start + days * 86400),
                 "allowance": allowance}}))
 
 
+def source_table() -> list[tuple]:
+    """The snapshot's sources table (downlink.table_rows): the supplier, last heard of two hours ago."""
+    return [(0, "supplier-x", "Supplier X", "supplier", 259200, rfc3339(time.time() - 7200), 0, 3600)]
+
+
 async def store_snapshot(agent, version: int, *items: msgspec.Raw) -> None:
-    rows, digest = rows_from(list(items))
+    rows, digest = rows_from(list(items), source_ids={"supplier-x"})
     state = await SqliteSyncState.open(sync_db_path(agent.ctx.config), STORE)
     try:
-        assert (await state.apply_snapshot(version, rfc3339(time.time()), rows, digest)).applied
+        assert (await state.apply_snapshot(version, rfc3339(time.time()), rows, digest,
+                                           sources=source_table())).applied
     finally:
         await state.close()
 
@@ -81,7 +84,11 @@ async def test_the_answer_lists_sources_with_the_agents_age_and_staleness(start_
     status, answer = await agent.get("/v1/availability/CONSOLE")
     assert status == 200
     [source] = answer["sources"]
+    # The item's quantity joined with the snapshot's sources table: the answer's whole entry.
+    assert list(source) == ["source_id", "name", "kind", "available", "lead_time_s", "updated_at", "stale",
+                            "stale_after_s", "age_s"]
     assert source["source_id"] == "supplier-x" and source["available"] == 40 and source["lead_time_s"] == 259200
+    assert source["name"] == "Supplier X" and source["kind"] == "supplier" and source["stale_after_s"] == 3600
     # The hub said fresh, but two hours passed its one-hour stale_after_s by the agent's clock.
     assert 7190 < source["age_s"] < 7300 and source["stale"] is True
 

@@ -79,13 +79,30 @@ class Snapshots:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             snap = self.latest(store_id)
-            if snap is not None and check({i["sku"]: i for i in snap["items"]}):
+            if snap is not None and check(items(snap)):
                 return snap
             await asyncio.sleep(0.05)
         raise AssertionError(f"{store_id}: no {what} in {timeout}s; last: {self.latest(store_id)}")
 
 
 def items(snapshot: dict) -> dict[str, dict]:
+    """The snapshot's items by SKU, each item's `sources` joined with the snapshot's sources table
+    (as the agent answers them: whole entries in the table's order)."""
+    table = snapshot.get("sources") or []
+    out = {}
+    for item in snapshot["items"]:
+        if "sources" in item:
+            quantities = item["sources"]
+            assert isinstance(quantities, dict), item   # the wire shape: source_id -> available
+            assert set(quantities) <= {t["source_id"] for t in table}, (item, table)
+            item = dict(item, sources=[dict(t, available=quantities[t["source_id"]])
+                                       for t in table if t["source_id"] in quantities])
+        out[item["sku"]] = item
+    return out
+
+
+def wire_items(snapshot: dict) -> dict[str, dict]:
+    """The snapshot's items by SKU exactly as sent."""
     return {i["sku"]: i for i in snapshot["items"]}
 
 

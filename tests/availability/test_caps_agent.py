@@ -21,11 +21,11 @@ WEEK = 7 * 86400
 
 def capped_snapshot(store_id: str, version: int, sku: str, allowance: int, start: float) -> bytes:
     return json.dumps({"v": 1, "store_id": store_id, "version": version, "generated_at": rfc3339(time.time()),
+                       "sources": [{"source_id": "supplier-x", "name": "Supplier X", "kind": "supplier",
+                                    "lead_time_s": 259200, "updated_at": rfc3339(time.time()), "stale": False,
+                                    "stale_after_s": 3600}],
                        "items": [{"sku": sku, "nearby": [], "online": None,
-                                  "sources": [{"source_id": "supplier-x", "name": "Supplier X", "kind": "supplier",
-                                               "available": 40, "lead_time_s": 259200,
-                                               "updated_at": rfc3339(time.time()), "stale": False,
-                                               "stale_after_s": 3600}],
+                                  "sources": {"supplier-x": 40},
                                   "cap": {"limit": allowance, "scope": "store", "period": "week",
                                           "period_start": rfc3339(start), "period_end": rfc3339(start + WEEK),
                                           "allowance": allowance}}]}).encode()
@@ -116,7 +116,7 @@ async def test_a_malformed_cap_is_a_counted_drop_and_the_held_cap_stays(tmp_path
 
 
 def test_a_sync_database_of_schema_1_is_migrated_and_read(tmp_path):
-    """An older sync.db: the agent's view reads it (no caps); the sync process migrates it to 2."""
+    """An older sync.db: the agent's view reads it (no caps); the sync process migrates it to 3."""
     import asyncio
 
     from agent.syncview import SqliteSyncView
@@ -145,8 +145,61 @@ def test_a_sync_database_of_schema_1_is_migrated_and_read(tmp_path):
     asyncio.run(migrate())
     # The same open view sees the migrated file: the held snapshot (no sources, no cap) was kept.
     assert view.item("A1")["online"] == 3 and view.item("A1")["snapshot"]["version"] == 4
-    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     view.close()
+
+
+_V2_SOURCE = {"source_id": "supplier-x", "name": "Supplier X", "kind": "supplier", "available": 40,
+              "lead_time_s": 259200, "updated_at": "2026-11-27T12:00:00.000Z", "stale": False, "stale_after_s": 3600}
+
+
+def _schema_2_file(path, item: dict) -> None:
+    """A sync.db as schema "2" wrote it: no sources table, each item's sources whole."""
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TABLE availability_snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL,
+            generated_at TEXT NOT NULL, applied_at TEXT NOT NULL, digest BLOB NOT NULL, items INTEGER NOT NULL);
+        CREATE TABLE availability_items (sku TEXT PRIMARY KEY, item BLOB NOT NULL, online INTEGER, cap BLOB)
+            WITHOUT ROWID;
+        INSERT INTO meta VALUES ('store_id', 'store-a'), ('schema', '2');
+        INSERT INTO availability_snapshot VALUES (1, 4, '2026-11-27T13:00:00.000Z', '2026-11-27T13:00:01.000Z', x'00', 1);
+    """)
+    conn.execute("INSERT INTO availability_items VALUES (?, ?, 3, NULL)", (item["sku"], json.dumps(item)))
+    conn.commit()
+    conn.close()
+
+
+def test_a_sync_database_of_schema_2_is_read_then_migrated_to_the_sources_table(tmp_path):
+    """A "2" file: the agent reads its items' whole source entries; the sync process migrates it
+    to "3", dropping a held snapshot in the old item shape (the hub's retained one comes back)."""
+    import asyncio
+
+    from agent.syncview import SqliteSyncView
+    from sync.state import SqliteSyncState
+
+    old = tmp_path / "old.sync.db"
+    _schema_2_file(old, {"sku": "A1", "nearby": [], "online": 3, "sources": [_V2_SOURCE]})
+    plain = tmp_path / "plain.sync.db"
+    _schema_2_file(plain, {"sku": "A1", "nearby": [], "online": 3})
+    view, plain_view = SqliteSyncView(old), SqliteSyncView(plain)
+    assert view.item("A1")["sources"] == [_V2_SOURCE]
+
+    async def migrate(path) -> None:
+        state = await SqliteSyncState.open(path, "store-a")
+        await state.close()
+
+    asyncio.run(migrate(old))
+    asyncio.run(migrate(plain))
+    assert view.item("A1") == {"nearby": [], "online": None, "sources": [], "cap": None, "snapshot": None}
+    assert plain_view.item("A1")["online"] == 3 and plain_view.item("A1")["snapshot"]["version"] == 4
+    for path in (old, plain):
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT COUNT(*) FROM availability_sources").fetchone() == (0,)
+        conn.close()
+    view.close()
+    plain_view.close()
 
 
 def _raw(item: dict):
@@ -165,23 +218,26 @@ def test_the_downlink_stores_a_valid_cap_and_reads_old_items_as_uncapped():
     from sync.downlink import rows_from
 
     (sku, raw, _, cap), (old_sku, _, _, old_cap) = rows_from(
-        [_raw(_item()), _raw({"sku": "OLD", "nearby": [], "online": 3})])[0]
+        [_raw(_item()), _raw({"sku": "OLD", "nearby": [], "online": 3})], source_ids={"supplier-x"})[0]
     assert sku == "CONSOLE" and json.loads(cap)["allowance"] == 2
-    assert json.loads(bytes(raw))["sources"][0]["kind"] == "supplier"
+    assert json.loads(bytes(raw))["sources"] == {"supplier-x": 40}
     assert old_sku == "OLD" and old_cap is None
-    assert rows_from([_raw(_item(cap=None, sources=[]))])[0][0][3] is None
+    assert rows_from([_raw(_item(cap=None, sources={}))])[0][0][3] is None
 
 
 def test_a_malformed_source_or_cap_drops_the_snapshot_naming_the_field():
     import pytest
 
-    from sync.downlink import Malformed, rows_from
+    from sync.downlink import Malformed, decode_head, rows_from
 
     good = _item()
+    ids = {"supplier-x"}
     cases = [
-        ("sources", {"sources": [dict(good["sources"][0], kind="shop")]}, "sources"),
-        ("sources", {"sources": [dict(good["sources"][0], available=-1)]}, "available"),
-        ("sources", {"sources": [dict(good["sources"][0], updated_at="2026-02-30T00:00:00Z")]}, "updated_at"),
+        ("sources", {"sources": {"supplier-x": -1}}, "sources"),
+        ("sources", {"sources": {"supplier-x": "40"}}, "sources"),
+        ("sources", {"sources": {"supplier-y": 1}}, "sources.supplier-y is not in the snapshot's sources table"),
+        ("sources", {"sources": {"bad id!": 1}}, "sources"),
+        ("sources", {"sources": [{"source_id": "supplier-x", "available": 40}]}, "sources"),
         ("cap", {"cap": dict(good["cap"], period="fortnight")}, "cap.period"),
         ("cap", {"cap": dict(good["cap"], allowance="2")}, "cap.allowance"),
         ("cap", {"cap": dict(good["cap"], period_end=good["cap"]["period_start"])}, "period_end"),
@@ -189,5 +245,23 @@ def test_a_malformed_source_or_cap_drops_the_snapshot_naming_the_field():
     ]
     for reason, change, named in cases:
         with pytest.raises(Malformed) as bad:
-            rows_from([_raw({"sku": "OK", "nearby": []}), _raw(dict(good, **change))])
+            rows_from([_raw({"sku": "OK", "nearby": []}), _raw(dict(good, **change))], source_ids=ids)
         assert bad.value.reason == reason and named in str(bad.value), (change, str(bad.value))
+    # The snapshot's sources table, field by field.
+    snapshot = json.loads(capped_snapshot("store-a", 1, "CONSOLE", 2, 1_796_000_000))
+    entry = snapshot["sources"][0]
+    table_cases = [
+        (dict(entry, kind="shop"), "sources[0].kind"),
+        (dict(entry, lead_time_s=-1), "sources[0].lead_time_s"),
+        (dict(entry, updated_at="2026-02-30T00:00:00Z"), "sources[0].updated_at"),
+        (dict(entry, stale="no"), "sources[0].stale"),
+        ({k: v for k, v in entry.items() if k != "stale_after_s"}, "stale_after_s"),
+        (dict(entry, name=""), "sources[0].name"),
+    ]
+    for changed, named in table_cases:
+        with pytest.raises(Malformed) as bad:
+            decode_head(json.dumps(dict(snapshot, sources=[changed])).encode(), "store-a")
+        assert bad.value.reason == "sources" and named in str(bad.value), (changed, str(bad.value))
+    with pytest.raises(Malformed) as bad:
+        decode_head(json.dumps(dict(snapshot, sources=[entry, entry])).encode(), "store-a")
+    assert bad.value.reason == "sources" and "listed twice" in str(bad.value)

@@ -79,6 +79,35 @@ async def open_hub(config, clock) -> tuple[HubService, AvailabilityPublisher]:
     return service, publisher
 
 
+def test_sources_go_in_one_table_and_only_their_quantities_in_the_items():
+    sources = [av.Source("wh-1", "Central", "warehouse", 86400, 60), av.Source("sup-x", "Supplier X", "supplier", 0, 3600)]
+    stock = {"wh-1": {"A": 5, "B": 2}, "sup-x": {"A": 40}}
+    updated = {"wh-1": (NOW_MS - 1000, "2026-11-16T07:59:59.000Z"), "sup-x": (NOW_MS - 2000, "2026-11-16T07:59:58.000Z")}
+    figures, online = av.source_figures(sources, stock, updated, {"online": {"A": 1}}, NOW_MS)
+    assert figures == {"A": {"wh-1": 4, "sup-x": 40}, "B": {"wh-1": 2}} and online == {"A": 4, "B": 2}
+    table = av.source_table(sources, updated, NOW_MS)
+    items = av.region_items(["s1"], {"s1": {}}, online, figures)["s1"]
+    snap = av.build("s1", items, None, NOW_MS, 0, "2026-11-16T08:00:00.000Z", table=table)
+    body = json.loads(snap.payload)
+    assert body["sources"] == [
+        {"source_id": "wh-1", "name": "Central", "kind": "warehouse", "lead_time_s": 86400,
+         "updated_at": "2026-11-16T07:59:59.000Z", "stale": False, "stale_after_s": 60},
+        {"source_id": "sup-x", "name": "Supplier X", "kind": "supplier", "lead_time_s": 0,
+         "updated_at": "2026-11-16T07:59:58.000Z", "stale": False, "stale_after_s": 3600}]
+    assert [i["sources"] for i in body["items"]] == [{"wh-1": 4, "sup-x": 40}, {"wh-1": 2}]
+    previous = av.Published(snap.version, snap.digest, NOW_MS)
+    # A new list with the same figures moves updated_at alone: the digest stays, nothing is due.
+    later = {sid: (ms + 30_000, "2026-11-16T08:00:29.000Z") for sid, (ms, _) in updated.items()}
+    assert av.build("s1", items, previous, NOW_MS + 31_000, 0, "x",
+                    table=av.source_table(sources, later, NOW_MS + 31_000)) is None
+    # A stale transition (wh-1 past its 60 s) changes it.
+    assert av.build("s1", items, previous, NOW_MS + 120_000, 0, "x",
+                    table=av.source_table(sources, updated, NOW_MS + 120_000)) is not None
+    # Without sources the snapshot has no table and the digest is the items' alone, as before.
+    plain = av.build("s1", [protocol.AvailabilityItem("A", [], 3)], None, NOW_MS, 0, "x")
+    assert "sources" not in json.loads(plain.payload) and plain.digest == av.items_digest(b'[{"sku":"A","nearby":[],"online":3}]')
+
+
 async def test_unchanged_snapshot_is_republished_after_the_configured_refresh(tmp_path, broker):
     hub_config(tmp_path, broker)
     config = load_hub_config(tmp_path / "hub.toml", environ={"EDGE_HUB__AVAILABILITY__REFRESH_S": "30"})

@@ -96,6 +96,13 @@ async def test_a_sale_in_store_a_reaches_store_b_kiosk_and_the_warehouse_feed_se
 
         first = wait_until(lambda: b_sees(5, 40), 30, "store B's kiosk to show store A's 5 and online 40")
         assert first["here"]["available"] == 2
+        # The item's quantity joined at the store with the snapshot's sources table.
+        [source] = first["sources"]
+        assert list(source) == ["source_id", "name", "kind", "available", "lead_time_s", "updated_at", "stale",
+                                "stale_after_s", "age_s"]
+        assert (source["source_id"], source["name"], source["kind"], source["available"], source["lead_time_s"],
+                source["stale"], source["stale_after_s"]) == ("wh-1", "wh-1", "warehouse", 40, 0, False, 3600)
+        assert 0 <= source["age_s"] < 60
         assert first["snapshot"]["stale"] is False and first["snapshot"]["version"] >= 1
 
         record(a, {"type": "sold", "sku": "SKU-1", "qty": 5})

@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from sync import protocol
-from tests.availability.hubfeeds import PREFIX, Snapshots, feed_hub, items, publish, source_toml, stock, wait_rejected
+from tests.availability.hubfeeds import (PREFIX, Snapshots, feed_hub, items, publish, source_toml, stock,
+                                        wait_rejected, wire_items)
 
 SUPPLIER = source_toml("sup-x", "supplier", "Supplier X", lead_time_s=259200)
 WAREHOUSE = source_toml("wh-1", "warehouse", "Central warehouse", lead_time_s=86400)
@@ -31,6 +32,30 @@ async def test_each_configured_source_is_listed_and_online_sums_the_warehouses(t
             assert abs(protocol_time(rows["sup-x"]["updated_at"]) - time.time()) < 60
             assert items(snap)["SKU-2"]["online"] == 1
             assert items(snaps.latest("store-a"))["SKU-1"]["sources"] == item["sources"]
+            # On the wire: the sources' metadata once, in a table beside the items; an item
+            # carries only each source's quantity.
+            assert wire_items(snap)["SKU-1"]["sources"] == {"sup-x": 40, "wh-1": 7, "wh-2": 5}
+            assert wire_items(snap)["SKU-2"]["sources"] == {"wh-2": 1}
+            assert [t["source_id"] for t in snap["sources"]] == ["sup-x", "wh-1", "wh-2"]
+            assert set(snap["sources"][0]) == {"source_id", "name", "kind", "lead_time_s", "updated_at",
+                                               "stale", "stale_after_s"}
+
+
+async def test_a_new_list_with_the_same_figures_does_not_republish(tmp_path, broker):
+    # Only the source's updated_at moves: the snapshot's digest leaves it out, so no store
+    # is sent a snapshot for it (the next due publish carries the new time).
+    with feed_hub(tmp_path, broker, SUPPLIER):
+        async with Snapshots(broker) as snaps:
+            topic = protocol.source_stock_topic(PREFIX, "sup-x")
+            await publish(broker, topic, stock("sup-x", 1, SKU_1=40))
+            first = await snaps.wait("store-a", lambda i: "SKU-1" in i)
+            await asyncio.sleep(0.3)  # the same list again, at a later time (updated_at in ms)
+            await publish(broker, topic, stock("sup-x", 2, SKU_1=40))
+            await asyncio.sleep(2.0)  # ten publish runs
+            assert snaps.latest("store-a")["version"] == first["version"]
+            await publish(broker, topic, stock("sup-x", 3, SKU_1=41))
+            changed = await snaps.wait("store-a", lambda i: i["SKU-1"]["sources"][0]["available"] == 41)
+            assert changed["sources"][0]["updated_at"] > first["sources"][0]["updated_at"]
 
 
 def protocol_time(text: str) -> float:

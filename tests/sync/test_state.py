@@ -139,6 +139,44 @@ async def test_new_snapshot_replaces_rows_and_removes_missing_skus(state, view):
     assert [view.answer(s)[1] for s in "ABC"] == [1, 20, None]
 
 
+async def test_an_apply_writes_only_the_rows_that_changed(tmp_path, state, view):
+    await apply(state, 1, ("A", 1, {}), ("B", 2, {}), ("C", 3, {}))
+    spy = sqlite3.connect(tmp_path / "events.sync.db", isolation_level=None)
+    spy.executescript("""CREATE TABLE written (sku TEXT);
+        CREATE TRIGGER on_update AFTER UPDATE ON availability_items BEGIN INSERT INTO written VALUES (new.sku); END;
+        CREATE TRIGGER on_insert AFTER INSERT ON availability_items BEGIN INSERT INTO written VALUES (new.sku); END;""")
+    outcome = await apply(state, 2, ("A", 1, {}), ("B", 20, {}), ("C", 3, {}), ("D", 4, {}))
+    assert (outcome.changed, outcome.removed) == (2, 0)
+    assert sorted(r[0] for r in spy.execute("SELECT sku FROM written")) == ["B", "D"]
+    assert [view.answer(s)[1] for s in "ABCD"] == [1, 20, 3, 4]
+    spy.close()
+
+
+async def test_the_sources_table_is_stored_once_and_joined_with_each_items_quantities(tmp_path, state, view):
+    table = [(0, "wh-1", "Central", "warehouse", 86400, "2026-11-27T12:59:00.000Z", 0, 3600),
+             (1, "sup-x", "Supplier X", "supplier", 259200, "2026-11-27T12:00:00.000Z", 1, 1800)]
+    items = [("A", msgspec.json.encode({"sku": "A", "nearby": [], "online": 7, "sources": {"wh-1": 7, "sup-x": 40}}), 7),
+             ("B", msgspec.json.encode({"sku": "B", "nearby": [], "online": None, "sources": {"sup-x": 2}}), None)]
+    assert (await state.apply_snapshot(1, T0_TEXT, items, digest_of(items), sources=table)).applied
+    assert view.item("A")["sources"] == [
+        {"source_id": "wh-1", "name": "Central", "kind": "warehouse", "available": 7, "lead_time_s": 86400,
+         "updated_at": "2026-11-27T12:59:00.000Z", "stale": False, "stale_after_s": 3600},
+        {"source_id": "sup-x", "name": "Supplier X", "kind": "supplier", "available": 40, "lead_time_s": 259200,
+         "updated_at": "2026-11-27T12:00:00.000Z", "stale": True, "stale_after_s": 1800}]
+    assert [s["available"] for s in view.item("B")["sources"]] == [2]
+    # A newer list from wh-1 moves its time in the table alone: the items are not written again.
+    moved = [(0, "wh-1", "Central", "warehouse", 86400, "2026-11-27T13:00:00.000Z", 0, 3600), table[1]]
+    outcome = await state.apply_snapshot(2, T0_TEXT, items, digest_of(items), sources=moved)
+    assert outcome.applied and outcome.changed == 0
+    assert view.item("A")["sources"][0]["updated_at"] == "2026-11-27T13:00:00.000Z"
+    # A snapshot from an old hub (no table, no sources) empties it.
+    assert (await apply(state, 3, ("A", 1, {}))).applied
+    assert view.item("A")["sources"] == []
+    conn = sqlite3.connect(tmp_path / "events.sync.db")
+    assert conn.execute("SELECT COUNT(*) FROM availability_sources").fetchone() == (0,)
+    conn.close()
+
+
 async def test_snapshot_and_catalog_survive_reopen(tmp_path, state, view):
     await apply(state, 3, ("A", 4, {"store-b": 1}))
     await state.apply_catalog(2, [("A", "Blue mug")])
@@ -226,6 +264,24 @@ async def test_downlink_drops_malformed_and_keeps_previous(state, view):
     assert view.answer("A")[:2] == ([{"store_id": "store-b", "available": 2}], 5)
     assert view.status()["counters"] == {"snapshots_applied": 1, "dropped_decode": 1, "dropped_item": 1,
                                          "snapshots_ignored": 1}
+
+
+async def test_downlink_applies_the_sources_table_and_drops_a_bad_one_naming_the_field(state, view):
+    downlink = Downlink(mqtt=None, prefix="retail", store_id="store-a", state=state)
+    table = [{"source_id": "sup-x", "name": "Supplier X", "kind": "supplier", "lead_time_s": 3600,
+              "updated_at": T0_TEXT, "stale": False, "stale_after_s": 600}]
+    items = [{"sku": "A", "nearby": [], "online": None, "sources": {"sup-x": 4}}]
+    await downlink.on_availability(Message("t", snapshot_payload(version=2, items=items, sources=table), 1, True))
+    assert [(s["source_id"], s["available"], s["name"]) for s in view.item("A")["sources"]] == [("sup-x", 4, "Supplier X")]
+    bad_kind = [dict(table[0], kind="shop")]
+    await downlink.on_availability(Message("t", snapshot_payload(version=3, items=items, sources=bad_kind), 1, True))
+    unknown = [{"sku": "A", "nearby": [], "sources": {"sup-y": 4}}]
+    await downlink.on_availability(Message("t", snapshot_payload(version=4, items=unknown, sources=table), 1, True))
+    no_table = snapshot_payload(version=5, items=items)   # quantities of sources it never describes
+    await downlink.on_availability(Message("t", no_table, 1, True))
+    assert downlink.drops == {"sources": 3} and downlink.applied == 1
+    assert view.item("A")["snapshot"]["version"] == 2 and view.item("A")["sources"][0]["available"] == 4
+    assert view.status()["counters"]["dropped_sources"] == 3
 
 
 async def test_downlink_reads_zlib_only_under_its_content_type(state):

@@ -115,7 +115,7 @@ class DictState:
         for key, n in counts.items():
             self.data["counts"][key] = self.data["counts"].get(key, 0) + n
 
-    async def apply_snapshot(self, version, generated_at, rows, digest) -> ApplyOutcome:
+    async def apply_snapshot(self, version, generated_at, rows, digest, sources=()) -> ApplyOutcome:
         if self.snapshot_version is not None and version <= self.snapshot_version:
             return ApplyOutcome(False, self.snapshot_version)
         held, self.snapshot_version = self.snapshot_version, version
