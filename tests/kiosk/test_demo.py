@@ -16,6 +16,7 @@ from playwright.sync_api import expect
 
 from tests.conftest import require_binary
 from tests.sync.helpers import wait_until
+from tests.support.procs import processes_under
 
 
 def get(url: str):
@@ -27,19 +28,6 @@ def get(url: str):
 def demo_cli(state: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "demo", "--state-dir", str(state), *args],
                           capture_output=True, text=True, timeout=30)
-
-
-def processes_under(state: Path) -> list[int]:
-    """Pids whose command line names the demo's state directory (its children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(state).encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def kiosk_shows_the_cap_and_the_sources(browser, url: str, sku: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_binary
-from tests.kiosk.test_demo import processes_under
+from tests.support.procs import processes_under
 from tests.sync.helpers import wait_until
 
 STOP_WITHIN_S = 5.0

@@ -34,6 +34,7 @@ from tests.support.certs import make_certs
 from tests.sync.agents import post_events, wait_synced
 from tests.sync.helpers import wait_until
 from tests.sync.hubproc import HubProcess
+from tests.support.procs import processes_under
 
 STORE = "store-0042"
 ACL = Path(__file__).resolve().parents[2] / "config" / "acl"
@@ -250,19 +251,6 @@ def test_hub_with_a_missing_tls_file_stays_up_alarmed_and_heals(tmp_path, certs)
             assert "alarm tls_file_missing cleared" in hub.output() and hub.running
         finally:
             hub.kill()
-
-
-def processes_under(state: Path) -> list[int]:
-    """Pids whose command line names the demo's state directory (its children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(state).encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_demo_over_tls_with_certificate_identity_syncs_every_store(tmp_path):
