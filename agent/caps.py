@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
 from agent import events as ev
 from common.clock import parse_rfc3339, rfc3339
 
@@ -37,13 +41,12 @@ def slot_of(text: str) -> int:
 # ------------------------------------------------------------------------ caps
 
 
-@dataclass(frozen=True)
-class Cap:
-    """A SKU's sales cap as the hub's snapshot sent it (docs/availability.md)."""
+class Cap(msgspec.Struct, frozen=True):
+    """A SKU's sales cap as the hub's snapshot sent it (docs/availability.md); decoded from sync.db as is."""
 
     limit: int
-    scope: str
-    period: str
+    scope: Literal["store", "chain"]
+    period: Literal["day", "week", "month"]
     period_start: str
     period_end: str
     allowance: int

@@ -65,23 +65,13 @@ _TABLE_SQL = ("SELECT source_id, name, kind, lead_time_s, updated_at, stale, sta
               " FROM availability_sources ORDER BY position")
 
 
-class _Cap(msgspec.Struct):
-    limit: int
-    scope: Literal["store", "chain"]
-    period: Literal["day", "week", "month"]
-    period_start: str
-    period_end: str
-    allowance: int
-
-
 _item_decoder = msgspec.json.Decoder(_Nearby)
 _full_decoder = msgspec.json.Decoder(_Full)
-_cap_decoder = msgspec.json.Decoder(_Cap)
+_cap_decoder = msgspec.json.Decoder(Cap)
 
 
 def _cap_of(raw: bytes) -> Cap:
-    c = _cap_decoder.decode(raw)
-    return Cap(c.limit, c.scope, c.period, c.period_start, c.period_end, c.allowance)
+    return _cap_decoder.decode(raw)
 
 
 def _joined(sources: dict[str, int] | list[_Source] | None, table: list[tuple]) -> list[dict]:
