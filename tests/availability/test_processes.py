@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -11,8 +10,9 @@ from contextlib import ExitStack
 
 from common.clock import rfc3339
 from sync import protocol
+from tests.availability.hubfeeds import publish
 from tests.support.agentproc import AgentProcess
-from tests.sync.helpers import mqtt_client, wait_until
+from tests.sync.helpers import wait_until
 from tests.sync.hubproc import HubProcess
 
 PREFIX = "retail"
@@ -50,16 +50,6 @@ def metric(agent: AgentProcess, name: str) -> float:
     assert status == 200
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + " ") or line.startswith(name + "{"))  # summed over labels
-
-
-async def publish(broker, topic: str, payload: bytes, retain: bool = True) -> None:
-    client = mqtt_client(broker, f"test-pub-{uuid.uuid4().hex[:8]}")
-    await client.start()
-    try:
-        await client.wait_subscribed(10)
-        await asyncio.wait_for(client.publish(topic, payload, qos=1, retain=retain), 10)
-    finally:
-        await client.stop()
 
 
 def warehouse(version: int, **items: int) -> bytes:
