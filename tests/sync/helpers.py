@@ -80,3 +80,43 @@ class AckWatcher:
 
     async def __aexit__(self, *exc) -> None:
         await self.client.stop()
+
+
+class FakeHub:
+    """Records every batch (first, last) of STORE in arrival order; acks when told, or at once with `auto`.
+
+    `async with FakeHub(broker) as hub` connects and waits for the subscription.
+    """
+
+    def __init__(self, broker, auto: bool = False):
+        self.batches: list[tuple[int, int]] = []
+        self.seqs: list[int] = []
+        self.auto = auto
+        self.client = mqtt_client(broker, "fake-hub")
+        self.client.subscribe(protocol.events_topic(PREFIX, STORE), self._on_batch)
+
+    async def __aenter__(self) -> "FakeHub":
+        await self.client.start()
+        await self.client.wait_subscribed(10)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.stop()
+
+    async def _on_batch(self, message: Message) -> None:
+        batch, events = protocol.decode_batch(message.payload)
+        self.batches.append((batch.first_seq, batch.last_seq))
+        self.seqs += [head.seq for head, _ in events]
+        if self.auto:
+            await self.ack(self.contiguous())
+
+    def contiguous(self) -> int:
+        held, top = set(self.seqs), 0
+        while top + 1 in held:
+            top += 1
+        return top
+
+    async def ack(self, seq: int) -> None:
+        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq))
+        await asyncio.wait_for(self.client.publish(protocol.ack_topic(PREFIX, STORE), payload, retain=True), 5)
+

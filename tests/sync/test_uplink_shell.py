@@ -19,10 +19,9 @@ from sync import protocol
 from sync.mqtt import Message
 from sync.ports import ApplyOutcome, Batch, UplinkStatus
 from sync.uplink import Uplink, agent_mqtt
-from tests.sync.helpers import PREFIX, STORE, body, eventually, mqtt_client
+from tests.sync.helpers import PREFIX, STORE, FakeHub, body, eventually, mqtt_client
 
 ACK = protocol.ack_topic(PREFIX, STORE)
-EVENTS = protocol.events_topic(PREFIX, STORE)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,34 +130,6 @@ class DictState:
         pass
 
 
-class FakeHub:
-    """Records every batch (first, last) in arrival order; acks when told, or at once with `auto`."""
-
-    def __init__(self, broker, auto: bool = False):
-        self.batches: list[tuple[int, int]] = []
-        self.seqs: list[int] = []
-        self.auto = auto
-        self.client = mqtt_client(broker, "fake-hub")
-        self.client.subscribe(EVENTS, self._on_batch)
-
-    async def _on_batch(self, message: Message) -> None:
-        batch, events = protocol.decode_batch(message.payload)
-        self.batches.append((batch.first_seq, batch.last_seq))
-        self.seqs += [head.seq for head, _ in events]
-        if self.auto:
-            await self.ack(self.contiguous())
-
-    def contiguous(self) -> int:
-        held, top = set(self.seqs), 0
-        while top + 1 in held:
-            top += 1
-        return top
-
-    async def ack(self, seq: int) -> None:
-        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq))
-        await self.client.publish(ACK, payload, retain=True)
-
-
 def config(broker, **sync) -> AgentConfig:
     return AgentConfig(store=StoreSection(id=STORE),
                        mqtt=MqttSection(host=broker.host, port=broker.port, reconnect_min_s=0.05,
@@ -195,11 +166,8 @@ class Running:
 
 @pytest.fixture
 async def hub(broker):
-    hub = FakeHub(broker)
-    await hub.client.start()
-    await hub.client.wait_subscribed(10)
-    yield hub
-    await hub.client.stop()
+    async with FakeHub(broker) as hub:
+        yield hub
 
 
 def cursor(state: DictState) -> int:

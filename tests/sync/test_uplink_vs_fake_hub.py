@@ -4,38 +4,14 @@ import asyncio
 
 import pytest
 
-from sync import protocol
-from sync.mqtt import Message
 from tests.sync.agents import post_events, sync_agent, sync_status
-from tests.sync.helpers import PREFIX, STORE, eventually, mqtt_client
-
-ACK = protocol.ack_topic(PREFIX, STORE)
-
-
-class FakeHub:
-    """Records every batch the agent sends; acks only when told to."""
-
-    def __init__(self, broker):
-        self.batches: list[tuple[int, int]] = []
-        self.client = mqtt_client(broker, "fake-hub")
-        self.client.subscribe(protocol.events_topic(PREFIX, STORE), self._on_batch)
-
-    async def _on_batch(self, message: Message) -> None:
-        batch, _ = protocol.decode_batch(message.payload)
-        self.batches.append((batch.first_seq, batch.last_seq))
-
-    async def ack(self, seq: int) -> None:
-        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq))
-        await asyncio.wait_for(self.client.publish(ACK, payload, retain=True), 5)
+from tests.sync.helpers import FakeHub, eventually
 
 
 @pytest.fixture
 async def fake_hub(broker):
-    hub = FakeHub(broker)
-    await hub.client.start()
-    await hub.client.wait_subscribed(10)
-    yield hub
-    await hub.client.stop()
+    async with FakeHub(broker) as hub:
+        yield hub
 
 
 @pytest.fixture
