@@ -106,6 +106,9 @@ class Api:
     async def post_events(self, request: web.Request) -> web.Response:
         """Append a command's events (all or none); idempotent by command_id."""
         self.authorize(request)
+        fence = self.ctx.rehydrator.fence() if self.ctx.rehydrator is not None else None
+        if fence is not None:   # the log lacks history the hub holds (agent/rehydrate.py)
+            raise ApiError(503, fence.code, fence.message)
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise ApiError(413, "body_too_large",
                            f"request body is {request.content_length} bytes, over the limit of {MAX_BODY} (1 MiB)")
@@ -199,6 +202,10 @@ class Api:
         alarm = self.ctx.link_alarm()   # local reads still work; the box is not as configured
         if alarm is not None:
             return _json({"status": "not_ready", "reason": alarm["code"], "alarm": alarm}, 503)
+        fence = self.ctx.rehydrator.fence() if self.ctx.rehydrator is not None else None
+        if fence is not None:   # reads work; writes wait for the hub's history
+            return _json({"status": "not_ready", "reason": fence.code, "message": fence.message,
+                          "last_seq": fence.last_seq, "hub_acked_seq": fence.hub_acked_seq}, 503)
         return _json({"status": "ready", "last_seq": self.log.last_seq})
 
     async def metrics_text(self, request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from agent.context import AgentContext
 from agent.disk import DiskGuard
 from agent.log import SqliteEventLog
 from agent.metrics import Metrics, SyncCollector
+from agent.rehydrate import Rehydrator
 from agent.settings import AgentConfig, agent_clock, sync_db_path
 from agent.supervisor import SyncSupervisor
 from agent.syncview import HeldCaps, SqliteSyncView
@@ -59,9 +60,11 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
     view = SqliteSyncView(sync_db_path(config), max_age_s=config.availability.max_age_s, now=agent_time)
     supervisor = (SyncSupervisor(config, config_path, view)
                   if config.sync.enabled and start_sync else None)
+    rehydrator = Rehydrator(event_log, sync_db_path(config), enabled=config.sync.enabled)
+    await rehydrator.start()
     ctx = AgentContext(config=config, log=event_log, queries=event_log.reader, sync=view,
                        metrics=Metrics(), disk=disk, notifier=Notifier.from_environ(),
-                       supervisor=supervisor, clock=agent_time)
+                       supervisor=supervisor, clock=agent_time, rehydrator=rehydrator)
     ctx.metrics.watch_last_seq(lambda: event_log.last_seq)
     ctx.metrics.registry.register(SyncCollector(ctx.sync_status))
     event_log.add_listener(ctx.metrics.count_events)
@@ -71,6 +74,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         log.info("api: listening on %s; writes %s", ctx.api_url, _token_note(config))
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(service.run_service(ctx, stop), name="service")]
+            if config.sync.enabled:
+                background.append(tasks.create_task(rehydrator.run(), name="rehydrate"))
             if supervisor is not None:
                 background.append(tasks.create_task(supervisor.run(), name="sync-supervisor"))
             ctx.ready = True
@@ -90,6 +95,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
         if supervisor is not None:
             await supervisor.stop()
         view.close()
+        rehydrator.close()
         await event_log.close()
         held_caps.close()   # after the log: its writer thread is the one that reads it
         log.info("app: log closed at seq %d", event_log.last_seq)

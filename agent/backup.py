@@ -7,7 +7,11 @@ projections via agent.verify), fsynced, and only then renamed into place; the ol
 files beyond `storage.backup_keep` are removed. A failed check leaves no file behind.
 
 `restore` copies a checked backup over the log while holding the log's flock, so it is
-refused while `edge-agent run` holds the log.
+refused while `edge-agent run` holds the log; the restored log gets a new incarnation
+(agent/history.py), so it writes again only once the hub has been heard from.
+
+`edge-agent backup` takes one now through a read-only connection of its own (see
+`_ReadOnlySource`), so it works while `edge-agent run` holds the log.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.disk import MIB
+from agent.history import incarnation_of, set_incarnation
 from common.errors import LogLocked, StorageError, StorageFull
 
 log = logging.getLogger("edge_agent.backup")
@@ -159,9 +164,15 @@ def restore(backup: str | os.PathLike, db_path: str | os.PathLike) -> int:
         staged = db_path.with_name(db_path.name + ".restoring")
         staged.unlink(missing_ok=True)
         src = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
-        dst = sqlite3.connect(staged)
+        dst = sqlite3.connect(staged, isolation_level=None)
         try:
             src.backup(dst)
+            # A new incarnation: above the backup's and the replaced log's, so the hub can tell
+            # this log's batches from the old one's, and the agent waits for the hub's ack
+            # before it writes (agent/rehydrate.py).
+            incarnation = max(incarnation_of(src), _incarnation_at(db_path)) + 1
+            with dst:
+                set_incarnation(dst, incarnation)
         finally:
             dst.close()
             src.close()
@@ -186,11 +197,83 @@ def restore(backup: str | os.PathLike, db_path: str | os.PathLike) -> int:
                 os.replace(db_path, db_path.with_name(db_path.name + ".failed-restore"))
                 os.replace(kept, db_path)
             raise BackupError("restore: the restored log failed verify: " + "; ".join(problems[:5]))
-        log.warning("restore: %s now holds events 1..%d from %s%s", db_path, seq, backup.name,
-                    f" (previous log kept as {kept.name})" if kept else "")
+        log.warning("restore: %s now holds events 1..%d from %s (incarnation %d)%s", db_path, seq, backup.name,
+                    incarnation, f" (previous log kept as {kept.name})" if kept else "")
         return seq
     finally:
         os.close(lock_fd)
+
+
+def _incarnation_at(db_path: Path) -> int:
+    """The incarnation of the log at `db_path` (0 when there is none or it cannot be read)."""
+    if not db_path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0
+    try:
+        return incarnation_of(conn)
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
+class _ReadOnlySource:
+    """The log as `take_backup` sees it, read through a read-only connection of its own.
+
+    SQLite's backup API run in one step holds one read transaction over the whole copy,
+    so the copy is one consistent state of the log while `edge-agent run` keeps writing
+    (WAL readers never block the writer, and a read-only connection never checkpoints).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    async def backup_to(self, target: str | os.PathLike) -> int:
+        import asyncio
+
+        def run() -> int:
+            src = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                dest = sqlite3.connect(target)
+                try:
+                    src.backup(dest, pages=-1)
+                    return dest.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                finally:
+                    dest.close()
+            finally:
+                src.close()
+
+        return await asyncio.to_thread(run)
+
+
+def cmd_backup(args: argparse.Namespace, cfg) -> int:
+    """`edge-agent backup`: take a checked backup now, also while the service runs; exit 0 or 1."""
+    import asyncio
+
+    path = Path(cfg.storage.path)
+    if not path.is_file():
+        print(f"edge-agent backup: no log at {path}", file=sys.stderr)
+        return 1
+    directory = args.dir or backup_dir(cfg.storage.path, cfg.storage.backup_dir)
+    try:
+        result = asyncio.run(take_backup(_ReadOnlySource(path), directory, cfg.storage.backup_keep,
+                                         min_free_bytes=cfg.storage.min_free_mb * MIB))
+    except StorageError as exc:
+        print(f"edge-agent backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.path}: events 1..{result.last_seq}, checked ({result.bytes / MIB:.1f} MiB, {result.seconds:.2f} s)")
+    return 0
+
+
+def add_backup_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `backup` subcommand to an argparse subparsers object."""
+    parser = subparsers.add_parser("backup", help="take a checked backup of the log now (also while it runs)")
+    parser.add_argument("--dir", help="where to write it (default: storage.backup_dir)")
+    parser.set_defaults(fn=cmd_backup)
+    return parser
 
 
 def cmd_restore(args: argparse.Namespace, cfg) -> int:
@@ -204,7 +287,8 @@ def cmd_restore(args: argparse.Namespace, cfg) -> int:
     except StorageError as exc:
         print(f"edge-agent restore: {exc}", file=sys.stderr)
         return 1
-    print(f"restored {cfg.storage.path} from {source}: events 1..{seq}, verify OK")
+    print(f"restored {cfg.storage.path} from {source}: events 1..{seq}, verify OK; writes resume once"
+          " the hub has been heard from (and its newer events fetched back)")
     return 0
 
 

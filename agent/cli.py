@@ -297,9 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_verify)
     sub.add_parser("rebuild", help="rebuild the projections from the log (service stopped)").set_defaults(
         fn=cmd_rebuild)
-    from agent.backup import add_restore_parser
+    from agent.backup import add_backup_parser, add_restore_parser
+    from agent.rehydrate import add_rehydrate_parser
 
     add_restore_parser(sub)
+    add_backup_parser(sub)
+    add_rehydrate_parser(sub)
     return parser
 
 

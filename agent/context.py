@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from agent.caps import cap_window
 from common import clock
@@ -31,6 +31,7 @@ class AgentContext:
     supervisor: SyncSupervisor | None = None
     ready: bool = False
     api_addresses: list[tuple[str, int]] = field(default_factory=list)
+    rehydrator: Any = None   # agent.rehydrate.Rehydrator: fences writes while the log lacks the hub's history
     clock: Callable[[], float] = time.time   # the agent's clock, Unix seconds (the log's `now` reads it too)
 
     def now(self) -> str:

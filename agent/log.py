@@ -194,6 +194,44 @@ class SqliteEventLog:
 
         return await self._maintain(f"backup to {target}", run)
 
+    async def append_history(self, rows: list) -> list[ev.AnyEvent]:
+        """Append the hub's history `rows` [(seq, body, hash or None)] after the log's end, as they
+        are (agent/history.py); return the events appended. Raises HistoryRefused (nothing appended)."""
+        from agent.history import append_history
+
+        def run(conn: sqlite3.Connection) -> list[ev.AnyEvent]:
+            tail, events = in_write_transaction(conn, append_history, self.store_id, self._tail, rows)
+            self._tail = tail
+            return events
+
+        events = await self._maintain("append history", run)
+        self.last_seq, self._last_hash, self._checkpoint_seq = self._tail
+        if events:
+            for listener in self._listeners:
+                try:
+                    listener(events)
+                except Exception:
+                    log.exception("log: commit listener failed")
+        return events
+
+    async def incarnation(self) -> int:
+        """The log's incarnation (meta `incarnation`)."""
+        from agent.history import incarnation_of
+        return await self._maintain("read incarnation", incarnation_of)
+
+    async def bump_incarnation(self) -> int:
+        """Raise the log's incarnation by one (`edge-agent rehydrate`); return the new one."""
+        from agent.history import incarnation_of, set_incarnation
+
+        def run(conn: sqlite3.Connection) -> int:
+            def bump(c: sqlite3.Connection) -> int:
+                value = incarnation_of(c) + 1
+                set_incarnation(c, value)
+                return value
+            return in_write_transaction(conn, bump)
+
+        return await self._maintain("bump incarnation", run)
+
     async def _maintain(self, step: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._closing:
             raise StorageError(f"storage: {step}: the log is closing")

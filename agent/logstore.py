@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Protocol
 
 from agent import events as ev
 from agent.caps import Cap, cap_window, usage_change
+from agent.history import HISTORY_BODY_HASH
 from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, skus_touched
 from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, mark_time, migrate, take_checkpoint
 from common.sqlite import in_write_transaction
@@ -75,6 +76,8 @@ def init_db(conn: sqlite3.Connection, store_id: str, synchronous: str) -> Tail:
         conn.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (store_id,))
     elif row[0] != store_id:
         raise StorageError(f"storage: this log belongs to store {row[0]!r}, not {store_id!r}")
+    # The log's incarnation (agent/history.py): 1 for a new log or one from before it.
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('incarnation', '1')")
     row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
     cp = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints").fetchone()[0]
     return (row[0], row[1], cp) if row else (0, GENESIS, cp)
@@ -155,7 +158,8 @@ def _stage(decided: list, cid: str, last_hash: bytes, rows: list[tuple], skus: s
 
 
 def _repeat(cid: str, seen: tuple, body_hash: bytes) -> AppendResult | Refused:
-    if seen[1] != body_hash:
+    # A command known only from the hub's history (agent/history.py) has no body to compare.
+    if seen[1] != body_hash and seen[1] != HISTORY_BODY_HASH:
         return Refused("command_conflict",
                        f"command_id {cid!r} was already used with a different body", "command_id")
     return AppendResult(cid, seen[2], seen[3], True)

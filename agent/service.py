@@ -15,6 +15,7 @@ decides when. A failing job is logged once per distinct reason, and once when it
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 import hashlib
 import logging
 import os
@@ -174,7 +175,10 @@ def build_scheduler(ctx) -> AsyncIOScheduler:
     if service.backup_interval_s > 0:
         jobs.append(("backup", backup_log, service.backup_interval_s))
     for name, job, interval in jobs:
-        scheduler.add_job(_once(name, job, ctx), "interval", seconds=interval, id=name, name=name)
+        # The first backup at start, not an interval later: a box that runs has a backup to
+        # restore from (docs/operations.md, "Backups and restore").
+        first = {"next_run_time": datetime.now(timezone.utc)} if name == "backup" else {}
+        scheduler.add_job(_once(name, job, ctx), "interval", seconds=interval, id=name, name=name, **first)
     return scheduler
 
 

@@ -40,6 +40,7 @@ from sync import protocol
 from sync.downlink import Downlink
 from sync.feed import SqliteLogFeed
 from sync.mqtt import MqttClient
+from sync.rehydrate import Rehydrate
 from sync.state import SqliteSyncState
 from sync.uplink import Uplink, agent_mqtt
 
@@ -164,13 +165,17 @@ async def serve(config: AgentConfig, stop: asyncio.Event, *, notifier: Notifier 
         mqtt = agent_mqtt(config)
         alarms = record_alarms(mqtt, state)
         uplink = await Uplink.open(config, feed, state, mqtt)
+        rehydrate = Rehydrate(config.store.id, config.mqtt.topic_prefix, position, state, mqtt)
+        await rehydrate.open()
+        rehydrate.attach(uplink)
         Downlink(mqtt, config.mqtt.topic_prefix, config.store.id, state).attach()
         await mqtt.start()
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(uplink.run(), name="uplink"),
                               tasks.create_task(heartbeat(config, state, uplink, mqtt, position), name="heartbeat"),
-                              tasks.create_task(alarms(), name="alarms")]
+                              tasks.create_task(alarms(), name="alarms"),
+                              tasks.create_task(rehydrate.run(), name="rehydrate")]
                 interval = watchdog_interval() if config.service.watchdog else None
                 if interval:
                     background.append(tasks.create_task(watchdog_pings(notifier, interval), name="watchdog"))

@@ -75,6 +75,21 @@ class SqliteLogFeed:
             return None
         return row[0] if row else None
 
+    def incarnation(self) -> int:
+        """The log's incarnation (meta `incarnation`; 1 for a log from before it)."""
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'incarnation'").fetchone()
+        except sqlite3.Error:
+            return 1
+        return int(row[0]) if row else 1
+
+    def hash_at(self, seq: int) -> bytes | None:
+        """The log's chain hash at `seq` (GENESIS at 0, None beyond its end)."""
+        if seq == 0:
+            return chain.GENESIS
+        row = self._one("SELECT hash FROM events WHERE seq = ?", (seq,))
+        return row[0] if row else None
+
     def legacy_cursor(self) -> tuple[int, str | None] | None:
         """Return the cursor that older agents kept in events.db (`sync_cursor`), if there is one."""
         try:

@@ -135,6 +135,9 @@ class EventBatch(msgspec.Struct, frozen=True, gc=False):
     events: list[msgspec.Raw]
     prev_hash: ChainHash | None = None
     hash: ChainHash | None = None
+    # The log's incarnation (docs/protocol.md, "Store incarnation"): bumped by a restore or
+    # a rehydrate; absent from agents before it. Written after the hashes, before `events`.
+    incarnation: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Ack(msgspec.Struct, frozen=True):
@@ -246,27 +249,35 @@ def decode(payload: bytes, cls: type[msgspec.Struct]):
 
 
 def encode_batch(store_id: str, first_seq: int, last_seq: int, bodies: list[bytes],
-                 prev_hash: bytes | None = None, last_hash: bytes | None = None) -> bytes:
+                 prev_hash: bytes | None = None, last_hash: bytes | None = None,
+                 incarnation: int | None = None) -> bytes:
     """Build an events payload around already-encoded event bodies (no re-encoding)."""
-    return encode_joined_batch(store_id, first_seq, last_seq, b",".join(bodies), prev_hash, last_hash)
+    return encode_joined_batch(store_id, first_seq, last_seq, b",".join(bodies), prev_hash, last_hash,
+                               incarnation)
 
 
 def encode_joined_batch(store_id: str, first_seq: int, last_seq: int, joined: bytes,
-                        prev_hash: bytes | None = None, last_hash: bytes | None = None) -> bytes:
+                        prev_hash: bytes | None = None, last_hash: bytes | None = None,
+                        incarnation: int | None = None) -> bytes:
     """Build an events payload around event bodies already joined by commas.
 
     `prev_hash` (the chain hash at first_seq - 1) and `last_hash` (at last_seq), raw 32-byte
-    hashes, both or neither, go on the wire as hex fields `prev_hash` and `hash`.
+    hashes, both or neither, go on the wire as hex fields `prev_hash` and `hash`;
+    `incarnation` (the log's, None: left out) after them.
     """
-    return b"".join((_batch_head(store_id, first_seq, last_seq, prev_hash, last_hash), b"[", joined, b"]}"))
+    head = _batch_head(store_id, first_seq, last_seq, prev_hash, last_hash, incarnation)
+    return b"".join((head, b"[", joined, b"]}"))
 
 
-def _batch_head(store_id: str, first_seq: int, last_seq: int, prev_hash, last_hash) -> bytes:
+def _batch_head(store_id: str, first_seq: int, last_seq: int, prev_hash, last_hash,
+                incarnation: int | None = None) -> bytes:
     """The agent's encoding of a batch up to its events list (the hashes before it, so the
     events list ends the payload and `_canonical` can compare it whole)."""
     head = b'{"v":1,"store_id":"%s","first_seq":%d,"last_seq":%d,' % (store_id.encode(), first_seq, last_seq)
     if prev_hash is not None or last_hash is not None:
         head += b'"prev_hash":"%s","hash":"%s",' % (_hex(prev_hash), _hex(last_hash))
+    if incarnation is not None:
+        head += b'"incarnation":%d,' % incarnation
     return head + b'"events":'
 
 
@@ -374,7 +385,8 @@ def _canonical(payload: bytes, batch: EventBatch) -> bool:
     decode, not a parse into dicts). Anything else (another encoder's spacing or key
     order, an older schema) gets the exact check instead.
     """
-    head = _batch_head(batch.store_id, batch.first_seq, batch.last_seq, batch.prev_hash, batch.hash)
+    head = _batch_head(batch.store_id, batch.first_seq, batch.last_seq, batch.prev_hash, batch.hash,
+                       batch.incarnation)
     if not (payload.startswith(head) and payload.endswith(b"}")):
         return False
     try:
@@ -489,3 +501,60 @@ class StoreItem(AvailabilityItem, frozen=True):
     # the snapshot's `sources` table. msgspec.Raw: the hub encodes it once per region.
     sources: dict[str, int] | msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     cap: CapAllowance | msgspec.UnsetType = msgspec.UNSET
+
+
+# ------------------------------------------------ incarnation and rehydrate (issue 17)
+#
+# A store whose log holds less of its history than the hub (restored from an older
+# backup, or a new box) asks the hub for the missing events and appends them as they
+# are before it writes again (docs/protocol.md, "Rehydrate").
+
+
+def rehydrate_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/rehydrate`: agent -> hub, QoS 1, not retained."""
+    return f"{prefix}/stores/{store_id}/rehydrate"
+
+
+def history_topic(prefix: str, store_id: str) -> str:
+    """`P/stores/{store_id}/history`: hub -> agent, QoS 1, not retained."""
+    return f"{prefix}/stores/{store_id}/history"
+
+
+def all_rehydrate_filter(prefix: str) -> str:
+    return f"{prefix}/stores/+/rehydrate"
+
+
+# The hub answers one request with at most HISTORY_MAX_CHUNKS chunks of HISTORY_CHUNK_EVENTS.
+HISTORY_CHUNK_EVENTS = 200
+HISTORY_MAX_CHUNKS = 25
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class RehydrateRequest(msgspec.Struct, frozen=True):
+    """`P/stores/{id}/rehydrate`: send me the events after `after_seq`, up to your ack."""
+
+    store_id: StoreId
+    after_seq: SeqOrZero
+    request_id: RequestId
+    incarnation: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    v: Literal[1] = VERSION
+
+
+class HistoryBatch(msgspec.Struct, frozen=True, gc=False):
+    """`P/stores/{id}/history`: an EventBatch of the hub's held events, with its chain
+    hashes as the hub holds them (both or neither), the request it answers and the hub's ack.
+
+    `first_seq`/`last_seq`/`events` may be empty (0, 0, []) when the hub holds nothing
+    after the request's `after_seq`.
+    """
+
+    v: Literal[1]
+    store_id: StoreId
+    first_seq: SeqOrZero
+    last_seq: SeqOrZero
+    events: list[msgspec.Raw]
+    request_id: RequestId
+    hub_acked_seq: SeqOrZero
+    prev_hash: ChainHash | None = None
+    hash: ChainHash | None = None

@@ -97,6 +97,21 @@ CREATE TABLE IF NOT EXISTS availability_sources (
     stale         INTEGER NOT NULL,      -- the hub's judgment when it generated the snapshot
     stale_after_s INTEGER NOT NULL
 );
+-- Rehydrate (sync/rehydrate.py, agent/rehydrate.py): the hub's ack for this store as last
+-- heard, whatever the log holds, with the log's incarnation it was heard under; and the
+-- hub's events staged for the agent, which appends them to the log and so fences writes
+-- until it holds them. Rows at or below the log's end are pruned.
+CREATE TABLE IF NOT EXISTS hub_ack (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    acked_seq   INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    heard_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq  INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    hash BLOB                -- the hub's chain hash at seq; NULL: the hub sent none
+);
 CREATE TABLE IF NOT EXISTS catalog_meta (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -254,6 +269,37 @@ class SqliteSyncState:
             self._catalog_version = version
         return done
 
+    # ------------------------------------------------------------ rehydrate
+
+    async def store_hub_ack(self, acked_seq: int, incarnation: int, at: str) -> None:
+        """Record the hub's ack as heard (sync/rehydrate.py), durably."""
+        await self._run(lambda conn: conn.execute(
+            "INSERT INTO hub_ack(id, acked_seq, incarnation, heard_at) VALUES (1, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET acked_seq = excluded.acked_seq,"
+            " incarnation = excluded.incarnation, heard_at = excluded.heard_at",
+            (acked_seq, incarnation, at)), transaction=True)
+
+    async def hub_ack(self) -> tuple[int, int] | None:
+        row = await self._run(lambda conn: conn.execute(
+            "SELECT acked_seq, incarnation FROM hub_ack WHERE id = 1").fetchone())
+        return (row[0], row[1]) if row else None
+
+    async def stage_history(self, rows: list[tuple[int, bytes, bytes | None]], upto: int) -> int:
+        """Stage the hub's events for the agent; drop staged rows at or below `upto` (the log's end).
+
+        Returns the highest seq staged after `upto` that continues it gapless (`upto` when none).
+        """
+        def write(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM history WHERE seq <= ?", (upto,))
+            conn.executemany("INSERT OR IGNORE INTO history(seq, body, hash) VALUES (?, ?, ?)",
+                             [(seq, bytearray(body), h) for seq, body, h in rows if seq > upto])
+            return _staged_end(conn, upto)
+
+        return await self._run(write, transaction=True)
+
+    async def drop_history(self) -> None:
+        await self._run(lambda conn: conn.execute("DELETE FROM history"), transaction=True)
+
     # ---------------------------------------------------------- maintenance
 
     async def wal_checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
@@ -287,6 +333,16 @@ def _open(path: Path, store_id: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _staged_end(conn: sqlite3.Connection, upto: int) -> int:
+    """The end of the gapless run of staged history rows after `upto`."""
+    end = upto
+    for (seq,) in conn.execute("SELECT seq FROM history WHERE seq > ? ORDER BY seq", (upto,)):
+        if seq != end + 1:
+            break
+        end = seq
+    return end
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:

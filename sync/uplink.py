@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, NamedTuple
+from typing import Awaitable, Callable, NamedTuple
 
 from agent.settings import AgentConfig
 from common import clock
@@ -94,6 +94,9 @@ class Uplink:
         self._saved: UplinkStatus | None = None
         self._saved_at = float("-inf")
         self._send_at = float("-inf")    # rate limit: no publish before this monotonic time
+        # Called with each decoded ack of this store before the rules see it (sync/rehydrate.py
+        # records the hub's position even when it is beyond the log).
+        self.ack_listeners: list[Callable[[protocol.Ack], Awaitable[None]]] = []
         # Subscribed before the app starts the client: the retained ack comes with the first connect.
         mqtt.subscribe(protocol.ack_topic(config.mqtt.topic_prefix, self.store_id), self.on_ack)
         mqtt.on_connection_change(self._on_connection)
@@ -166,6 +169,8 @@ class Uplink:
         if ack.store_id != self.store_id:
             log.warning("sync: ignoring an ack for store %s on %s", ack.store_id, message.topic)
             return
+        for listener in self.ack_listeners:
+            await listener(ack)
         actions = self._decide(AckArrived(ack.store_id, ack.acked_seq, self._now()))
         self._wake.set()   # the window slid (or was rewound): the loop sends while we write
         for action in actions:
@@ -182,12 +187,14 @@ class Uplink:
     def _read(self, after: int, count: int) -> list[Outgoing]:
         """Read up to `count` consecutive batches after `after` (on a thread), payloads built here."""
         out, cap = [], self.sync.batch_max_bytes - HEADROOM
+        # The log's incarnation goes in every batch (docs/protocol.md); a feed without one sends none.
+        incarnation = self.feed.incarnation() if hasattr(self.feed, "incarnation") else None
         while len(out) < count:
             batch = self.feed.batch(after, self.sync.batch_max_events, cap)
             if batch is None:
                 break
             payload = protocol.encode_joined_batch(self.store_id, batch.first_seq, batch.last_seq, batch.bodies,
-                                                   batch.prev_hash, batch.last_hash)
+                                                   batch.prev_hash, batch.last_hash, incarnation)
             out.append(Outgoing(batch.first_seq, batch.last_seq, batch.count, payload))
             after = batch.last_seq
         return out

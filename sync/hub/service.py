@@ -31,6 +31,7 @@ from typing import Awaitable, Callable
 from common import chain, clock
 from common.notify import Notifier, watchdog_interval, watchdog_pings
 from sync import protocol
+from sync.hub.history import HistoryServer
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.refusal import RefusalLog
 from sync.hub.settings import HubConfig
@@ -124,14 +125,14 @@ class HubService:
         """The batch with its chain computed over the bodies, or `chain_invalid` when that
         does not reach its `hash` (a body altered after it was hashed, or a wrong hash)."""
         if batch.prev_hash is None:
-            return Incoming(store_id, events, topic=topic)
+            return Incoming(store_id, events, topic=topic, incarnation=batch.incarnation)
         prev = bytes.fromhex(batch.prev_hash)
         hashes = chain.hashes(prev, [body for _, body in events])
         if hashes[-1].hex() != batch.hash:
             return Rejection(topic, store_id, "chain_invalid",
                              f"seqs {batch.first_seq}..{batch.last_seq}: the bodies chain from prev_hash to"
                              f" {hashes[-1].hex()[:16]}..., the batch says {batch.hash[:16]}...", restate_ack=True)
-        return Incoming(store_id, events, prev, hashes, topic)
+        return Incoming(store_id, events, prev, hashes, topic, batch.incarnation)
 
     async def _writer(self) -> None:
         limit = self.config.ingest.max_messages_per_commit
@@ -171,6 +172,13 @@ class HubService:
                 log.exception("hub: commit listener failed")
 
     def _count(self, store_id: str, result) -> None:
+        if result.stale_incarnation is not None:
+            self.counters["rejected_stale_incarnation"] += 1
+            if self.refusals.refused(store_id, "stale_incarnation", protocol.events_topic(self.prefix, store_id),
+                                     result.stale_incarnation):
+                log.error("hub: ALARM %s: a batch from an older incarnation of its log (%s); refused,"
+                          " nothing stored", store_id, result.stale_incarnation)
+            return
         self.counters["events_stored"] += result.stored
         self.counters["events_duplicate"] += result.duplicates
         if result.unanchored:
@@ -269,6 +277,7 @@ async def serve(config: HubConfig, stop: asyncio.Event) -> None:
     try:
         # Wiring point: extra hub jobs (e.g. the availability publisher) attach to `service` here.
         await AvailabilityPublisher.attach(service)
+        HistoryServer.attach(service)
         await service.run(stop)
     finally:
         await service.close()

@@ -105,6 +105,7 @@ class Incoming:
     prev_hash: bytes | None = None
     hashes: list[bytes] | None = None
     topic: str = ""
+    incarnation: int | None = None   # the sender's log incarnation (None: an older agent)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class IngestResult:
     new_events: list = field(default_factory=list, repr=False)  # (head, body) of the events stored now
     chain_broken: str | None = None
     unanchored: bool = False
+    stale_incarnation: str | None = None   # why the batch was refused (an older incarnation's)
 
 
 def result_topic(items: list, store_id: str) -> str:
@@ -223,6 +225,7 @@ class HubStore:
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA_SQL)
             anchor.migrate(conn)
+            _migrate_incarnation(conn)
             # A database from before rejection_counts: count what its rejections table holds.
             conn.execute("INSERT INTO rejection_counts(reason, count) SELECT reason, COUNT(*) FROM rejections"
                          " WHERE NOT EXISTS (SELECT 1 FROM rejection_counts) GROUP BY reason")
@@ -293,6 +296,12 @@ class HubStore:
                 results.append(None)
                 continue
             store_id = item.store_id
+            stale = _stale_incarnation(conn, item)
+            if stale is not None:
+                self._reject(conn, now, item.topic, store_id, "stale_incarnation", stale)
+                rejected += 1
+                results.append(IngestResult(stale_incarnation=stale))
+                continue
             ack = acked.setdefault(store_id, self._acked.get(store_id, 0))
             top = max_held.setdefault(store_id, self._max.get(store_id, 0))
             known = held.setdefault(store_id, self.held_hash(store_id))
@@ -410,6 +419,37 @@ class HubStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+
+# ------------------------------------------------------------ incarnation
+#
+# The SQLite hub's record of each store's log incarnation (docs/protocol.md, "Store
+# incarnation"): `stores.incarnation` holds the highest one seen; a batch from a lower
+# one (the box a restored or replacement box took over from) is refused whole as
+# `stale_incarnation`, its sender told the current ack. A minimal version on the
+# SQLite store only; the storage layer of sync/hub/storage.py carries the same rule.
+
+
+def _migrate_incarnation(conn: sqlite3.Connection) -> None:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(stores)")}
+    if "incarnation" not in columns:
+        conn.execute("ALTER TABLE stores ADD COLUMN incarnation INTEGER")
+
+
+def _stale_incarnation(conn: sqlite3.Connection, item: Incoming) -> str | None:
+    """Record a batch's higher incarnation; return why it is refused when it is lower."""
+    if item.incarnation is None:
+        return None
+    row = conn.execute("SELECT incarnation FROM stores WHERE store_id = ?", (item.store_id,)).fetchone()
+    held = row[0] if row is not None else None
+    if held is not None and item.incarnation < held:
+        return (f"seqs {item.events[0][0].seq}..{item.events[-1][0].seq} come from incarnation"
+                f" {item.incarnation} of the store's log; the hub holds incarnation {held}")
+    if held is None or item.incarnation > held:
+        conn.execute("INSERT INTO stores(store_id, acked_seq, updated_at, incarnation) VALUES (?, 0, '', ?)"
+                     " ON CONFLICT(store_id) DO UPDATE SET incarnation = excluded.incarnation",
+                     (item.store_id, item.incarnation))
+    return None
 
 
 # Kept importable from here: the hub's jobs and CLI import it with the store.
