@@ -287,8 +287,9 @@ def cmd_restore(args: argparse.Namespace, cfg) -> int:
     except StorageError as exc:
         print(f"edge-agent restore: {exc}", file=sys.stderr)
         return 1
-    print(f"restored {cfg.storage.path} from {source}: events 1..{seq}, verify OK; writes resume once"
-          " the hub has been heard from (and its newer events fetched back)")
+    note = ("; once started, it takes writes after the hub's ack has been heard (and the hub's newer"
+            " events fetched back)") if cfg.sync.enabled else ""
+    print(f"restored {cfg.storage.path} from {source}: events 1..{seq}, verify OK{note}")
     return 0
 
 
