@@ -51,6 +51,7 @@ class Rehydrate:
         self._lock = asyncio.Lock()
         self._uplink = None
         self._caught_up_at: int | None = None
+        self._stored: tuple[int, int] | None = None   # the hub_ack row as written
         self.counts = {"rehydrate_requests": 0, "history_events_staged": 0, "history_invalid": 0}
 
     def attach(self, uplink) -> None:
@@ -59,17 +60,28 @@ class Rehydrate:
         self.mqtt.subscribe(protocol.history_topic(self.prefix, self.store_id), self.on_history)
 
     async def open(self) -> None:
-        held = await self.state.hub_ack()
-        if held is not None:
-            self.hub_acked = held[0]
+        self._stored = await self.state.hub_ack()
+        if self._stored is not None:
+            self.hub_acked = self._stored[0]
         self.staged_end = await self.state.stage_history([], self.feed.last_seq())
 
     async def on_ack(self, ack: protocol.Ack) -> None:
         await self._record(ack.acked_seq)
 
     async def _record(self, acked_seq: int) -> None:
+        """Keep the hub's ack; write it to sync.db when the agent's fence depends on it.
+
+        It does while the row is missing, was heard under another incarnation, or says
+        more than the log holds (or said so until now): in steady state, with the ack at
+        or below the log's end, an ack costs no write of its own beside the cursor's.
+        """
         incarnation = self.feed.incarnation()
-        await self.state.store_hub_ack(acked_seq, incarnation, clock.utc_now())
+        last = self.feed.last_seq()
+        stored = self._stored
+        if (stored is None or stored[1] != incarnation or acked_seq > last
+                or (stored[0] > last and stored[0] != acked_seq)):
+            await self.state.store_hub_ack(acked_seq, incarnation, clock.utc_now())
+            self._stored = (acked_seq, incarnation)
         self.hub_acked = acked_seq
         self._wake.set()
 
