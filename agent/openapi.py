@@ -64,6 +64,9 @@ class Ready(msgspec.Struct):
     last_seq: int | msgspec.UnsetType = msgspec.UNSET
     reason: str | msgspec.UnsetType = msgspec.UNSET        # 503 while a sync alarm holds: its code
     alarm: SyncAlarm | msgspec.UnsetType = msgspec.UNSET
+    # 503 while writes are fenced (reason rehydrating, awaiting_hub or history_refused)
+    message: str | msgspec.UnsetType = msgspec.UNSET
+    hub_acked_seq: int | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class AppendAnswer(msgspec.Struct):
