@@ -98,6 +98,11 @@ class AgentContext:
         if self.supervisor is not None:
             answer["sync_restarts"] = self.supervisor.restarts
             answer["sync_stalls"] = self.supervisor.stalls
+        if self.rehydrator is not None:   # agent/rehydrate.py: why writes are refused now, if they are
+            fence = self.rehydrator.fence()
+            answer["writes_fenced"] = {"code": fence.code, "message": fence.message} if fence else None
+            answer["hub_acked_seq"] = self.rehydrator.hub[0] if self.rehydrator.hub else None
+            answer["rehydrated_events"] = self.rehydrator.appended
         return answer
 
     def link_alarm(self) -> dict | None:

@@ -110,7 +110,9 @@ class SyncCollector:
                 ("edge_agent_sync_heartbeat_age_seconds",
                  -1 if s["heartbeat_age_s"] is None else s["heartbeat_age_s"],
                  "Seconds since the sync process last recorded itself alive (-1: never)."),
-                ("edge_agent_snapshot_version", s["snapshot_version"] or 0, "Version of the held availability snapshot.")):
+                ("edge_agent_snapshot_version", s["snapshot_version"] or 0, "Version of the held availability snapshot."),
+                ("edge_agent_writes_fenced", int(bool(s.get("writes_fenced"))),
+                 "1 while writes are refused until the log holds the hub's history (rehydrate).")):
             yield GaugeMetricFamily(name, text, value=value)
         counters = s["counters"]
         for name, value, text in (

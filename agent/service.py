@@ -124,6 +124,8 @@ def status_line(ctx) -> str:
         parts.append("hub connected" if sync["connected"] else "hub disconnected")
         if sync["alarm"]:
             parts.append(f"ALARM {sync['alarm']['code']}: {sync['alarm']['message']}")
+        if sync.get("writes_fenced"):
+            parts.append(f"WRITES REFUSED ({sync['writes_fenced']['code']}): {sync['writes_fenced']['message']}")
     else:
         parts.append("sync disabled")
     if ctx.disk is not None and ctx.disk.full:

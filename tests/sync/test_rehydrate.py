@@ -94,6 +94,9 @@ def test_restore_from_an_older_backup_rehydrates_before_it_writes(tmp_path, brok
             return answer if status == 503 and answer.get("reason") == "rehydrating" else None
         why = wait_until(fenced_for_the_hubs_8, 20, "/readyz to say the agent is rehydrating")
         assert (why["last_seq"], why["hub_acked_seq"]) == (5, 8)
+        sync = agent.request("GET", "/v1/sync")[1]
+        assert sync["writes_fenced"]["code"] == "rehydrating" and sync["hub_acked_seq"] == 8
+        assert "edge_agent_writes_fenced 1.0" in agent.request("GET", "/metrics")[1]
         status, answer = post_one(agent, received(7))
         assert status == 503 and answer["error"]["code"] == "rehydrating", answer
         assert "1..8" in answer["error"]["message"] and "1..5" in answer["error"]["message"]
@@ -109,6 +112,8 @@ def test_restore_from_an_older_backup_rehydrates_before_it_writes(tmp_path, brok
             assert status == 201, answer
             seqs.append(answer["first_seq"])
         assert seqs == [9, 10, 11, 12]
+        sync = agent.request("GET", "/v1/sync")[1]
+        assert sync["writes_fenced"] is None and sync["rehydrated_events"] == 3
         healed_s = time.monotonic() - started
 
         assert assert_healed(agent, hub) == 12
