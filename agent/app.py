@@ -62,6 +62,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event | None = None,
                   if config.sync.enabled and start_sync else None)
     rehydrator = Rehydrator(event_log, sync_db_path(config), enabled=config.sync.enabled)
     await rehydrator.start()
+    event_log.write_fence = rehydrator.refusal   # every append, the lease expiry job's too
     ctx = AgentContext(config=config, log=event_log, queries=event_log.reader, sync=view,
                        metrics=Metrics(), disk=disk, notifier=Notifier.from_environ(),
                        supervisor=supervisor, clock=agent_time, rehydrator=rehydrator)

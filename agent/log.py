@@ -93,6 +93,9 @@ class SqliteEventLog:
         self._loop = asyncio.get_running_loop()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: list[Callable[[list[ev.AnyEvent]], None]] = []
+        # Returns the Refused every append gets now (status 503), or None: set by the
+        # composition root to agent.rehydrate.Rehydrator.refusal; None: never fenced.
+        self.write_fence: Callable[[], Refused | None] | None = None
         self._closing = False
         # `_tail` is the writer thread's own; the attributes are the event loop's copy,
         # updated as each commit is answered.
@@ -148,6 +151,10 @@ class SqliteEventLog:
         """
         if self._closing:
             raise StorageError("storage: the log is closing")
+        if self.write_fence is not None:
+            refusal = self.write_fence()
+            if refusal is not None:   # the log lacks history the hub holds (agent/rehydrate.py)
+                raise refusal
         if self._disk_guard is not None:
             self._disk_guard()
         future = self._loop.create_future()

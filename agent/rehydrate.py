@@ -107,6 +107,13 @@ class Rehydrator:
                                          " writes wait until the hub's ack for this store has been heard", acked, last)
         return None
 
+    def refusal(self):
+        """The Refused (503) an append gets now, or None (the log's `write_fence`)."""
+        from agent.inventory import Refused
+
+        fence = self.fence()
+        return None if fence is None else Refused(fence.code, fence.message, status=503)
+
     async def step(self) -> int:
         """Refresh the hub's ack; append staged history continuing the log. Returns events appended."""
         self.refresh()

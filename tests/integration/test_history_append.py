@@ -118,3 +118,31 @@ async def test_a_history_that_does_not_continue_the_log_is_refused_whole(tmp_pat
         await log.close()
     assert rows_of(tmp_path / "b.db") == rows
     assert verify_log(tmp_path / "b.db").ok
+
+
+async def test_every_append_is_fenced_while_the_hub_holds_more(tmp_path, source):
+    """The fence is the log's, so the service's own appends (lease expiry) wait too."""
+    from agent.inventory import Refused
+    from agent.rehydrate import Rehydrator
+    from sync.state import SqliteSyncState
+
+    state = await SqliteSyncState.open(tmp_path / "sync.db", "store-1")
+    await state.store_hub_ack(10, 1, "2026-11-27T10:00:00.000Z")
+    log = await SqliteEventLog.open(tmp_path / "b.db", "store-1")
+    rehydrator = Rehydrator(log, tmp_path / "sync.db")
+    try:
+        await rehydrator.start()
+        log.write_fence = rehydrator.refusal
+        with pytest.raises(Refused) as refused:
+            await log.append(COMMANDS[0])
+        assert (refused.value.code, refused.value.status) == ("rehydrating", 503)
+        assert "1..10" in refused.value.message and log.last_seq == 0
+        # The staged history is appended by the rehydrator; then appends go on after it.
+        await state.stage_history(rows_of(source), 0)
+        assert await rehydrator.step() == 10
+        assert rehydrator.fence() is None
+        assert (await log.append(cmd("c7", {"type": "sold", "sku": "B", "qty": 1}))).first_seq == 11
+    finally:
+        rehydrator.close()
+        await log.close()
+        await state.close()
