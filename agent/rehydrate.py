@@ -6,7 +6,8 @@ log's incarnation it was heard under) and stages the events the hub sends back
 task of its own (`Rehydrator.run`) reads those rows read-only every `POLL_S` and appends
 staged events that continue the log (agent/history.py checks the seqs, the store and
 the chain; a history that does not chain is refused with an alarm and nothing of it is
-appended). Writes (`POST /v1/events`) are refused with 503 while `fence()` says why:
+appended). Every append (`POST /v1/events`, the service's lease expiry) is refused with
+503 while `fence()` says why (the log's `write_fence`):
 
 * `rehydrating`: the hub holds events 1..H of this store and the log only 1..L, L < H.
 * `awaiting_hub`: the log was restored or rehydrated (incarnation > 1) and no ack from
