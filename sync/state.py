@@ -291,7 +291,9 @@ class SqliteSyncState:
         """
         def write(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM history WHERE seq <= ?", (upto,))
-            conn.executemany("INSERT OR IGNORE INTO history(seq, body, hash) VALUES (?, ?, ?)",
+            # The hub's newest answer wins over rows staged before (a refused history stays
+            # staged until the hub sends another).
+            conn.executemany("INSERT OR REPLACE INTO history(seq, body, hash) VALUES (?, ?, ?)",
                              [(seq, bytearray(body), h) for seq, body, h in rows if seq > upto])
             return _staged_end(conn, upto)
 
