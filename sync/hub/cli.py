@@ -55,8 +55,32 @@ def cmd_run(args: argparse.Namespace, cfg: HubConfig) -> int:
     return 0
 
 
+def _on_postgres(cfg: HubConfig, fn):
+    """Run `await fn(storage)` on the hub's PostgreSQL storage; return its result."""
+    async def run():
+        from sync.hub.pg import PgStorage
+
+        storage = await PgStorage.open(cfg.storage.url, cfg.store_ids(), pool_size=1)
+        try:
+            return await fn(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
 def cmd_export(args: argparse.Namespace, cfg: HubConfig) -> int:
     from sync.hub.store import HubReader
+
+    if cfg.storage.url:
+        async def export(storage) -> None:
+            out = sys.stdout.buffer
+            async for body in storage.iter_bodies(args.store):
+                out.write(body + b"\n")
+            out.flush()
+
+        _on_postgres(cfg, export)
+        return 0
 
     reader = HubReader(cfg.storage.path)
     try:
@@ -71,6 +95,10 @@ def cmd_export(args: argparse.Namespace, cfg: HubConfig) -> int:
 
 def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
     from sync.hub.store import HubReader
+
+    if cfg.storage.url:
+        print(json.dumps(_on_postgres(cfg, lambda storage: storage.stats()), sort_keys=True))
+        return 0
 
     reader = HubReader(cfg.storage.path)
     try:
@@ -156,16 +184,8 @@ def cmd_epoch(args: argparse.Namespace, cfg: HubConfig) -> int:
                           "note": "a SQLite hub takes a new epoch each time it opens its database"}))
         return 0
 
-    async def epoch() -> str:
-        from sync.hub.pg import PgStorage
-
-        storage = await PgStorage.open(cfg.storage.url, cfg.store_ids(), pool_size=1)
-        try:
-            return await (storage.new_epoch() if args.new else storage.epoch())
-        finally:
-            await storage.close()
-
-    print(json.dumps({"engine": "postgresql", "epoch": asyncio.run(epoch()), "new": bool(args.new)}))
+    epoch = _on_postgres(cfg, lambda storage: storage.new_epoch() if args.new else storage.epoch())
+    print(json.dumps({"engine": "postgresql", "epoch": epoch, "new": bool(args.new)}))
     return 0
 
 
