@@ -237,9 +237,9 @@ class PgStorage:
             count = counts.setdefault(store_id, [0, 0])
             first, last = item.events[0][0].seq, item.events[-1][0].seq
             if item.incarnation is not None and inc is not None and item.incarnation < inc:
-                rejections.append((now, item.topic[:300], store_id, "stale_incarnation",
-                                   stale_detail(first, last, item.incarnation, inc)))
-                results[ord_] = IngestResult(refused="stale_incarnation")
+                detail = stale_detail(first, last, item.incarnation, inc)
+                rejections.append((now, item.topic[:300], store_id, "stale_incarnation", detail))
+                results[ord_] = IngestResult(stale_incarnation=detail)
                 continue
             if item.hashes is not None:
                 at = anchor.check_at(first, len(item.hashes), ack)

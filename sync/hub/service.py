@@ -175,11 +175,15 @@ class HubService:
                 log.exception("hub: commit listener failed")
 
     def _count(self, store_id: str, result) -> None:
+        if result.stale_incarnation is not None:
+            self.counters["rejected_stale_incarnation"] += 1
+            if self.refusals.refused(store_id, "stale_incarnation", protocol.events_topic(self.prefix, store_id),
+                                     result.stale_incarnation):
+                log.error("hub: ALARM %s: a batch from an older incarnation of its log (%s); refused,"
+                          " nothing stored", store_id, result.stale_incarnation)
+            return
         self.counters["events_stored"] += result.stored
         self.counters["events_duplicate"] += result.duplicates
-        if result.refused is not None:
-            self.counters[f"rejected_{result.refused}"] += 1
-            self.refusals.refused(store_id, result.refused, protocol.events_topic(self.prefix, store_id), result.refused)
         if result.unanchored:
             self.counters["batches_unanchored"] += 1
         if result.chain_broken is not None:

@@ -88,8 +88,9 @@ class IngestResult:
 
     `chain_broken`: why the batch was refused (nothing of it stored), or why the events
     held after a gap that it filled do not count toward the ack; None when its chain held.
-    `refused`: another reason the storage refused the whole batch (`stale_incarnation`),
-    recorded as a rejection; the sender gets the store's current ack.
+    `stale_incarnation`: why the batch was refused whole (it comes from an older
+    incarnation of the store's log than the hub holds), recorded as a rejection; the
+    sender gets the store's current ack.
     """
 
     stored: int = 0
@@ -98,7 +99,7 @@ class IngestResult:
     new_events: list = field(default_factory=list, repr=False)  # (head, body) of the events stored now
     chain_broken: str | None = None
     unanchored: bool = False
-    refused: str | None = None
+    stale_incarnation: str | None = None   # why the batch was refused (an older incarnation's)
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,7 @@ class SqliteStorage:
                 detail = stale_detail(first, last, item.incarnation, inc)
                 self._reject(conn, now, item.topic, store_id, "stale_incarnation", detail)
                 rejected += 1
-                results.append(IngestResult(refused="stale_incarnation"))
+                results.append(IngestResult(stale_incarnation=detail))
                 continue
             if item.hashes is not None:
                 broken = anchor.check(conn, store_id, first, item.prev_hash, item.hashes, ack, known)
@@ -424,8 +424,8 @@ HubStore = SqliteStorage  # the name it had before there were two engines
 
 
 def stale_detail(first: int, last: int, sent: int, held: int) -> str:
-    return (f"seqs {first}..{last}: from incarnation {sent} of the store's log, the hub holds incarnation {held}"
-            " (a log restored or rehydrated since: its older copy may no longer send)")
+    return (f"seqs {first}..{last} come from incarnation {sent} of the store's log;"
+            f" the hub holds incarnation {held}")
 
 
 def walk_broken_detail(broken_at: int, acked: int) -> str:
