@@ -18,7 +18,6 @@ has one, else through the hub's read-only connection.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import msgspec
@@ -70,9 +69,7 @@ class HistoryServer:
     async def answer(self, request: protocol.RehydrateRequest) -> int:
         """Publish the history after the request's `after_seq` up to the ack; return events sent."""
         store_id = request.store_id
-        acked = self._storage().acked(store_id)
-        if inspect.isawaitable(acked):   # a storage whose acks are read from its database
-            acked = await acked
+        acked = await self.service.store.acked(store_id)
         after, sent = request.after_seq, 0
         topic = protocol.history_topic(self.prefix, store_id)
         prev = await self._hash_at(store_id, after) if after < acked else None
@@ -102,16 +99,8 @@ class HistoryServer:
         log.info("hub: rehydrate %s: sent %d events after %d (ack %d)", store_id, sent, request.after_seq, acked)
         return sent
 
-    def _storage(self):
-        return getattr(self.service, "storage", None) or self.service.store
-
     async def _events_after(self, store_id: str, after: int, limit: int) -> list[tuple[int, bytes, bytes | None]]:
-        storage = self._storage()
-        if hasattr(storage, "events_after"):   # sync/hub/storage.py HubStorage
-            return list(await storage.events_after(store_id, after, limit))
-        return self.service.reader._all(
-            "SELECT seq, body, hash FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (store_id, after, limit))
+        return list(await self.service.store.events_after(store_id, after, limit))
 
     async def _hash_at(self, store_id: str, seq: int) -> bytes | None:
         """The hub's chain hash at `seq` (GENESIS at 0; None when it does not know it)."""
