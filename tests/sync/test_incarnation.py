@@ -71,16 +71,16 @@ async def test_the_hub_refuses_a_lower_incarnation_whole_and_records_a_higher_on
 
         first = payload(1, 3, 1)
         [result] = await store.write([incoming(first)], NOW)
-        assert result.stored == 3 and store.acked(STORE) == 3
+        assert result.stored == 3 and await store.acked(STORE) == 3
         h3 = chain.hashes(chain.GENESIS, [body(s) for s in (1, 2, 3)])[-1]
         [result] = await store.write([incoming(payload(4, 4, 2, h3))], NOW)    # a new box took over
-        assert result.stored == 1 and store.acked(STORE) == 4
+        assert result.stored == 1 and await store.acked(STORE) == 4
         h4 = chain.link(h3, body(4))
         [stale] = await store.write([incoming(payload(5, 6, 1, h4))], NOW)      # the old box again
-        assert stale.stale_incarnation is not None and stale.stored == 0 and store.acked(STORE) == 4
+        assert stale.stale_incarnation is not None and stale.stored == 0 and await store.acked(STORE) == 4
         assert "incarnation 1" in stale.stale_incarnation and "holds incarnation 2" in stale.stale_incarnation
         [older_agent] = await store.write([incoming(payload(5, 5, None, h4))], NOW)  # no field: as before
-        assert older_agent.stored == 1 and store.acked(STORE) == 5
+        assert older_agent.stored == 1 and await store.acked(STORE) == 5
     finally:
         await store.close()
     import sqlite3
