@@ -76,14 +76,13 @@ def pg_error(step: str, url: str, exc: BaseException) -> StorageError:
 async def read_epoch(conn: psycopg.AsyncConnection, new: bool = False) -> str:
     """The hub record's epoch (see the module docstring); `new`: replace the token first. Commits."""
     async with conn.transaction():
+        if new:
+            await conn.execute("UPDATE hub_meta SET value = %s WHERE key = 'epoch'", (secrets.token_hex(8),))
+        # The first opener's token wins: workers opening a new database at once agree on it.
+        await conn.execute("INSERT INTO hub_meta(key, value) VALUES ('epoch', %s) ON CONFLICT(key) DO NOTHING",
+                           (secrets.token_hex(8),))
         cur = await conn.execute("SELECT value FROM hub_meta WHERE key = 'epoch'")
-        row = await cur.fetchone()
-        if row is None or new:
-            token = secrets.token_hex(8)
-            await conn.execute("INSERT INTO hub_meta(key, value) VALUES ('epoch', %s)"
-                               " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (token,))
-        else:
-            token = row[0]
+        token = (await cur.fetchone())[0]
         cur = await conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()")
         oid = (await cur.fetchone())[0]
         parts = [f"p{token}", str(oid)]
@@ -107,11 +106,13 @@ class PgStorage:
         self._pool = pool
         self._epoch = epoch
         self.ingest_hooks: list[IngestHook] = []
+        self._known: set[str] = set()   # stores known to have a `stores` row (rows are never deleted)
 
     @classmethod
     async def open(cls, url: str, store_ids: Iterable[str] = (), pool_size: int = 4,
                    rejections_kept: int = REJECTIONS_KEPT, connect_timeout: float = 10.0) -> "PgStorage":
         """Connect, apply missing migrations, give every configured store a row; raise StorageError."""
+        store_ids = set(store_ids)
         try:
             conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, int(connect_timeout)))
         except psycopg.Error as exc:
@@ -122,7 +123,7 @@ class PgStorage:
                 log.info("hub: PostgreSQL migrations %s applied on %s", applied, display(url))
             async with conn.transaction():
                 await conn.execute("INSERT INTO stores(store_id) SELECT unnest(%s::text[])"
-                                   " ON CONFLICT DO NOTHING", (sorted(set(store_ids)),))
+                                   " ON CONFLICT DO NOTHING", (sorted(store_ids),))
             epoch = await read_epoch(conn)
         except psycopg.Error as exc:
             raise pg_error("set up the hub database", url, exc) from exc
@@ -142,6 +143,7 @@ class PgStorage:
                                    kwargs={"connect_timeout": max(1, int(connect_timeout))},
                                    name="edge-hub", timeout=30.0)
         cls.__init__(self, url, pool, epoch, rejections_kept)
+        self._known.update(store_ids)
         try:
             await pool.open(wait=True, timeout=connect_timeout)
         except Exception as exc:
@@ -206,12 +208,17 @@ class PgStorage:
         named = sorted({i.store_id for i in items if isinstance(i, Incoming) or (i.restate_ack and i.store_id)})
         state: dict[str, list] = {}   # store -> [acked, max_seq, rev, incarnation, hash at ack]
         if named:
-            await conn.execute("INSERT INTO stores(store_id, updated_at) SELECT unnest(%s::text[]), %s"
-                               " ON CONFLICT DO NOTHING", (named, now))
+            # Rows are never deleted: a store known to have one needs no INSERT (a round trip).
+            if not self._known.issuperset(named):
+                await conn.execute("INSERT INTO stores(store_id, updated_at) SELECT unnest(%s::text[]), %s"
+                                   " ON CONFLICT DO NOTHING", (named, now))
             cur = await conn.execute("SELECT store_id, acked_seq, max_seq, ack_rev, incarnation FROM stores"
                                      " WHERE store_id = ANY(%s) ORDER BY store_id FOR UPDATE", (named,))
             for store_id, acked, top, rev, inc in await cur.fetchall():
                 state[store_id] = [acked, top, rev, inc, chain.GENESIS if acked == 0 else None]
+            if len(state) != len(named):
+                raise StorageError(f"storage: stores {sorted(set(named) - set(state))} have no row in {display(self.url)}")
+            self._known.update(named)
             # A statement of its own, after the locks: a row locked after waiting is its newest
             # version, but a join in the locking statement would keep the rows it read before.
             cur = await conn.execute("SELECT s.store_id, e.hash FROM stores s JOIN events e ON e.store_id = s.store_id"
