@@ -1,6 +1,7 @@
 """The hub's cap tables: caps as set, each store's cap use by local day, allowances published (SQL).
 
-Every function takes a sqlite3 connection inside the caller's transaction.
+Every function takes a connection inside the caller's transaction (sqlite3, or a
+`sync.hub.sqlcompat.PgConn` on PostgreSQL: the same SQL; `PG_SCHEMA` is its DDL).
 
 * `caps`: one row per (sku, origin). Origin "file" rows come from `[caps] path`, "mqtt"
   rows from `P/caps/{sku}`; a SKU's MQTT cap overrides its file cap (`effective_caps`).
@@ -9,6 +10,8 @@ Every function takes a sqlite3 connection inside the caller's transaction.
   events: `sold` adds its qty to its day; `reserved` is one row per reservation, and a
   `reservation_released` marks it released (so it no longer counts in the day it was
   made). Fulfilment changes nothing. A period's use is the sum over its local days.
+  The ingest path records each group's use in its `hub_stock_pending` row
+  (`usage_facts`, pure); the fold adds it here (`apply_usage_facts`).
 * `cap_grants`: (sku, store_id, snapshot version, allowance) each time a store's
   allowance for a chain cap changed in a published snapshot, persisted before the
   publish; `caps.in_force_after` reads it.
@@ -22,6 +25,7 @@ from typing import Callable, Iterable, Mapping
 
 from agent.events import EventDecodeError, ReservationReleased, Reserved, Sold, decode_event
 from sync.hub import caps as capcore
+from sync.hub import sqlcompat
 
 log = logging.getLogger("edge_hub.caps")
 
@@ -63,13 +67,19 @@ SCHEMA = [
 ]
 
 
+_FEEDS_LOCK = 0x6564_6765_0002  # feeds.FEEDS_LOCK: caps are written like the other feeds
+
+PG_SCHEMA = [sqlcompat.pg_ddl(s, bigint=("updated_ms", "version")) for s in SCHEMA]
+
+
 def setup(conn: sqlite3.Connection, day_of: Callable[[str, str], str]) -> int:
     """Create the tables; the first time, fold every held event into the day buckets.
 
     `day_of(store_id, recorded_at)` returns the event's local date. Returns events folded.
     """
-    for statement in SCHEMA:
-        conn.execute(statement)
+    from sync.hub.projection import create_tables
+
+    create_tables(conn, SCHEMA, PG_SCHEMA)
     if conn.execute("SELECT 1 FROM hub_meta WHERE key = 'cap_usage'").fetchone():
         return 0
     folded = 0
@@ -107,27 +117,53 @@ def _facts(events: Iterable[tuple[object, bytes]]):
             yield "reservation_released", event.sku, event.qty, event.recorded_at, event.reservation_id
 
 
-def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
-                day_of: Callable[[str, str], str]) -> None:
-    """Add newly stored events' cap use to the day buckets (the ingest hook; idempotent per event)."""
+def usage_facts(store_id: str, events: Iterable[tuple[object, bytes]],
+                day_of: Callable[[str, str], str]) -> tuple[dict[tuple[str, str], int], list, list]:
+    """Return newly stored events' cap use, pure: ({(sku, day): sold qty}, reserved, released).
+
+    reserved: [(reservation_id, sku, day, qty)]; released: [(reservation_id, sku)].
+    """
     sold: dict[tuple[str, str], int] = {}
+    reserved: list[tuple[str, str, str, int]] = []
+    released: list[tuple[str, str]] = []
     for kind, sku, qty, recorded_at, reservation_id in _facts(events):
         if kind == "sold":
             key = (sku, day_of(store_id, recorded_at))
             sold[key] = sold.get(key, 0) + qty
         elif kind == "reserved":
-            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                         " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
-                         " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
-                         (store_id, reservation_id, sku, day_of(store_id, recorded_at), qty))
-        else:  # a release stored before its reservation (after a gap) still marks it
-            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                         " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
-                         (store_id, reservation_id, sku))
+            reserved.append((reservation_id, sku, day_of(store_id, recorded_at), qty))
+        else:
+            released.append((reservation_id, sku))
+    return sold, reserved, released
+
+
+def apply_usage_facts(conn: sqlite3.Connection, store_id: str, sold: Mapping[tuple[str, str], int],
+                      reserved: Iterable[tuple[str, str, str, int]], released: Iterable[tuple[str, str]]) -> None:
+    """Add cap use (as `usage_facts` returns it) to the day buckets (idempotent per reservation).
+
+    A reservation and its release commute: the reservation sets its SKU, day and qty and
+    keeps `released`; a release marks it (stored before its reservation, after a gap,
+    it still does).
+    """
+    for reservation_id, sku, day, qty in reserved:
+        conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                     " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
+                     " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
+                     (store_id, reservation_id, sku, day, qty))
+    for reservation_id, sku in released:
+        conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                     " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
+                     (store_id, reservation_id, sku))
     if sold:
         conn.executemany("INSERT INTO cap_sold(store_id, sku, day, qty) VALUES (?,?,?,?)"
-                         " ON CONFLICT(store_id, sku, day) DO UPDATE SET qty = qty + excluded.qty",
-                         [(store_id, sku, day, qty) for (sku, day), qty in sold.items()])
+                         " ON CONFLICT(store_id, sku, day) DO UPDATE SET qty = cap_sold.qty + excluded.qty",
+                         [(store_id, sku, day, qty) for (sku, day), qty in sorted(sold.items())])
+
+
+def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
+                day_of: Callable[[str, str], str]) -> None:
+    """Add events' cap use to the day buckets at once (the first build; idempotent per reservation)."""
+    apply_usage_facts(conn, store_id, *usage_facts(store_id, events, day_of))
 
 
 def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, after_day: str) -> int:
@@ -145,6 +181,7 @@ def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, afte
 
 def set_cap(conn: sqlite3.Connection, cap: capcore.Cap, origin: str, now_ms: int) -> bool:
     """Set a SKU's cap of an origin; return whether anything changed."""
+    sqlcompat.xact_lock(conn, _FEEDS_LOCK)
     row = (cap.limit, cap.period, cap.scope, cap.store_id)
     held = conn.execute("SELECT cap_limit, period, scope, store_id FROM caps WHERE sku = ? AND origin = ?",
                         (cap.sku, origin)).fetchone()
@@ -159,6 +196,7 @@ def set_cap(conn: sqlite3.Connection, cap: capcore.Cap, origin: str, now_ms: int
 
 def clear_cap(conn: sqlite3.Connection, sku: str, origin: str) -> bool:
     """Clear a SKU's cap of an origin; with no cap left, forget its allowance history. Return whether it held one."""
+    sqlcompat.xact_lock(conn, _FEEDS_LOCK)
     gone = conn.execute("DELETE FROM caps WHERE sku = ? AND origin = ?", (sku, origin)).rowcount > 0
     if gone and conn.execute("SELECT 1 FROM caps WHERE sku = ?", (sku,)).fetchone() is None:
         conn.execute("DELETE FROM cap_grants WHERE sku = ?", (sku,))
@@ -207,7 +245,8 @@ def record_grants(conn: sqlite3.Connection, store_id: str, version: int, grants:
     Rows older than the one in force at the store's `confirmed` version are dropped: they
     can no longer be acted on.
     """
-    conn.executemany("INSERT OR REPLACE INTO cap_grants(sku, store_id, version, allowance) VALUES (?,?,?,?)",
+    conn.executemany("INSERT INTO cap_grants(sku, store_id, version, allowance) VALUES (?,?,?,?)"
+                     " ON CONFLICT(sku, store_id, version) DO UPDATE SET allowance = excluded.allowance",
                      [(sku, store_id, version, allowance) for sku, allowance in grants.items()])
     if confirmed is not None:
         conn.execute("DELETE FROM cap_grants WHERE store_id = ? AND version < (SELECT MAX(g.version)"

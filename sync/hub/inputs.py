@@ -14,6 +14,10 @@ source of kind warehouse); the orders topic takes a configured source id or "onl
 Reasons: `source_undecodable`, `source_invalid`, `source_unconfigured`,
 `orders_undecodable`, `orders_invalid`, `orders_unconfigured`, `cap_undecodable`,
 `cap_invalid`, `caps_file_invalid`.
+
+With several workers on PostgreSQL each worker receives and applies every feed message
+(sync/hub/feeds.py); a refusal is counted in each worker's memory but recorded in the
+database by the leader alone (`leads`), so `rejection_counts` counts it once.
 """
 
 from __future__ import annotations
@@ -149,12 +153,14 @@ class FeedInputs:
         self.sources = {s.id: s for s in service.config.sources}
         self.caps_path = service.config.caps.path
         self._caps_file_seen: tuple | None = None
+        self.leads: Callable[[], bool] = lambda: True  # whether this worker records refusals (the leader)
 
     async def refuse(self, topic: str, exc: Refused) -> None:
         """Count (memory and hub.db) and log a refused feed message; nothing else changes."""
         self.counters[exc.reason] += 1
         self.service.refusals.refused(None, exc.reason, topic, exc.detail)
-        await self.store.write([Rejection(topic, None, exc.reason, exc.detail)], clock.rfc3339(self._now()))
+        if self.leads():
+            await self.store.write([Rejection(topic, None, exc.reason, exc.detail)], clock.rfc3339(self._now()))
 
     # ---------------------------------------------------------------- stock
 

@@ -4,9 +4,9 @@
     await publisher.publish_changed()                         # the scheduled job (tests call it)
 
 `attach` creates the tables (building the projection and the cap use from held events
-the first time, moving a pre-sources database's warehouse feeds over), hooks
-`projection.apply_events` and `captables.apply_usage` into the hub store's ingest
-transaction, subscribes to the feeds (`P/warehouses/+/stock`, `P/sources/+/stock`,
+the first time, moving a pre-sources database's warehouse feeds over), hooks the
+projection's pending row (`projection.pending_blob`: stock deltas and cap use) into the
+hub store's ingest transaction, subscribes to the feeds (`P/warehouses/+/stock`, `P/sources/+/stock`,
 `P/orders/+`, `P/caps/+`: sync/hub/inputs.py) and the stores' statuses, reads
 `[caps] path`, and adds `run` (an APScheduler 3 job every
 `availability.publish_interval_s`) to the service's jobs. Each run reads the caps file
@@ -20,6 +20,12 @@ counted as promised before any store can see it, even after a crash between the 
 steps; a store whose publish failed, and every store after a (re)connect (a broker
 restart may lose retained messages), is forced due on the next run.
 
+Only the leader (sync/hub/leader.py: on SQLite the one hub process, on PostgreSQL the
+worker holding the advisory lock) folds the pending rows, computes, persists and
+publishes; the other workers' runs do nothing. A version write is fenced
+(`projection.record_published`): a worker deposed meanwhile writes nothing and publishes
+nothing. A worker that becomes the leader forces every store due and republishes the catalog.
+
 A store's retained status may carry `snapshot_version` (the snapshot it holds) and
 `last_seq`: once the hub holds that store's events up to `last_seq`, allowances
 published before that version no longer count as in force (sync/hub/caps.py).
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import inspect
 import logging
 import re
 import sqlite3
@@ -50,6 +57,7 @@ from sync.hub import captables, feeds, projection
 from sync.hub import caps as capcore
 from sync.hub.compute import Plan, compute
 from sync.hub.inputs import FeedInputs
+from sync.hub.leader import leader_for
 from sync.hub.settings import zones
 
 log = logging.getLogger("edge_hub.availability")
@@ -71,7 +79,8 @@ _status_caps_decoder = msgspec.json.Decoder(_StatusCaps)
 class AvailabilityPublisher:
     """Publishes each store's availability snapshot and the catalog for one HubService."""
 
-    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float | None = None):
+    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float | None = None,
+                 leader=None):
         self.service = service
         self.store = service.store
         self.mqtt = service.mqtt
@@ -82,9 +91,14 @@ class AvailabilityPublisher:
         self._now = now
         self._regions = av.regions_of((s.id, s.region) for s in self.config.stores)
         self.zones = zones(self.config)
-        self.plan = Plan(self.store.path, self._regions, self.zones, [
-            av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources])
+        url = getattr(self.config.storage, "url", "") or ""
+        self.leader = leader if leader is not None else leader_for(
+            url, name=f"edge-hub-{self.config.hub.id}-{getattr(self.config.hub, 'worker', 0)}-leader")
+        self.plan = Plan(getattr(self.store, "path", None), self._regions, self.zones, [
+            av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources],
+            url=url)
         self.inputs = FeedInputs(service, now)
+        self.inputs.leads = lambda: self.leader.is_leader
         self._day_cache: dict[tuple[str, str], str] = {}
         self.confirmed: dict[str, int] = {}                    # store -> snapshot version it holds (events held)
         self._confirming: dict[str, tuple[int, int]] = {}      # store -> (version, last_seq) not yet held
@@ -110,9 +124,8 @@ class AvailabilityPublisher:
         folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
         if folded:
             log.info("hub: built the cap use from %d held events", folded)
-        self.store.ingest_hooks.append(projection.apply_events)
-        self.store.ingest_hooks.append(lambda conn, store_id, events: captables.apply_usage(
-            conn, store_id, events, self.day_of))
+        self.store.ingest_hooks.append(lambda conn, store_id, events: projection.apply_events(
+            conn, store_id, events, self.usage))
         service.event_view = projection.EVENT_VIEW
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.inputs.on_warehouse)
         self.mqtt.subscribe(protocol.sources_filter(self.prefix), self.inputs.on_source)
@@ -122,6 +135,8 @@ class AvailabilityPublisher:
         self.mqtt.on_connection_change(self._connection_changed)
         await self.inputs.load_caps_file()
         await self.load_catalog()
+        self.leader.on_change(self._leader_changed)
+        service.jobs.append(self.leader.run)
         service.jobs.append(self.run)
         return self
 
@@ -137,6 +152,14 @@ class AvailabilityPublisher:
             zone = self.zones.get(store_id) or zoneinfo.ZoneInfo("UTC")
             day = self._day_cache[key] = capcore.local_day(clock.parse_rfc3339(recorded_at), zone)
         return day
+
+    def usage(self, store_id: str, events: list) -> tuple:
+        """The cap use of newly stored events (their pending row's part: `captables.usage_facts`)."""
+        return captables.usage_facts(store_id, events, self.day_of)
+
+    def pending_blob(self, store_id: str, events: list) -> bytes | None:
+        """The ingest hook's pure form: the pending row of a store's newly stored events."""
+        return projection.pending_blob(store_id, events, self.usage)
 
     async def on_warehouse(self, message) -> None:
         """`P/warehouses/{id}/stock`: see sync/hub/inputs.py."""
@@ -192,8 +215,8 @@ class AvailabilityPublisher:
     # ---------------------------------------------------------------- outputs
 
     async def publish_catalog(self) -> None:
-        """Publish the catalog retained (again); agents ignore a version they hold."""
-        if self._catalog_payload is None:
+        """Publish the catalog retained (again) if this worker leads; agents ignore a version they hold."""
+        if self._catalog_payload is None or not self.leader.is_leader:
             return
         await wait_for(self.mqtt.publish(protocol.catalog_topic(self.prefix), self._catalog_payload,
                                          qos=1, retain=True), PUBLISH_TIMEOUT_S)
@@ -201,10 +224,12 @@ class AvailabilityPublisher:
     async def publish_changed(self) -> list[av.Snapshot]:
         """The scheduled job: publish every store's snapshot that is due; return what was published."""
         async with self._lock:
+            if not self.leader.is_leader:
+                return []
             now = self._now()
             force, self._force = self._force, set()
             previous = await self.store.run(_fold_and_read_published)
-            confirmed = self._confirmed()
+            confirmed = await self._confirmed()
             started = time.perf_counter()
             snapshots = await asyncio.to_thread(
                 compute, self.plan, previous, force, now, int(self.refresh_s * 1000), confirmed)
@@ -213,8 +238,15 @@ class AvailabilityPublisher:
                 log.info("hub: computed %d due snapshots of %d stores in %.3f s", len(snapshots),
                          len(self.service.store_ids), self.compute_s)
             out = []
+            fence = self.leader.fence()
             for snap in snapshots:
-                await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id)))
+                try:
+                    await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id), fence))
+                except projection.Fenced as exc:  # deposed (or a newer version held): publish nothing more
+                    self.counters["availability_fenced"] += 1
+                    log.warning("hub: %s; this run stops", exc)
+                    self._force |= {s.store_id for s in snapshots}
+                    break
                 payload, content_type = snap.payload, None
                 if self.compresses(snap.store_id):
                     payload = await asyncio.to_thread(zlib.compress, snap.payload, 6)
@@ -251,10 +283,13 @@ class AvailabilityPublisher:
         finally:
             scheduler.shutdown(wait=False)
 
-    def _confirmed(self) -> dict[str, int]:
+    async def _confirmed(self) -> dict[str, int]:
         """Promote a store's reported snapshot version once the hub holds its events up to then."""
         for store_id, (version, last_seq) in list(self._confirming.items()):
-            if self.store.acked(store_id) >= last_seq:
+            acked = self.store.acked(store_id)
+            if inspect.isawaitable(acked):
+                acked = await acked
+            if acked >= last_seq:
                 del self._confirming[store_id]
                 self.confirmed[store_id] = max(version, self.confirmed.get(store_id, 0))
         return dict(self.confirmed)
@@ -268,11 +303,15 @@ class AvailabilityPublisher:
             self.counters["availability_job_failed"] += 1
             log.exception("hub: availability job failed")
 
+    def _leader_changed(self, leading: bool) -> None:
+        if leading:  # another worker led until now: republish everything from this one's view
+            self._connection_changed(True)
+
     def _connection_changed(self, up: bool) -> None:
         if not up:
             return
         self._force |= set(self.service.store_ids)
-        if self._catalog_payload is not None:
+        if self._catalog_payload is not None and self.leader.is_leader:
             task = asyncio.get_running_loop().create_task(self.publish_catalog())
             task.add_done_callback(_log_failure)
 
@@ -282,8 +321,9 @@ def _fold_and_read_published(conn: sqlite3.Connection) -> dict[str, av.Published
     return projection.published(conn)
 
 
-def _record(conn: sqlite3.Connection, snap: av.Snapshot, confirmed: int | None) -> None:
-    projection.record_published(conn, snap.store_id, snap.version, snap.digest, snap.generated_at_ms)
+def _record(conn: sqlite3.Connection, snap: av.Snapshot, confirmed: int | None,
+            fence: tuple[str, tuple] = ("1 = 1", ())) -> None:
+    projection.record_published(conn, snap.store_id, snap.version, snap.digest, snap.generated_at_ms, fence)
     if snap.grants:
         captables.record_grants(conn, snap.store_id, snap.version, snap.grants, confirmed)
 
