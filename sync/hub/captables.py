@@ -10,8 +10,6 @@ Every function takes a connection inside the caller's transaction (sqlite3, or a
   events: `sold` adds its qty to its day; `reserved` is one row per reservation, and a
   `reservation_released` marks it released (so it no longer counts in the day it was
   made). Fulfilment changes nothing. A period's use is the sum over its local days.
-  The ingest path records each group's use in its `hub_stock_pending` row
-  (`usage_facts`, pure); the fold adds it here (`apply_usage_facts`).
 * `cap_grants`: (sku, store_id, snapshot version, allowance) each time a store's
   allowance for a chain cap changed in a published snapshot, persisted before the
   publish; `caps.in_force_after` reads it.
@@ -117,53 +115,27 @@ def _facts(events: Iterable[tuple[object, bytes]]):
             yield "reservation_released", event.sku, event.qty, event.recorded_at, event.reservation_id
 
 
-def usage_facts(store_id: str, events: Iterable[tuple[object, bytes]],
-                day_of: Callable[[str, str], str]) -> tuple[dict[tuple[str, str], int], list, list]:
-    """Return newly stored events' cap use, pure: ({(sku, day): sold qty}, reserved, released).
-
-    reserved: [(reservation_id, sku, day, qty)]; released: [(reservation_id, sku)].
-    """
+def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
+                day_of: Callable[[str, str], str]) -> None:
+    """Add newly stored events' cap use to the day buckets (the ingest hook; idempotent per event)."""
     sold: dict[tuple[str, str], int] = {}
-    reserved: list[tuple[str, str, str, int]] = []
-    released: list[tuple[str, str]] = []
     for kind, sku, qty, recorded_at, reservation_id in _facts(events):
         if kind == "sold":
             key = (sku, day_of(store_id, recorded_at))
             sold[key] = sold.get(key, 0) + qty
         elif kind == "reserved":
-            reserved.append((reservation_id, sku, day_of(store_id, recorded_at), qty))
-        else:
-            released.append((reservation_id, sku))
-    return sold, reserved, released
-
-
-def apply_usage_facts(conn: sqlite3.Connection, store_id: str, sold: Mapping[tuple[str, str], int],
-                      reserved: Iterable[tuple[str, str, str, int]], released: Iterable[tuple[str, str]]) -> None:
-    """Add cap use (as `usage_facts` returns it) to the day buckets (idempotent per reservation).
-
-    A reservation and its release commute: the reservation sets its SKU, day and qty and
-    keeps `released`; a release marks it (stored before its reservation, after a gap,
-    it still does).
-    """
-    for reservation_id, sku, day, qty in reserved:
-        conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                     " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
-                     " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
-                     (store_id, reservation_id, sku, day, qty))
-    for reservation_id, sku in released:
-        conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                     " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
-                     (store_id, reservation_id, sku))
+            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                         " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
+                         " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
+                         (store_id, reservation_id, sku, day_of(store_id, recorded_at), qty))
+        else:  # a release stored before its reservation (after a gap) still marks it
+            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
+                         " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
+                         (store_id, reservation_id, sku))
     if sold:
         conn.executemany("INSERT INTO cap_sold(store_id, sku, day, qty) VALUES (?,?,?,?)"
                          " ON CONFLICT(store_id, sku, day) DO UPDATE SET qty = cap_sold.qty + excluded.qty",
-                         [(store_id, sku, day, qty) for (sku, day), qty in sorted(sold.items())])
-
-
-def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
-                day_of: Callable[[str, str], str]) -> None:
-    """Add events' cap use to the day buckets at once (the first build; idempotent per reservation)."""
-    apply_usage_facts(conn, store_id, *usage_facts(store_id, events, day_of))
+                         [(store_id, sku, day, qty) for (sku, day), qty in sold.items()])
 
 
 def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, after_day: str) -> int:

@@ -14,10 +14,10 @@ count at once, and each stored event is applied exactly once because the hook on
 the events stored by that transaction (duplicates and conflicts are not).
 
 An ingest transaction records its summed changes as one `hub_stock_pending` row per store
-(`pending_blob`: the stock deltas and the events' cap use, a pure function of the events,
-so any storage engine can insert it); every `PENDING_ROWS` rows on SQLite, and before each
-snapshot computation (by the leader only, on PostgreSQL: sync/hub/leader.py) they are
-added into `hub_stock` and the cap use tables and deleted in one transaction
+(`pending_deltas`, a pure function of the events, so any storage engine can insert it);
+every `PENDING_ROWS` rows on SQLite, and before each snapshot computation (by the leader
+only, on PostgreSQL: sync/hub/leader.py) they are added into `hub_stock` and deleted in
+one transaction
 (`DELETE ... RETURNING`: a row that commits while the fold runs is left for the next
 one, never lost), so a SKU's row is rewritten once per fold rather than once per ingest
 transaction. Readers use `stock` / `available_by_store`, which add what is still pending.
@@ -226,49 +226,18 @@ def stock_delta(body: bytes) -> tuple[str, int, int, int]:
 PENDING_ROWS = 32  # fold hub_stock_pending into hub_stock once it holds this many rows (SQLite)
 
 _Deltas = dict[str, tuple[int, int, int]]
-# A pending row: (stock [[sku, floor, backroom, reserved]], cap use: sold [[sku, day, qty]],
-# reserved [[reservation_id, sku, day, qty]], released [[reservation_id, sku]]).
-# A row written before cap use went through it is the stock list alone.
-_PendingRow = tuple[list[tuple[str, int, int, int]], list[tuple[str, str, int]],
-                    list[tuple[str, str, str, int]], list[tuple[str, str]]]
 _pending_encoder = msgspec.msgpack.Encoder()
-_pending_decoder = msgspec.msgpack.Decoder(_PendingRow)
-_legacy_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, int, int]])
+_pending_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, int, int]])
 
 
-def _decode_pending(blob: bytes) -> _PendingRow:
-    try:
-        return _pending_decoder.decode(blob)
-    except msgspec.ValidationError:
-        return _legacy_decoder.decode(blob), [], [], []
-
-
-def pending_blob(store_id: str, events: Iterable[tuple[object, bytes]], usage=None) -> bytes | None:
-    """The `hub_stock_pending` row of newly stored events (pure; None when they change nothing).
-
-    `usage(store_id, events)`: their cap use as `captables.usage_facts` returns it (None: none).
-    """
-    events = events if isinstance(events, list) else list(events)
+def pending_deltas(store_id: str, events: Iterable[tuple[object, bytes]]) -> bytes | None:
+    """The summed stock changes of newly stored events as one `hub_stock_pending.deltas` blob
+    (msgpack [[sku, floor, backroom, reserved], ...]), or None when they change no stock. Pure."""
     deltas = _fold(store_id, events)
-    sold, reserved, released = usage(store_id, events) if usage is not None else ({}, [], [])
-    if not (deltas or sold or reserved or released):
-        return None
-    return _pending_encoder.encode(([(sku, *d) for sku, d in deltas.items()],
-                                    [(sku, day, qty) for (sku, day), qty in sold.items()], reserved, released))
+    return _pending_encoder.encode([(sku, *d) for sku, d in deltas.items()]) if deltas else None
 
 
-def insert_pending(conn, store_id: str, blob: bytes | None) -> None:
-    """Record a pending row in the caller's (ingest) transaction; on SQLite fold every `PENDING_ROWS`."""
-    if blob is None:
-        return
-    conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)", (store_id, blob))
-    if not sqlcompat.is_pg(conn) and \
-            conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] >= PENDING_ROWS:
-        fold_pending(conn)
-
-
-def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
-                 usage=None) -> None:
+def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]]) -> None:
     """Add the effect of newly stored events to the store's projection (the ingest hook).
 
     `events`: (head, raw body) pairs as the hub stored them. A head decoded as
@@ -280,7 +249,11 @@ def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple
     `PENDING_ROWS` rows are added into `hub_stock` at once (`fold_pending`): a SKU's row is
     written once per fold instead of once per ingest transaction. `stock` reads both.
     """
-    insert_pending(conn, store_id, pending_blob(store_id, events, usage))
+    blob = pending_deltas(store_id, events)
+    if blob is not None:
+        conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)", (store_id, blob))
+        if conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] >= PENDING_ROWS:
+            fold_pending(conn)
 
 
 def apply_bodies(conn: sqlite3.Connection, store_id: str, bodies: Iterable[bytes]) -> None:
@@ -321,7 +294,7 @@ def _sum_stock(rows: Iterable[tuple[str, bytes]]) -> dict[str, _Deltas]:
     for store_id, blob in rows:
         deltas = out.setdefault(store_id, {})
         get = deltas.get
-        for sku, floor, backroom, reserved in _decode_pending(blob)[0]:
+        for sku, floor, backroom, reserved in _pending_decoder.decode(blob):
             held = get(sku)
             deltas[sku] = ((floor, backroom, reserved) if held is None
                            else (held[0] + floor, held[1] + backroom, held[2] + reserved))
@@ -334,31 +307,17 @@ def _pending(conn: sqlite3.Connection) -> dict[str, _Deltas]:
 
 
 def fold_pending(conn: sqlite3.Connection) -> int:
-    """Add every pending change into `hub_stock` and the cap use tables and clear them; return
-    the stock rows folded.
+    """Add every pending change into `hub_stock` and clear them; return the rows folded.
 
     One `DELETE ... RETURNING`: exactly the rows it deletes are added, so a row another
     transaction commits meanwhile (PostgreSQL, READ COMMITTED) stays for the next fold, and
     two folds at once (a deposed leader's and the new one's) never add a row twice.
     """
-    from sync.hub import captables
-
     rows = conn.execute("DELETE FROM hub_stock_pending RETURNING store_id, deltas").fetchall()
     if not rows:
         return 0
     pending = _sum_stock(rows)
     _add_to_stock(conn, pending)
-    usage: dict[str, tuple[dict, list, list]] = {}
-    for store_id, blob in rows:
-        _, sold, reserved, released = _decode_pending(blob)
-        if sold or reserved or released:
-            held = usage.setdefault(store_id, ({}, [], []))
-            for sku, day, qty in sold:
-                held[0][(sku, day)] = held[0].get((sku, day), 0) + qty
-            held[1].extend(reserved)
-            held[2].extend(released)
-    for store_id in sorted(usage):
-        captables.apply_usage_facts(conn, store_id, *usage[store_id])
     return sum(map(len, pending.values()))
 
 
@@ -405,30 +364,26 @@ def available_by_store(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return out
 
 
-def rebuild_store(conn, store_id: str, from_seq: int = 1, usage=None) -> dict:
+def rebuild_store(conn, store_id: str, from_seq: int = 1, apply_usage=None) -> dict:
     """Recompute a store's projection rows from its held events (`edge-hub replay`); return a summary.
 
-    Every SKU that the store's events from `from_seq` on touch gets its `hub_stock` row and
-    its cap use rows (`usage`: `captables.usage_facts`, None: stock only) recomputed from
-    all of the store's held events of that SKU: the projection is a sum, so a row is
-    rebuilt whole rather than from a middle point. `from_seq` 1 rebuilds every row of the store.
+    Every SKU that the store's events from `from_seq` on touch gets its `hub_stock` row
+    (and, with `apply_usage(conn, store_id, events)`, its cap use rows in `cap_sold` and
+    `cap_reserved`) recomputed from all of the store's held events of that SKU: the
+    projection is a sum, so a row is rebuilt whole rather than from a middle point.
+    `from_seq` 1 rebuilds every row of the store.
 
     Run inside one write transaction. Pending rows are folded first; on PostgreSQL the
     pending table is locked (EXCLUSIVE: ingest transactions wait at their pending row, a
     fold waits) so that the events read and the rows written agree.
     """
-    from sync.hub import captables
-
     if sqlcompat.is_pg(conn):
         conn.execute("LOCK TABLE hub_stock_pending IN EXCLUSIVE MODE")
     fold_pending(conn)
     touched: set[str] = set()
     deltas: _Deltas = {}
-    sold: dict[tuple[str, str], int] = {}
-    reserved: list = []
-    released: list = []
-    replayed = read = 0
-    after = 0
+    replayed = read = after = 0
+    chunks: list[list[tuple[object, bytes]]] = []
     while True:
         rows = conn.execute("SELECT seq, body FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT 5000",
                             (store_id, after)).fetchall()
@@ -444,30 +399,35 @@ def rebuild_store(conn, store_id: str, from_seq: int = 1, usage=None) -> dict:
         for sku, d in _fold(store_id, events).items():
             held = deltas.get(sku, (0, 0, 0))
             deltas[sku] = (held[0] + d[0], held[1] + d[1], held[2] + d[2])
-        if usage is not None:
-            s, r, x = usage(store_id, events)
-            for key, qty in s.items():
-                sold[key] = sold.get(key, 0) + qty
-            reserved.extend(r)
-            released.extend(x)
+        if apply_usage is not None:
+            chunks.append(events)
     if from_seq <= 1:
         touched.update(sku for (sku,) in conn.execute("SELECT sku FROM hub_stock WHERE store_id = ?", (store_id,)))
     skus = sorted(touched)
     before = {sku: (f, b, r) for sku, f, b, r in conn.execute(
         "SELECT sku, floor, backroom, reserved FROM hub_stock WHERE store_id = ?", (store_id,)) if sku in touched}
-    after_rows = {sku: deltas[sku] for sku in skus if sku in deltas}
-    conn.executemany("DELETE FROM hub_stock WHERE store_id = ? AND sku = ?", [(store_id, sku) for sku in skus])
-    _add_to_stock(conn, {store_id: after_rows})
-    if usage is not None:
-        conn.executemany("DELETE FROM cap_sold WHERE store_id = ? AND sku = ?", [(store_id, sku) for sku in skus])
-        conn.executemany("DELETE FROM cap_reserved WHERE store_id = ? AND sku = ?",
-                         [(store_id, sku) for sku in skus])
-        captables.apply_usage_facts(conn, store_id, {k: q for k, q in sold.items() if k[0] in touched},
-                                    [r for r in reserved if r[1] in touched],
-                                    [r for r in released if r[1] in touched])
-    changed = sorted(sku for sku in skus if before.get(sku) != after_rows.get(sku))
+    rebuilt = {sku: deltas[sku] for sku in skus if sku in deltas}
+    keys = [(store_id, sku) for sku in skus]
+    conn.executemany("DELETE FROM hub_stock WHERE store_id = ? AND sku = ?", keys)
+    _add_to_stock(conn, {store_id: rebuilt})
+    if apply_usage is not None:
+        conn.executemany("DELETE FROM cap_sold WHERE store_id = ? AND sku = ?", keys)
+        conn.executemany("DELETE FROM cap_reserved WHERE store_id = ? AND sku = ?", keys)
+        for events in chunks:
+            apply_usage(conn, store_id, [e for e in events if _sku_of(e) in touched])
+    changed = sorted(sku for sku in skus if before.get(sku) != rebuilt.get(sku))
     return {"store_id": store_id, "from_seq": from_seq, "events_read": read, "events_replayed": replayed,
             "skus": len(skus), "rows_changed": len(changed), "changed": changed[:100]}
+
+
+def _sku_of(event: tuple[object, bytes]) -> str | None:
+    head, body = event
+    if isinstance(head, _Fact):
+        return head.sku
+    try:
+        return stock_delta(body)[0]
+    except (EventDecodeError, TypeError):
+        return None
 
 
 def published(conn: sqlite3.Connection) -> dict[str, Published]:

@@ -4,9 +4,9 @@
     await publisher.publish_changed()                         # the scheduled job (tests call it)
 
 `attach` creates the tables (building the projection and the cap use from held events
-the first time, moving a pre-sources database's warehouse feeds over), hooks the
-projection's pending row (`projection.pending_blob`: stock deltas and cap use) into the
-hub store's ingest transaction, subscribes to the feeds (`P/warehouses/+/stock`, `P/sources/+/stock`,
+the first time, moving a pre-sources database's warehouse feeds over), hooks
+`projection.apply_events` and `captables.apply_usage` into the hub store's ingest
+transaction, subscribes to the feeds (`P/warehouses/+/stock`, `P/sources/+/stock`,
 `P/orders/+`, `P/caps/+`: sync/hub/inputs.py) and the stores' statuses, reads
 `[caps] path`, and adds `run` (an APScheduler 3 job every
 `availability.publish_interval_s`) to the service's jobs. Each run reads the caps file
@@ -124,8 +124,9 @@ class AvailabilityPublisher:
         folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
         if folded:
             log.info("hub: built the cap use from %d held events", folded)
-        self.store.ingest_hooks.append(lambda conn, store_id, events: projection.apply_events(
-            conn, store_id, events, self.usage))
+        self.store.ingest_hooks.append(projection.apply_events)
+        self.store.ingest_hooks.append(lambda conn, store_id, events: captables.apply_usage(
+            conn, store_id, events, self.day_of))
         service.event_view = projection.EVENT_VIEW
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.inputs.on_warehouse)
         self.mqtt.subscribe(protocol.sources_filter(self.prefix), self.inputs.on_source)
@@ -152,14 +153,6 @@ class AvailabilityPublisher:
             zone = self.zones.get(store_id) or zoneinfo.ZoneInfo("UTC")
             day = self._day_cache[key] = capcore.local_day(clock.parse_rfc3339(recorded_at), zone)
         return day
-
-    def usage(self, store_id: str, events: list) -> tuple:
-        """The cap use of newly stored events (their pending row's part: `captables.usage_facts`)."""
-        return captables.usage_facts(store_id, events, self.day_of)
-
-    def pending_blob(self, store_id: str, events: list) -> bytes | None:
-        """The ingest hook's pure form: the pending row of a store's newly stored events."""
-        return projection.pending_blob(store_id, events, self.usage)
 
     async def on_warehouse(self, message) -> None:
         """`P/warehouses/{id}/stock`: see sync/hub/inputs.py."""
