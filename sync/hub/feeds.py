@@ -25,6 +25,7 @@ import sqlite3
 from typing import Iterable
 
 from sync.hub import sqlcompat
+from sync.hub.migrations import Migration
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS source_stock (
@@ -52,6 +53,7 @@ SCHEMA = [
 ]
 
 PG_SCHEMA = [sqlcompat.pg_ddl(s, bigint=("version", "updated_at_ms", "updated_ms")) for s in SCHEMA]
+POSTGRES_MIGRATIONS = [Migration(110, "source_stock, source_feeds, orders", PG_SCHEMA)]
 
 CLOSED = ("fulfilled", "cancelled")
 
@@ -62,7 +64,7 @@ def setup(conn: sqlite3.Connection) -> int:
     """Create the tables; move a pre-sources database's warehouse feeds over. Returns rows moved."""
     from sync.hub.projection import create_tables
 
-    create_tables(conn, SCHEMA, PG_SCHEMA)
+    create_tables(conn, SCHEMA)
     if sqlcompat.is_pg(conn):
         return 0  # the warehouse tables predate PostgreSQL storage
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

@@ -36,6 +36,7 @@ from agent.inventory import effect
 from common.sqlite import insert_rows
 from sync.hub import sqlcompat
 from sync.hub.availability import Published
+from sync.hub.migrations import Migration
 from sync.protocol import EventHead
 
 log = logging.getLogger("edge_hub.projection")
@@ -69,17 +70,22 @@ SCHEMA = [
 ]
 
 
-# The same tables on PostgreSQL (versions and milliseconds past 2^31: BIGINT).
+# The same tables on PostgreSQL (versions and milliseconds past 2^31: BIGINT), as migrations
+# (sync/hub/migrations.py; hub_meta and hub_stock_pending are the core storage's migration 1).
 PG_SCHEMA = [sqlcompat.pg_ddl(s, bigint=("version", "generated_at_ms", "floor", "backroom", "reserved"))
-             for s in SCHEMA]
+             for s in SCHEMA if "hub_meta" not in s and "hub_stock_pending" not in s]
+POSTGRES_MIGRATIONS = [Migration(100, "hub_stock, availability_published", PG_SCHEMA)]
 
 SETUP_LOCK = 0x6564_6765_0001  # advisory lock: one worker sets the availability tables up at a time
 
 
-def create_tables(conn, schema: list[str], pg_schema: list[str]) -> None:
-    """Create a module's tables on the connection's engine (PostgreSQL: under SETUP_LOCK)."""
-    sqlcompat.xact_lock(conn, SETUP_LOCK)
-    for statement in (pg_schema if sqlcompat.is_pg(conn) else schema):
+def create_tables(conn, schema: list[str]) -> None:
+    """SQLite: create a module's tables. PostgreSQL: its migrations did (`POSTGRES_MIGRATIONS`);
+    take SETUP_LOCK, so one worker at a time makes a first build."""
+    if sqlcompat.is_pg(conn):
+        sqlcompat.xact_lock(conn, SETUP_LOCK)
+        return
+    for statement in schema:
         conn.execute(statement)
 
 
@@ -88,7 +94,7 @@ def setup(conn: sqlite3.Connection) -> int:
 
     Returns the number of events folded by that first build (0 afterwards).
     """
-    create_tables(conn, SCHEMA, PG_SCHEMA)
+    create_tables(conn, SCHEMA)
     if conn.execute("SELECT 1 FROM hub_meta WHERE key = 'projection'").fetchone():
         return 0
     folded = 0
@@ -231,14 +237,18 @@ _pending_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, int, int]])
 
 
 def pending_deltas(store_id: str, events: Iterable[tuple[object, bytes]]) -> bytes | None:
-    """The summed stock changes of newly stored events as one `hub_stock_pending.deltas` blob
-    (msgpack [[sku, floor, backroom, reserved], ...]), or None when they change no stock. Pure."""
+    """The ingest hook (sync/hub/storage.py): the summed stock changes of newly stored events
+    as one `hub_stock_pending.deltas` blob (msgpack), or None when they change no stock.
+
+    Pure: the storage inserts the row in its ingest transaction (SQLite or PostgreSQL).
+    Events are read as in `apply_events`.
+    """
     deltas = _fold(store_id, events)
     return _pending_encoder.encode([(sku, *d) for sku, d in deltas.items()]) if deltas else None
 
 
 def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]]) -> None:
-    """Add the effect of newly stored events to the store's projection (the ingest hook).
+    """Add the effect of newly stored events to the store's projection (SQLite, in the caller's transaction).
 
     `events`: (head, raw body) pairs as the hub stored them. A head decoded as
     `EVENT_VIEW` of the current schema is folded as it is; any other event is read from

@@ -7,6 +7,7 @@ snapshot computation (`compute`, each engine's own read connection) builds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 from sync import protocol
 from sync.hub import availability as av
-from sync.hub import captables, feeds, projection, sqlcompat
+from sync.hub import captables, feeds, migrations, projection, sqlcompat
 from sync.hub import caps as capcore
 from sync.hub.compute import Plan, compute
 from sync.hub.store import SCHEMA_SQL
@@ -25,10 +26,16 @@ NOW = 1_795_773_600.0  # 2026-11-27T10:00:00Z
 STORES = ("store-a", "store-b", "store-c")
 UTC = zoneinfo.ZoneInfo("UTC")
 
-# The events table as the PostgreSQL hub storage holds it (the columns these modules read).
-PG_EVENTS = """CREATE TABLE IF NOT EXISTS events (
-    store_id TEXT NOT NULL, seq BIGINT NOT NULL, event_id TEXT NOT NULL, body BYTEA NOT NULL,
-    received_at TEXT NOT NULL, hash BYTEA, PRIMARY KEY (store_id, seq))"""
+
+
+def migrate(url: str) -> None:
+    """The hub's PostgreSQL migrations (core storage and the availability tables)."""
+    async def run():
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            await migrations.migrate_postgres(conn)
+    asyncio.run(run())
 
 
 def body(seq: int, store_id: str, type_: str, sku: str, qty: int, **extra) -> bytes:
@@ -66,8 +73,8 @@ class Engine:
             self.conn.executescript(SCHEMA_SQL)
             self.plan_args = {"db_path": self.path}
         else:
+            migrate(pg_url)
             self.conn = sqlcompat.connect(pg_url)
-            self.conn.execute(PG_EVENTS)
             self.plan_args = {"db_path": None, "url": pg_url}
         for setup in (projection.setup, feeds.setup, lambda c: captables.setup(c, day_of)):
             self.run(setup)
