@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
 import threading
 import zoneinfo
 
@@ -21,6 +22,7 @@ from sync.hub import captables, feeds, migrations, projection, sqlcompat
 from sync.hub import caps as capcore
 from sync.hub.compute import Plan, compute
 from sync.hub.store import SCHEMA_SQL
+from tests.sync.hubproc import hub_command
 
 NOW = 1_795_773_600.0  # 2026-11-27T10:00:00Z
 STORES = ("store-a", "store-b", "store-c")
@@ -229,3 +231,40 @@ def test_replay_recomputes_a_corrupted_projection_row(engines, which):
                                                    lambda c2, s, ev: captables.apply_usage(c2, s, ev, day_of)))
     assert out["changed"] == ["B"] and e.run(projection.stock) == good
     assert e.run(lambda c: captables.used(c, "store-a", "B", "2026-11-27", "2026-11-28")) == 1
+
+
+def replay_cli(tmp_path, e: Engine, *args: str) -> subprocess.CompletedProcess:
+    storage = f'url = "{e.plan_args["url"]}"' if e.kind == "postgresql" else f'path = "{e.path}"'
+    config = tmp_path / f"hub-{e.kind}.toml"
+    config.write_text(f"[storage]\n{storage}\n" + "".join(f'[[stores]]\nid = "{s}"\n' for s in STORES))
+    return subprocess.run([*hub_command(), "replay", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["sqlite", "postgresql"])
+def test_edge_hub_replay_rebuilds_the_store_and_the_next_snapshot_shows_it(tmp_path, engines, which):
+    e = engines[which]
+    e.ingest("store-a", events_of("store-a", 1, [("received", "A", 10), ("sold", "A", 3)]))
+    before = dict((s, p) for s, _, p, _ in e.publish_round(NOW))
+    e.run(lambda c: c.execute("UPDATE hub_stock SET backroom = 500 WHERE store_id = 'store-a' AND sku = 'A'"))
+    corrupted = dict((s, p) for s, _, p, _ in e.publish_round(NOW + 1))
+    assert corrupted["store-b"] != before["store-b"], "store-b's nearby shows the corrupted row"
+    if e.kind == "sqlite":
+        e.conn.close()  # the hub stopped: replay refuses while another process has hub.db open
+        holder = sqlite3.connect(e.path, isolation_level=None)
+        holder.execute("SELECT COUNT(*) FROM events").fetchone()
+        refused = replay_cli(tmp_path, e, "--store", "store-a")
+        assert refused.returncode == 3 and "stop the hub" in refused.stderr, refused
+        holder.close()
+    bad = replay_cli(tmp_path, e, "--store", "store-zz")
+    assert bad.returncode == 2 and "--store" in bad.stderr, bad
+    done = replay_cli(tmp_path, e, "--store", "store-a", "--from", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) | {"changed": None} == {
+        "store_id": "store-a", "from_seq": 2, "events_read": 2, "events_replayed": 1, "skus": 1,
+        "rows_changed": 1, "changed": None}
+    if e.kind == "sqlite":
+        e.conn = sqlite3.connect(e.path, isolation_level=None)
+    after = dict((s, p) for s, _, p, _ in e.publish_round(NOW + 2))
+    assert json.loads(after["store-b"])["items"] == json.loads(before["store-b"])["items"]
+    assert json.loads(after["store-b"])["version"] > json.loads(corrupted["store-b"])["version"]
