@@ -143,9 +143,11 @@ def read_caps_file(path: str, stores) -> list[capcore.Cap]:
 class FeedInputs:
     """Validates and stores the hub's external feeds for one HubService."""
 
-    def __init__(self, service, now: Callable[[], float] = time.time, changed: Callable[[], None] = lambda: None):
+    def __init__(self, service, now: Callable[[], float] = time.time, changed: Callable[[], None] = lambda: None,
+                 db=None):
         self.service = service
         self.store = service.store
+        self.db = db if db is not None else service.store  # where feed writes run (`run(fn)`)
         self.prefix = service.prefix
         self.counters = service.counters
         self._now = now
@@ -192,7 +194,7 @@ class FeedInputs:
             raise Refused("source_unconfigured", f"source {topic_id!r} is a {source.kind}, not a warehouse")
         items = check_stock(feed, topic_id, id_field)
         now_ms = int(self._now() * 1000)
-        if await self.store.run(lambda conn: feeds.replace_source(conn, topic_id, feed.version, items, now_ms)):
+        if await self.db.run(lambda conn: feeds.replace_source(conn, topic_id, feed.version, items, now_ms)):
             self.counters["source_applied"] += 1
             log.info("hub: source %s feed %d (%d items)", topic_id, feed.version, len(items))
             self._changed()
@@ -213,7 +215,7 @@ class FeedInputs:
             await self.refuse(message.topic, exc)
             return
         now_ms = int(self._now() * 1000)
-        applied, ignored = await self.store.run(lambda conn: feeds.apply_orders(conn, source_id, orders, now_ms))
+        applied, ignored = await self.db.run(lambda conn: feeds.apply_orders(conn, source_id, orders, now_ms))
         self.counters["orders_applied"] += applied
         self.counters["orders_unchanged"] += ignored
         log.info("hub: orders for %s: %d applied, %d unchanged or closed", source_id, applied, ignored)
@@ -230,7 +232,7 @@ class FeedInputs:
             if sku is None or not _SKU.match(sku):
                 raise Refused("cap_invalid", f"sku: the topic's {sku!r} is not a valid SKU")
             if not message.payload:
-                if await self.store.run(lambda conn: captables.clear_cap(conn, sku, "mqtt")):
+                if await self.db.run(lambda conn: captables.clear_cap(conn, sku, "mqtt")):
                     log.info("hub: cap on %s cleared", sku)
                     self._changed()
                 return
@@ -238,7 +240,7 @@ class FeedInputs:
         except Refused as exc:
             await self.refuse(message.topic, exc)
             return
-        if await self.store.run(lambda conn: captables.set_cap(conn, cap, "mqtt", now_ms)):
+        if await self.db.run(lambda conn: captables.set_cap(conn, cap, "mqtt", now_ms)):
             self.counters["caps_set"] += 1
             log.info("hub: cap on %s: %d per %s (%s%s)", cap.sku, cap.limit, cap.period, cap.scope,
                      f" {cap.store_id}" if cap.store_id else "")
@@ -266,7 +268,7 @@ class FeedInputs:
             await self.refuse(self.caps_path, refusal)
             return False
         now_ms = int(self._now() * 1000)
-        changed = await self.store.run(lambda conn: captables.replace_file_caps(conn, caps, now_ms))
+        changed = await self.db.run(lambda conn: captables.replace_file_caps(conn, caps, now_ms))
         log.info("hub: caps file %s: %d caps, %d changed", self.caps_path, len(caps), changed)
         if changed:
             self._changed()

@@ -52,7 +52,7 @@ from common.aio import wait_for
 from agent.events import SKU_PATTERN
 from sync import protocol
 from sync.hub import availability as av
-from sync.hub import captables, feeds, projection
+from sync.hub import captables, feeds, projection, sqlcompat
 from sync.hub import caps as capcore
 from sync.hub.compute import Plan, compute
 from sync.hub.inputs import FeedInputs
@@ -93,10 +93,13 @@ class AvailabilityPublisher:
         url = getattr(self.config.storage, "url", "") or ""
         self.leader = leader if leader is not None else leader_for(
             url, name=f"edge-hub-{self.config.hub.id}-{getattr(self.config.hub, 'worker', 0)}-leader")
+        # The availability modules' transactions: the SQLite store's writer, or on PostgreSQL
+        # a sync connection of their own (sqlcompat.PgRunner).
+        self.db = sqlcompat.runner_for(self.store, url)
         self.plan = Plan(getattr(self.store, "path", None), self._regions, self.zones, [
             av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources],
             url=url)
-        self.inputs = FeedInputs(service, now)
+        self.inputs = FeedInputs(service, now, db=self.db)
         self.inputs.leads = lambda: self.leader.is_leader
         self._day_cache: dict[tuple[str, str], str] = {}
         self.confirmed: dict[str, int] = {}                    # store -> snapshot version it holds (events held)
@@ -114,13 +117,13 @@ class AvailabilityPublisher:
     async def attach(cls, service, **kwargs) -> "AvailabilityPublisher":
         """Set up tables and hooks on a not-yet-running service; see the module docstring."""
         self = cls(service, **kwargs)
-        folded = await self.store.run(projection.setup)
+        folded = await self.db.run(projection.setup)
         if folded:
             log.info("hub: built the availability projection from %d held events", folded)
-        moved = await self.store.run(feeds.setup)
+        moved = await self.db.run(feeds.setup)
         if moved:
             log.info("hub: moved %d warehouse feed rows to the source tables", moved)
-        folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
+        folded = await self.db.run(lambda conn: captables.setup(conn, self.day_of))
         if folded:
             log.info("hub: built the cap use from %d held events", folded)
         self.store.ingest_hooks.append(projection.pending_deltas)
@@ -201,7 +204,7 @@ class AvailabilityPublisher:
                 projection.set_meta(conn, "catalog_digest", digest)
             return version
 
-        self.catalog_version = await self.store.run(bump)
+        self.catalog_version = await self.db.run(bump)
         self._catalog_payload = b'{"v":1,"version":%d,"items":%s}' % (self.catalog_version, body)
         log.info("hub: catalog %s: version %d, %d items", path, self.catalog_version, len(rows))
 
@@ -221,7 +224,7 @@ class AvailabilityPublisher:
                 return []
             now = self._now()
             force, self._force = self._force, set()
-            previous = await self.store.run(_fold_and_read_published)
+            previous = await self.db.run(_fold_and_read_published)
             confirmed = await self._confirmed()
             started = time.perf_counter()
             snapshots = await asyncio.to_thread(
@@ -234,7 +237,7 @@ class AvailabilityPublisher:
             fence = self.leader.fence()
             for snap in snapshots:
                 try:
-                    await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id), fence))
+                    await self.db.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id), fence))
                 except projection.Fenced as exc:  # deposed (or a newer version held): publish nothing more
                     self.counters["availability_fenced"] += 1
                     log.warning("hub: %s; this run stops", exc)
@@ -275,6 +278,8 @@ class AvailabilityPublisher:
             await asyncio.Event().wait()
         finally:
             scheduler.shutdown(wait=False)
+            if self.db is not self.store:
+                self.db.close()
 
     async def _confirmed(self) -> dict[str, int]:
         """Promote a store's reported snapshot version once the hub holds its events up to then."""

@@ -140,3 +140,54 @@ def pg_ddl(statement: str, bigint: Iterable[str] = ()) -> str:
     for column in bigint:
         out = re.sub(rf"\b{column}(\s+)INTEGER\b", rf"{column}\1BIGINT", out)
     return out
+
+
+class PgRunner:
+    """`run(fn)` for the availability modules on PostgreSQL: `fn(PgConn)` in one transaction.
+
+    The hub storage's own pool is async (psycopg AsyncConnection); these modules are
+    synchronous, so they get one sync connection of their own, used on one thread (writes
+    from the publisher and the feed inputs are few and sequential). The connection is
+    opened on first use and again after it fails. Raises StorageError (rolled back).
+    """
+
+    def __init__(self, url: str, application_name: str = "edge-hub-availability"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.url = url
+        self.application_name = application_name
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-hub-availability")
+        self._conn: PgConn | None = None
+
+    def _call(self, fn: Callable[[PgConn], T]) -> T:
+        import psycopg
+
+        from common.errors import StorageError
+
+        try:
+            if self._conn is None or self._conn.raw.closed:
+                self._conn = connect(self.url, self.application_name)
+            return in_transaction(self._conn, fn)
+        except psycopg.Error as exc:
+            if self._conn is not None and (self._conn.raw.closed or self._conn.raw.broken):
+                self._conn = None
+            raise StorageError(f"storage: hub write on PostgreSQL failed: {exc}") from exc
+
+    async def run(self, fn: Callable[[PgConn], T]) -> T:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self._pool.submit(shut).result()
+        self._pool.shutdown(wait=True)
+
+
+def runner_for(store, url: str):
+    """What the availability modules' transactions run on: the SQLite store itself (its writer),
+    or a PgRunner for a PostgreSQL `url`."""
+    return PgRunner(url) if url else store
