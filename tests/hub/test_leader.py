@@ -140,3 +140,66 @@ async def test_a_sigkilled_leader_process_is_replaced_within_the_retry_interval(
             proc.kill()
             proc.wait()
         await b.close()
+
+
+# ----------------------------------------------------------- two hub workers' publishers
+
+
+def worker_config(tmp_path, broker, url: str, worker: int):
+    from sync.hub.settings import load_hub_config
+
+    path = tmp_path / f"hub-{worker}.toml"
+    path.write_text(
+        f'[hub]\nid = "w{worker}"\n[storage]\nurl = "{url}"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        '[availability]\npublish_interval_s = 3600\n'
+        '[[stores]]\nid = "store-a"\nregion = "north"\n[[stores]]\nid = "store-b"\nregion = "north"\n')
+    return load_hub_config(path, environ={})
+
+
+async def test_two_workers_publishers_exactly_one_publishes_and_a_deposed_one_publishes_nothing(
+        tmp_path, broker, url, pg_admin):
+    from sync.hub.publisher import AvailabilityPublisher
+    from sync.hub.service import HubService
+    from sync.hub.store import Incoming
+    from tests.availability.hubfeeds import Snapshots
+    from tests.availability.test_hub_snapshots import event
+
+    workers = []
+    try:
+        for n in (1, 2):
+            service = await HubService.open(worker_config(tmp_path, broker, url, n))
+            leader = leadership.PgLeader(url, RETRY_S, name=f"w{n}")
+            publisher = await AvailabilityPublisher.attach(service, now=lambda: time.time(), leader=leader)
+            await service.mqtt.start()
+            await service.mqtt.wait_subscribed(10)
+            workers.append((service, publisher, leader))
+        (s1, p1, l1), (s2, p2, l2) = workers
+        assert [await l1.step(), await l2.step()] == [True, False]
+        # Events ingested by the non-leader count in the leader's snapshot.
+        await s2.store.write([Incoming("store-a", [event(1, "store-a", "received", "A", 5)])], "x")
+        async with Snapshots(broker) as seen:
+            one, two = await p1.publish_changed(), await p2.publish_changed()
+            assert sorted(s.store_id for s in one) == ["store-a", "store-b"] and two == []
+            snap = await seen.wait("store-b", lambda items: "A" in items)
+            assert snap["items"][0]["nearby"] == [{"store_id": "store-a", "available": 5}]
+            # The leader's lock connection is terminated; worker 2 takes over; worker 1, not yet
+            # aware, tries to publish a change: its version write is fenced, nothing goes out.
+            pg_admin.execute("SELECT pg_terminate_backend(%s)", (l1.backend_pid,))
+            await until_leads(l2, 5)
+            await s1.store.write([Incoming("store-a", [event(2, "store-a", "received", "A", 1)])], "x")
+            count = {s: len(seen.got[s]) for s in seen.got}
+            assert l1.is_leader and await p1.publish_changed() == []
+            assert p1.counters["availability_fenced"] == 1
+            published = await p2.publish_changed()  # the new leader republishes every store
+            assert sorted(s.store_id for s in published) == ["store-a", "store-b"]
+            snap = await seen.wait("store-b", lambda items: items["A"]["nearby"][0]["available"] == 6)
+            assert snap["version"] > seen.got["store-b"][0]["version"]
+            assert {s: len(seen.got[s]) for s in seen.got} == {s: count[s] + 1 for s in count}
+    finally:
+        for service, publisher, leader in workers:
+            await leader.close()
+            await service.mqtt.stop()
+            await service.close()
+            if publisher.db is not service.store:
+                publisher.db.close()
