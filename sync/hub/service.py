@@ -54,6 +54,8 @@ class HubService:
         self.store_ids = config.store_ids()
         self.jobs: list[Callable[[], Awaitable[None]]] = []
         self.counters: collections.Counter[str] = collections.Counter()
+        self.writer_task: asyncio.Task | None = None
+        self.publisher = None                     # the AvailabilityPublisher, once attached (serve)
         self.last_ack: dict[str, AckState] = {}   # what this worker last published, per store (for /metrics)
         self._now = now
         self.refusals = RefusalLog(log, config.ingest.refusal_log_interval_s)
@@ -229,7 +231,7 @@ class HubService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the writer, MQTT and extra jobs until `stop` is set; then shut down cleanly."""
-        writer = asyncio.create_task(self._writer(), name="hub-writer")
+        writer = self.writer_task = asyncio.create_task(self._writer(), name="hub-writer")
         tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "hub-job")) for job in self.jobs]
         notifier = Notifier.from_environ()
         interval = watchdog_interval()
@@ -294,7 +296,11 @@ async def serve(config: HubConfig, stop: asyncio.Event) -> None:
     service = await HubService.open(config)
     try:
         # Wiring point: extra hub jobs (e.g. the availability publisher) attach to `service` here.
-        await AvailabilityPublisher.attach(service)
+        service.publisher = await AvailabilityPublisher.attach(service)
+        if config.hub.http_port:
+            from sync.hub.ops import OpsServer
+
+            service.jobs.append(OpsServer(service, config.hub.http_host, config.hub.http_port).run)
         await service.run(stop)
     finally:
         await service.close()
