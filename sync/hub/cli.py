@@ -8,6 +8,7 @@
     edge-hub caps clear SKU                     publish (retained) to P/caps/{sku}; the hub applies it
     edge-hub caps list                          the caps the hub holds and the allowances it sent (JSON lines)
     edge-hub epoch [--new]                      the hub record's epoch; --new after restoring PostgreSQL in place
+    edge-hub replay --store ID [--from SEQ]     recompute the store's projection rows from its held events
 
 `caps set` and `caps clear` publish to the caps feed and return once the broker has it:
 the running hub stays the only writer of hub.db (`caps list` reads it read-only). A cap
@@ -204,6 +205,18 @@ def cmd_epoch(args: argparse.Namespace, cfg: HubConfig) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, cfg: HubConfig) -> int:
+    from sync.hub.replay import ReplayError, replay
+
+    try:
+        out = replay(cfg, args.store, args.from_seq)
+    except ReplayError as exc:
+        print(f"edge-hub: replay: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_help = f"TOML config (default $EDGE_HUB_CONFIG or {DEFAULT_CONFIG})"
     # Every subcommand takes --config too (`edge-hub run --config F`, as the unit writes it).
@@ -234,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     epoch = sub.add_parser("epoch", parents=[after], help="print the hub record's epoch (JSON)")
     epoch.add_argument("--new", action="store_true",
                        help="replace it (PostgreSQL restored in place: stores must not trust older acks)")
+    replay = sub.add_parser("replay", parents=[after], help="recompute a store's projection rows from its events")
+    replay.add_argument("--store", required=True, help="store id")
+    replay.add_argument("--from", dest="from_seq", type=int, default=1,
+                        help="rebuild the SKUs that events from this seq on touch (default 1: every row)")
     return parser
 
 
 COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "stores": cmd_stores, "caps": cmd_caps,
-            "epoch": cmd_epoch}
+            "epoch": cmd_epoch, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:
