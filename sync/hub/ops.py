@@ -142,11 +142,11 @@ class OpsServer:
                 acked.add_metric([line["store_id"]], line["acked_seq"])
             yield lag
             yield acked
-        leader = getattr(service, "leader", None)
+        publisher = getattr(service, "publisher", None)
+        leader = getattr(publisher, "leader", None)
         is_leader = Gauge("edge_hub_is_leader", "1 when this worker publishes the snapshots.", labels=["worker"])
         is_leader.add_metric([worker], 1 if leader is None or getattr(leader, "is_leader", False) else 0)
         yield is_leader
-        publisher = getattr(service, "publisher", None)
         last = getattr(publisher, "last", None) or {}
         age = Gauge("edge_hub_snapshot_age_seconds",
                     "Seconds since this worker last published a store's availability snapshot (-1: never).",
