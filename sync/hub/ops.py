@@ -69,7 +69,12 @@ class OpsServer:
         """A hub job: serve until cancelled."""
         import asyncio
 
-        await self.start()
+        try:
+            await self.start()
+        except OSError as exc:
+            # The ingest goes on without its HTTP face; say so where an operator looks.
+            log.error("hub: cannot serve /metrics on %s:%d: %s", self.host, self.port, exc)
+            raise
         try:
             await asyncio.Event().wait()
         finally:

@@ -8,12 +8,16 @@ worker took are resent by the stores after their (short) ack timeout.
 
 from __future__ import annotations
 
+import os
+import re
 import time
+import urllib.request
 
 import psycopg
 import pytest
 
 from tests.support.agentproc import AgentProcess
+from tests.support.net import free_port
 from tests.sync.agents import post_events, sync_status, wait_synced
 from tests.sync.hubproc import HubProcess
 
@@ -34,8 +38,21 @@ def agent_for(tmp_path, broker, store_id: str) -> AgentProcess:
 def worker(tmp_path, broker, url: str, n: int) -> tuple[HubProcess, dict]:
     hub = HubProcess(tmp_path / f"worker-{n}", broker, stores=STORES)
     env = {"EDGE_HUB__STORAGE__URL": url, "EDGE_HUB__HUB__WORKER": str(n),
+           "EDGE_HUB__HUB__HTTP_PORT": str(free_port()),
            "EDGE_HUB__HUB__WORKERS_SHARED": "true", "EDGE_HUB__MQTT__SESSION_EXPIRY_S": "2"}
     return hub, env
+
+
+def leading(env: dict) -> int | None:
+    """The worker's edge_hub_is_leader from its /metrics (None: it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env['EDGE_HUB__HUB__HTTP_PORT']}/metrics",
+                                    timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^edge_hub_is_leader\{[^}]*\} (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else None
 
 
 def held(url: str) -> dict[str, tuple[int, int, int, int]]:
@@ -47,8 +64,17 @@ def held(url: str) -> dict[str, tuple[int, int, int, int]]:
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
+def local_socket(url: str) -> str:
+    """The url over the cluster's unix socket when it has one: the workers' many TCP
+    connections would otherwise take ephemeral ports the test's free ports come from."""
+    if not os.path.exists("/var/run/postgresql/.s.PGSQL.5432"):
+        return url
+    return re.sub(r"@[^/]+/", "@%2Fvar%2Frun%2Fpostgresql/", url, count=1)
+
+
 def test_two_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, broker, pg_url):
     started = time.monotonic()
+    pg_url = local_socket(pg_url)
     hubs = [worker(tmp_path, broker, pg_url, n) for n in (1, 2)]
     for hub, env in hubs:
         hub.start(env=env)
@@ -61,8 +87,17 @@ def test_two_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, 
             for agent in agents:
                 post_events(agent, 120)
             victim, env = hubs[cycle % 2]
+            survivor_env = hubs[1 - cycle % 2][1]
+            flags = [leading(e) for _, e in hubs]
+            assert sum(f or 0 for f in flags) <= 1, f"cycle {cycle}: two snapshot publishers {flags}"
             time.sleep(0.15)               # batches in flight at both workers
             victim.kill()
+            # The survivor leads within the lock's retry (2 s), generous margin for a loaded machine.
+            deadline = time.monotonic() + 10
+            while leading(survivor_env) != 1:
+                assert time.monotonic() < deadline, (f"cycle {cycle}: no worker took over the lead"
+                                                     f" ({flags}, now {leading(survivor_env)})")
+                time.sleep(0.1)
             for agent in agents:
                 post_events(agent, 60)
             for agent in agents:
