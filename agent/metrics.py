@@ -121,6 +121,8 @@ class SyncCollector:
                 ("edge_agent_sync_rewinds", s["rewinds"], "Acks below the cursor (cursor rewound)."),
                 ("edge_agent_sync_ack_alarms", s["ack_alarms"], "Acks above the log's end (ignored)."),
                 ("edge_agent_sync_events_sent", s["events_sent"], "Events published (resends included)."),
+                ("edge_agent_sync_stale_acks", counters.get("stale_acks", 0),
+                 "Acks ignored as stale: the hub's epoch held, a lower rev (crossed in flight)."),
                 ("edge_agent_sync_restarts", s.get("sync_restarts", 0), "Times the agent restarted its sync process."),
                 ("edge_agent_snapshots_applied", counters.get("snapshots_applied", 0), "Availability snapshots applied."),
                 ("edge_agent_snapshots_ignored", counters.get("snapshots_ignored", 0),

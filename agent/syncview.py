@@ -28,10 +28,11 @@ from common.sqlite import open_readonly
 
 log = logging.getLogger("edge_agent.syncview")
 
-SCHEMA_VERSION = "3"   # the shape of sync.db this reader understands (sync/state.py)
+SCHEMA_VERSION = "4"   # the shape of sync.db this reader understands (sync/state.py)
 # Older shapes it still reads: "1" has no caps and no validated sources (answered as none);
 # "2" keeps each source's metadata in the item's `sources` list (no sources table).
-READABLE = ("1", "2", SCHEMA_VERSION)
+# "3" is "4" without the cursor's ack mark, which this reader does not read.
+READABLE = ("1", "2", "3", SCHEMA_VERSION)
 
 _STATUS_KEYS = ("connected", "reconnects", "sent_seq", "inflight_batches", "resends", "rewinds",
                 "ack_alarms", "alarm", "events_sent")
@@ -229,7 +230,7 @@ class SqliteSyncView:
                 row = conn.execute(f"SELECT item, online, {cap_column} FROM availability_items WHERE sku = ?",
                                    (sku,)).fetchone()
                 head = conn.execute("SELECT version, generated_at FROM availability_snapshot WHERE id = 1").fetchone()
-                table = conn.execute(_TABLE_SQL).fetchall() if row is not None and schema == "3" else []
+                table = conn.execute(_TABLE_SQL).fetchall() if row is not None and schema in ("3", "4") else []
             finally:
                 conn.execute("COMMIT")
             return row, head, table, schema

@@ -48,6 +48,9 @@ class MqttSection(Section):
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     reconnect_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # MQTT 5 session expiry. 0: the default, 7 days (a hub with hub.workers_shared: 30 s, so a
+    # dead worker's session, still a member of the shared subscription, goes soon).
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at `mqtt`.

@@ -100,6 +100,13 @@ class _Subscription:
     queue: asyncio.Queue | None = None
     worker: asyncio.Task | None = None
 
+    @property
+    def matches(self) -> str:
+        """The filter messages are matched against: a shared one (`$share/{group}/F`) delivers on F's topics."""
+        if self.topic_filter.startswith("$share/"):
+            return self.topic_filter.split("/", 2)[2] if self.topic_filter.count("/") >= 2 else ""
+        return self.topic_filter
+
 
 class MqttClient:
     """An asyncio face on one paho client. Create, `subscribe`, then `start` (or `run`)."""
@@ -109,11 +116,12 @@ class MqttClient:
                  tls_key: str = "", keepalive_s: int = 30, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, birth: LastWill | None = None,
                  will: LastWill | None = None, max_inflight: int = 64,
-                 max_queued: int = 0):
+                 max_queued: int = 0, session_expiry_s: int = SESSION_EXPIRY_S):
         if protocol not in (4, 5):
             raise ValueError(f"mqtt: protocol must be 4 (3.1.1) or 5, not {protocol!r}")
         self.host, self.port, self.client_id, self.protocol = host, port, client_id, protocol
         self._keepalive = keepalive_s
+        self.session_expiry_s = session_expiry_s
         self._backoff = (reconnect_min_s, max(reconnect_min_s, reconnect_max_s))
         self._attempt = 0
         self._birth, self._will = birth, will
@@ -165,7 +173,12 @@ class MqttClient:
 
     @classmethod
     def from_settings(cls, mqtt, client_id: str, **kwargs) -> "MqttClient":
-        """Build from an `agent.settings.MqttSection` (the agent's and the hub's `[mqtt]`)."""
+        """Build from an `agent.settings.MqttSection` (the agent's and the hub's `[mqtt]`).
+
+        `mqtt.session_expiry_s` (when set) overrides a `session_expiry_s` passed here.
+        """
+        if getattr(mqtt, "session_expiry_s", 0):
+            kwargs["session_expiry_s"] = mqtt.session_expiry_s
         return cls(host=mqtt.host, port=mqtt.port, client_id=mqtt.client_id or client_id,
                    protocol=mqtt.protocol, username=mqtt.username, password=mqtt.secret(),
                    tls_ca=mqtt.tls_ca, tls_cert=mqtt.tls_cert, tls_key=mqtt.tls_key,
@@ -239,7 +252,7 @@ class MqttClient:
         kwargs: dict = {}
         if self.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.SessionExpiryInterval = self.session_expiry_s
             kwargs["clean_start"] = False
         self._client.connect_async(self.host, self.port, self._keepalive, properties=props, **kwargs)
         self._client.loop_start()
@@ -464,7 +477,7 @@ class MqttClient:
     def _dispatch(self, message: Message, mid: int) -> None:
         generation = self._generation
         for sub in self._subs:
-            if paho.topic_matches_sub(sub.topic_filter, message.topic):
+            if paho.topic_matches_sub(sub.matches, message.topic):
                 break
         else:
             log.warning("mqtt %s: message on %s matches no subscription; acknowledged and dropped",

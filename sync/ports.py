@@ -85,8 +85,13 @@ class SyncState(Protocol):
     async def cursor(self) -> tuple[int, str | None]:
         """Return the stored (acked_seq, last_ack_at); (0, None) before the first ack."""
 
-    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None) -> None:
-        """Persist the cursor (and, when given, the status in the same transaction)."""
+    async def ack_mark(self) -> tuple[str | None, int | None]:
+        """Return the stored cursor's (epoch, rev) mark; (None, None) before a marked ack."""
+
+    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None,
+                           mark: tuple[str | None, int | None] = (None, None)) -> None:
+        """Persist the cursor with its ack's (epoch, rev) mark (and, when given, the status),
+        in one transaction."""
 
     async def store_status(self, status: UplinkStatus) -> None:
         """Persist the uplink's status and this process's heartbeat (now)."""

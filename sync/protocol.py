@@ -141,11 +141,20 @@ class EventBatch(msgspec.Struct, frozen=True, gc=False):
 
 
 class Ack(msgspec.Struct, frozen=True):
-    """`P/stores/{id}/ack`: the hub durably holds every event 1..acked_seq of the store."""
+    """`P/stores/{id}/ack`: the hub durably holds every event 1..acked_seq of the store.
+
+    `epoch` (the hub record's identity, new when the record is restored) and `rev` (per
+    store, one up with every committed change of acked_seq within the epoch) are optional
+    and come together: they let the agent tell an ack that crossed a newer one in flight
+    (same epoch, lower rev: ignored) from a restored hub (another epoch: a lower ack
+    rewinds). An older hub sends neither and an older agent ignores them.
+    """
 
     store_id: StoreId
     acked_seq: SeqOrZero
     v: Literal[1] = VERSION
+    epoch: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    rev: SeqOrZero | None = None
 
 
 class Status(msgspec.Struct, frozen=True):

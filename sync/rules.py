@@ -9,6 +9,11 @@ out the actions. Everything here is plain frozen data. The rules (docs/protocol.
   is up: send again from `acked_seq + 1` (a resend);
 * an ack below the cursor (the hub restored an older database) rewinds the cursor and
   sends again from there (a rewind);
+* an ack that carries the hub's `epoch` and a per-store `rev` is stale when the epoch is
+  the one held and its rev is below the held rev (two hub workers' acks crossed in
+  flight): ignored and counted, never a rewind. The highest (epoch, rev) accepted is
+  persisted with the cursor. An ack from another epoch (the hub's record was restored)
+  or without the fields (an older hub) follows the rules above;
 * an ack above the highest seq known to exist (the log's end as last seen, or what was
   sent) is an alarm: logged, counted, shown, never trusted (the cursor stays);
 * an ack equal to the cursor changes nothing (unless the cursor's write failed: then
@@ -43,6 +48,8 @@ class Window:
     `inflight` holds the last seq of each batch sent beyond the ack, ascending;
     `progress_at` is the monotonic time of the last ack progress, of the first send into
     an empty window, or of the last reconnect with batches in flight.
+    `epoch`/`rev`: the hub's mark of the last accepted ack (None: an older hub, or none
+    yet); `stored_epoch`/`stored_rev` the mark as last reported durable.
     """
 
     acked_seq: int = 0
@@ -58,12 +65,19 @@ class Window:
     ack_alarms: int = 0
     alarm: str | None = None
     events_sent: int = 0
+    epoch: str | None = None
+    rev: int | None = None
+    stored_epoch: str | None = None
+    stored_rev: int | None = None
+    stale_acks: int = 0
 
 
-def start(acked_seq: int, last_ack_at: str | None, last_seq: int, now: float) -> Window:
-    """The window of a freshly opened uplink: the stored cursor, nothing sent yet."""
+def start(acked_seq: int, last_ack_at: str | None, last_seq: int, now: float,
+          epoch: str | None = None, rev: int | None = None) -> Window:
+    """The window of a freshly opened uplink: the stored cursor and mark, nothing sent yet."""
     return Window(acked_seq=acked_seq, sent_seq=acked_seq, last_seq=max(last_seq, acked_seq),
-                  progress_at=now, stored_seq=acked_seq, last_ack_at=last_ack_at)
+                  progress_at=now, stored_seq=acked_seq, last_ack_at=last_ack_at,
+                  epoch=epoch, rev=rev, stored_epoch=epoch, stored_rev=rev)
 
 
 # ------------------------------------------------------------------ messages
@@ -78,19 +92,26 @@ class LogGrew:
 
 @dataclass(frozen=True, slots=True)
 class AckArrived:
-    """The hub's ack for this store, decoded; `at` is its arrival time (RFC 3339)."""
+    """The hub's ack for this store, decoded; `at` is its arrival time (RFC 3339).
+
+    `epoch`/`rev`: the ack's optional mark (both or neither count; see the module docstring).
+    """
 
     store_id: str
     acked_seq: int
     at: str
+    epoch: str | None = None
+    rev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CursorStored:
-    """The shell committed `StoreCursor(acked_seq, at)`."""
+    """The shell committed `StoreCursor(acked_seq, at, epoch, rev)`."""
 
     acked_seq: int
     at: str
+    epoch: str | None = None
+    rev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +139,12 @@ Message = LogGrew | AckArrived | CursorStored | ConnectionChanged | BatchSent | 
 
 @dataclass(frozen=True, slots=True)
 class StoreCursor:
-    """Persist the cursor; only then may the ack message be acknowledged. Then `CursorStored`."""
+    """Persist the cursor and its mark; only then may the ack message be acknowledged. Then `CursorStored`."""
 
     acked_seq: int
     at: str
+    epoch: str | None = None
+    rev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +184,8 @@ def decide(w: Window, message: Message, now: float, limits: Limits) -> tuple[Win
     elif isinstance(message, AckArrived):
         w, actions = _ack(w, message, now)
     elif isinstance(message, CursorStored):
-        w = replace(w, stored_seq=message.acked_seq, last_ack_at=message.at)
+        w = replace(w, stored_seq=message.acked_seq, last_ack_at=message.at,
+                    stored_epoch=message.epoch, stored_rev=message.rev)
     elif isinstance(message, ConnectionChanged):
         w = _connection(w, message.up, now)
     elif isinstance(message, BatchSent):
@@ -170,12 +194,24 @@ def decide(w: Window, message: Message, now: float, limits: Limits) -> tuple[Win
     return w, actions + resend + _send(w, limits)
 
 
+def is_stale(w: Window, ack: AckArrived) -> bool:
+    """True when `ack` is older than the held mark: same epoch, lower rev (acks crossed in flight)."""
+    return (ack.epoch is not None and ack.rev is not None and w.rev is not None
+            and ack.epoch == w.epoch and ack.rev < w.rev)
+
+
 def _ack(w: Window, ack: AckArrived, now: float) -> tuple[Window, list[Action]]:
     seq, known = ack.acked_seq, max(w.last_seq, w.sent_seq)
+    if is_stale(w, ack):
+        return replace(w, stale_acks=w.stale_acks + 1), []
     if seq > known:
         text = f"sync: ack for {ack.store_id} says {seq} but the log ends at {known}; not trusted"
         return replace(w, ack_alarms=w.ack_alarms + 1, alarm=text), [Alarm(text)]
-    store: list[Action] = [StoreCursor(seq, ack.at)] if seq != w.stored_seq else []
+    # Half a mark is no mark: an ack without both fields follows the rules of an older hub.
+    epoch, rev = (ack.epoch, ack.rev) if ack.epoch is not None and ack.rev is not None else (None, None)
+    w = replace(w, epoch=epoch, rev=rev)
+    changed = seq != w.stored_seq or (epoch, rev) != (w.stored_epoch, w.stored_rev)
+    store: list[Action] = [StoreCursor(seq, ack.at, epoch, rev)] if changed else []
     if seq == w.acked_seq:
         return w, store
     if seq < w.acked_seq:

@@ -30,12 +30,14 @@ from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction
 from sync.ports import ApplyOutcome, Row, UplinkStatus
 
-# "3": the snapshot's sources table is stored once (availability_sources) and an item's
+# "4": the cursor row keeps the hub's mark of the ack it came from (`ack_epoch`, `ack_rev`,
+# NULL for an older hub's ack), so crossed acks from two hub workers are told apart across
+# restarts. "3": the snapshot's sources table is stored once (availability_sources) and an item's
 # `sources` is its source_id -> available mapping. "2": availability_items has `cap` (the
 # item's validated cap, for the agent's decide-time read) and items' `sources`/`cap` were
 # validated by the downlink. Older files are migrated at open (see _migrate);
-# agent/syncview.py still reads "1" (as holding no caps) and "2".
-SCHEMA_VERSION = "3"
+# agent/syncview.py still reads "1" (as holding no caps), "2" and "3".
+SCHEMA_VERSION = "4"
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -45,7 +47,9 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS cursor (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     acked_seq   INTEGER NOT NULL,
-    last_ack_at TEXT
+    last_ack_at TEXT,
+    ack_epoch   TEXT,      -- the ack's hub epoch and per-store rev (NULL: an older hub)
+    ack_rev     INTEGER
 );
 CREATE TABLE IF NOT EXISTS status (
     id               INTEGER PRIMARY KEY CHECK (id = 1),
@@ -193,15 +197,22 @@ class SqliteSyncState:
             "SELECT acked_seq, last_ack_at FROM cursor WHERE id = 1").fetchone())
         return (row[0], row[1]) if row else (0, None)
 
-    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None) -> None:
+    async def ack_mark(self) -> tuple[str | None, int | None]:
+        row = await self._run(lambda conn: conn.execute(
+            "SELECT ack_epoch, ack_rev FROM cursor WHERE id = 1").fetchone())
+        return (row[0], row[1]) if row else (None, None)
+
+    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None,
+                           mark: tuple[str | None, int | None] = (None, None)) -> None:
         if status is not None:
             self._status = status
         values = self._status_row()
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO cursor(id, acked_seq, last_ack_at) VALUES (1, ?, ?)"
+            conn.execute("INSERT INTO cursor(id, acked_seq, last_ack_at, ack_epoch, ack_rev) VALUES (1, ?, ?, ?, ?)"
                          " ON CONFLICT(id) DO UPDATE SET acked_seq = excluded.acked_seq,"
-                         " last_ack_at = excluded.last_ack_at", (acked_seq, at))
+                         " last_ack_at = excluded.last_ack_at, ack_epoch = excluded.ack_epoch,"
+                         " ack_rev = excluded.ack_rev", (acked_seq, at, *mark))
             conn.execute(_STATUS_UPSERT, values)
 
         await self._run(write, transaction=True)
@@ -348,7 +359,10 @@ def _staged_end(conn: sqlite3.Connection, upto: int) -> int:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a sync.db of schema "1" or "2" to "3"; refuse one newer than this process knows.
+    """Bring a sync.db of schema "1", "2" or "3" to "4"; refuse one newer than this process knows.
+
+    "4" adds the cursor's `ack_epoch`/`ack_rev` (NULL: the stored cursor keeps today's
+    rules until the next ack brings a mark).
 
     "1" stored items without looking at `sources` or `cap`, and "2" items carry each
     source's metadata in a `sources` list: a held snapshot whose items carry either (for
@@ -360,8 +374,15 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     version = held[0] if held else "1"
     if version == SCHEMA_VERSION:
         return
-    if version not in ("1", "2"):
+    if version not in ("1", "2", "3"):
         raise StorageError(f"storage: {path} has sync schema {version}; this sync process knows {SCHEMA_VERSION}")
+    cursor_columns = {row[1] for row in conn.execute("PRAGMA table_info(cursor)")}
+    for column, kind in (("ack_epoch", "TEXT"), ("ack_rev", "INTEGER")):
+        if column not in cursor_columns:
+            conn.execute(f"ALTER TABLE cursor ADD COLUMN {column} {kind}")
+    if version == "3":
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        return
     columns = {row[1] for row in conn.execute("PRAGMA table_info(availability_items)")}
     if "cap" not in columns:
         conn.execute("ALTER TABLE availability_items ADD COLUMN cap BLOB")

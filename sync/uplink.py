@@ -15,7 +15,9 @@ connection changed, a batch left, time passed) and carries out what they decide:
   polled every `sync.poll_interval_s`, then `feed.last_seq()`; the agent sends nothing.
   The feed is used by one thread at a time: the poll skips a round while a read is in flight.
 * The cursor lives in sync.db (`SyncState`) and moves only on the hub's ack (a PUBACK
-  means nothing here). It is committed before the ack handler returns, and the MQTT
+  means nothing here). The ack's (epoch, rev) mark is stored with it; a stale ack (same
+  epoch, lower rev: two hub workers' acks crossed) is ignored and counted in sync.db's
+  counters as `stale_acks`. It is committed before the ack handler returns, and the MQTT
   adapter acknowledges the ack message only after that.
 * The status goes to sync.db at once on a resend, a rewind, an alarm or a connection
   change, otherwise at most every STATUS_EVERY_S while sending.
@@ -79,13 +81,14 @@ class Uplink:
 
     def __init__(self, config: AgentConfig, feed: LogFeed, state: SyncState, mqtt: MqttClient, *,
                  acked_seq: int, last_ack_at: str | None,
+                 mark: tuple[str | None, int | None] = (None, None),
                  now: Callable[[], str] = clock.utc_now, monotonic: Callable[[], float] = time.monotonic):
         self.store_id = config.store.id
         self.sync = config.sync
         self.feed, self.state, self.mqtt = feed, state, mqtt
         self.limits = rules.Limits(config.sync.max_inflight, config.sync.ack_timeout_s)
         self._now, self._monotonic = now, monotonic
-        self.window = rules.start(acked_seq, last_ack_at, feed.last_seq(), monotonic())
+        self.window = rules.start(acked_seq, last_ack_at, feed.last_seq(), monotonic(), *mark)
         self._topic = protocol.events_topic(config.mqtt.topic_prefix, self.store_id)
         self._wake = asyncio.Event()
         self._ready: list[Outgoing] = []                          # read ahead, continuing sent_seq
@@ -109,13 +112,15 @@ class Uplink:
         Raises StorageError when sync.db cannot be read or written.
         """
         acked, at = await state.cursor()
+        mark = await state.ack_mark()
         last = feed.last_seq()
         if acked > last:
             log.error("sync: the stored cursor says %d but the log ends at %d (log restored from a"
                       " backup?); starting from the log's end", acked, last)
-            acked = last
+            # The mark goes with the clamp: the hub's next ack, whatever its rev, is taken.
+            acked, mark = last, (None, None)
             await state.store_cursor(acked, at or kwargs.get("now", clock.utc_now)())
-        return cls(config, feed, state, mqtt, acked_seq=acked, last_ack_at=at, **kwargs)
+        return cls(config, feed, state, mqtt, acked_seq=acked, last_ack_at=at, mark=mark, **kwargs)
 
     @property
     def acked_seq(self) -> int:
@@ -169,17 +174,24 @@ class Uplink:
         if ack.store_id != self.store_id:
             log.warning("sync: ignoring an ack for store %s on %s", ack.store_id, message.topic)
             return
-        for listener in self.ack_listeners:
-            await listener(ack)
-        actions = self._decide(AckArrived(ack.store_id, ack.acked_seq, self._now()))
+        stale = self.window.stale_acks
+        actions = self._decide(AckArrived(ack.store_id, ack.acked_seq, self._now(), ack.epoch, ack.rev))
+        if self.window.stale_acks != stale:
+            log.info("sync: ignoring a stale ack %d (epoch %s rev %s; held rev %s): it crossed a newer one",
+                     ack.acked_seq, ack.epoch, ack.rev, self.window.rev)
+            await self.state.add_counts({"stale_acks": 1})
+        else:
+            for listener in self.ack_listeners:   # a stale ack says nothing about the hub's record
+                await listener(ack)
         self._wake.set()   # the window slid (or was rewound): the loop sends while we write
         for action in actions:
             if isinstance(action, StoreCursor):
                 async with self._writes:
                     status = self.status()
-                    await self.state.store_cursor(action.acked_seq, action.at, status)
+                    await self.state.store_cursor(action.acked_seq, action.at, status,
+                                                  (action.epoch, action.rev))
                     self._saved, self._saved_at = status, self._monotonic()
-                self._decide(CursorStored(action.acked_seq, action.at))
+                self._decide(CursorStored(action.acked_seq, action.at, action.epoch, action.rev))
         await self._save_status()
 
     # ------------------------------------------------------------------ send

@@ -3,6 +3,7 @@
     edge-hub run --config hub.toml              the long-running service (SIGTERM: clean stop)
     edge-hub export --config hub.toml --store ID   the store's events as JSON lines, seq order
     edge-hub stats --config hub.toml            acked positions, counts, conflicts, rejections
+    edge-hub stores --config hub.toml           each store's ack, rev, backlog estimate, last contact (JSON lines)
     edge-hub caps set SKU --limit N --period day|week|month [--scope store|chain] [--store ID]
     edge-hub caps clear SKU                     publish (retained) to P/caps/{sku}; the hub applies it
     edge-hub caps list                          the caps the hub holds and the allowances it sent (JSON lines)
@@ -106,6 +107,40 @@ def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
         print(json.dumps(reader.stats(), sort_keys=True))
     finally:
         reader.close()
+    return 0
+
+
+def cmd_stores(args: argparse.Namespace, cfg: HubConfig) -> int:
+    from sync.hub.ops import store_lines
+    from sync.hub.storage import is_postgres
+
+    if is_postgres(cfg):
+        from sync.hub.storage import open_storage
+
+        async def read() -> list[dict]:
+            storage = await open_storage(cfg)
+            try:
+                return await storage.store_rows()
+            finally:
+                await storage.close()
+
+        rows = asyncio.run(read())
+    else:
+        # Read-only: the running hub stays hub.db's only writer.
+        from sync.hub.reader import HubReader
+
+        reader = HubReader(cfg.storage.path)
+        try:
+            held = {s: m for s, m in reader._all("SELECT store_id, MAX(seq) FROM events GROUP BY store_id")}
+            conflicts = dict(reader._all("SELECT store_id, COUNT(*) FROM conflicts GROUP BY store_id"))
+            rows = [{"store_id": s, "acked_seq": a, "rev": r, "incarnation": i, "updated_at": u,
+                     "max_seq": held.get(s, 0), "conflicts": conflicts.get(s, 0)}
+                    for s, a, r, i, u in reader._all("SELECT store_id, acked_seq, ack_rev, incarnation, updated_at"
+                                                      " FROM stores ORDER BY store_id")]
+        finally:
+            reader.close()
+    for line in store_lines(rows, cfg.store_ids()):
+        print(json.dumps(line, sort_keys=True))
     return 0
 
 
@@ -215,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[after], help="print a store's events as JSON lines in seq order")
     export.add_argument("--store", required=True, help="store id")
     sub.add_parser("stats", parents=[after], help="print acked positions and counters as JSON")
+    sub.add_parser("stores", parents=[after], help="print each store's ack, backlog estimate and last contact")
     caps = sub.add_parser("caps", parents=[after], help="set, clear or list sales caps")
     caps_sub = caps.add_subparsers(dest="caps_command", required=True)
     cap_set = caps_sub.add_parser("set", parents=[after], help="publish a SKU's cap to P/caps/{sku}")
@@ -238,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps, "epoch": cmd_epoch,
-            "replay": cmd_replay}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "stores": cmd_stores, "caps": cmd_caps,
+            "epoch": cmd_epoch, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,8 @@ from sync import protocol
 from sync.hub.history import HistoryServer
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.refusal import RefusalLog
-from sync.hub.settings import HubConfig
-from sync.hub.storage import HubStorage, open_storage
+from sync.hub.settings import WORKER_SESSION_EXPIRY_S, HubConfig
+from sync.hub.storage import AckState, HubStorage, open_storage
 from sync.hub.store import HubReader, Incoming, Rejection
 from sync.mqtt import Message, MqttClient
 
@@ -55,6 +55,9 @@ class HubService:
         self.store_ids = config.store_ids()
         self.jobs: list[Callable[[], Awaitable[None]]] = []
         self.counters: collections.Counter[str] = collections.Counter()
+        self.writer_task: asyncio.Task | None = None
+        self.publisher = None                     # the AvailabilityPublisher, once attached (serve)
+        self.last_ack: dict[str, AckState] = {}   # what this worker last published, per store (for /metrics)
         self._now = now
         self.refusals = RefusalLog(log, config.ingest.refusal_log_interval_s)
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -63,14 +66,17 @@ class HubService:
         # get these heads, so a hook that needs more than the envelope (the availability
         # projection sets its EVENT_VIEW) reads no body again.
         self.event_view = protocol.EventHead
-        mqtt.subscribe(protocol.all_events_filter(self.prefix), self.handle_events, qos=1, concurrent=True)
+        mqtt.subscribe(config.hub.events_filter(self.prefix), self.handle_events, qos=1, concurrent=True)
         mqtt.on_connection_change(self._connection_changed)
 
     @classmethod
     async def open(cls, config: HubConfig) -> "HubService":
         """Open the hub's database and build its MQTT client (not yet connected)."""
         store = await open_storage(config)
-        mqtt = MqttClient.from_settings(config.mqtt, f"edge-hub-{config.hub.id}", max_inflight=64)
+        # A shared worker's session is short: mosquitto 2.0 keeps queueing a dead member's
+        # share of the ingest until its session expires (docs/scaling.md).
+        expiry = {"session_expiry_s": WORKER_SESSION_EXPIRY_S} if config.hub.workers_shared else {}
+        mqtt = MqttClient.from_settings(config.mqtt, config.hub.client_id(), max_inflight=64, **expiry)
         return cls(config, store, mqtt)
 
     def add_commit_listener(self, fn: Callable[[dict[str, int]], None]) -> None:
@@ -165,10 +171,11 @@ class HubService:
             if not future.done():
                 future.set_result(None)
         acks = getattr(results, "acks", {})
-        acked = {store_id: (acks[store_id].acked_seq if store_id in acks else await self.store.acked(store_id))
-                 for store_id in touched}
-        for store_id, seq in acked.items():
-            self.publish_ack(store_id, seq)
+        states = {store_id: (acks[store_id] if store_id in acks else await self.store.ack_state(store_id))
+                  for store_id in touched}
+        for store_id, state in states.items():
+            self.publish_ack(store_id, state)
+        acked = {store_id: state.acked_seq for store_id, state in states.items()}
         for fn in self._listeners:
             try:
                 fn(acked)
@@ -201,9 +208,12 @@ class HubService:
 
     # ------------------------------------------------------------------- acks
 
-    def publish_ack(self, store_id: str, acked_seq: int) -> None:
-        """Publish the store's retained ack (call only with a committed position)."""
-        payload = protocol.encode(protocol.Ack(store_id=store_id, acked_seq=acked_seq))
+    def publish_ack(self, store_id: str, state: AckState) -> None:
+        """Publish a store's retained ack with its mark (call only with a committed `AckState`,
+        read from the storage: another worker's ack may be newer, and the rev tells the agent)."""
+        self.last_ack[store_id] = state
+        payload = protocol.encode(protocol.Ack(store_id=store_id, acked_seq=state.acked_seq,
+                                               epoch=state.epoch, rev=state.rev))
         try:
             future = self.mqtt.publish(protocol.ack_topic(self.prefix, store_id), payload, qos=1, retain=True)
         except Exception as exc:
@@ -220,13 +230,13 @@ class HubService:
     async def _restate_acks(self) -> None:
         states = await self.store.ack_states(sorted(self.store_ids))
         for store_id in sorted(self.store_ids):
-            self.publish_ack(store_id, states[store_id].acked_seq)
+            self.publish_ack(store_id, states[store_id])
 
     # -------------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the writer, MQTT and extra jobs until `stop` is set; then shut down cleanly."""
-        writer = asyncio.create_task(self._writer(), name="hub-writer")
+        writer = self.writer_task = asyncio.create_task(self._writer(), name="hub-writer")
         tasks = [asyncio.create_task(job(), name=getattr(job, "__name__", "hub-job")) for job in self.jobs]
         notifier = Notifier.from_environ()
         interval = watchdog_interval()
@@ -291,8 +301,12 @@ async def serve(config: HubConfig, stop: asyncio.Event) -> None:
     service = await HubService.open(config)
     try:
         # Wiring point: extra hub jobs (e.g. the availability publisher) attach to `service` here.
-        await AvailabilityPublisher.attach(service)
+        service.publisher = await AvailabilityPublisher.attach(service)
         HistoryServer.attach(service)
+        if config.hub.http_port:
+            from sync.hub.ops import OpsServer
+
+            service.jobs.append(OpsServer(service, config.hub.http_host, config.hub.http_port).run)
         await service.run(stop)
     finally:
         await service.close()

@@ -18,8 +18,29 @@ from agent.events import STORE_ID_PATTERN
 from common.config import ConfigError, LogSection, MqttSection, Section, load_config
 
 
+WORKER_SESSION_EXPIRY_S = 30   # a shared-subscription worker's default MQTT session expiry
+
+
 class HubSection(Section):
     id: Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)] = "hub-1"
+    # N `edge-hub run` processes on one PostgreSQL (docs/scaling.md): each has its own
+    # `worker` number (client id edge-hub-{id}-{worker}) and they share the ingest through
+    # `$share/{share_group}/P/stores/+/events`.
+    worker: Annotated[int, msgspec.Meta(ge=0, le=9999)] = 0
+    workers_shared: bool = False
+    share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "edge-hub"
+    # GET /metrics (Prometheus) and GET /healthz on this worker; 0: off.
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    http_host: str = "127.0.0.1"
+
+    def client_id(self) -> str:
+        """The MQTT client id: edge-hub-{id}, or edge-hub-{id}-{worker} for a shared worker."""
+        return f"edge-hub-{self.id}-{self.worker}" if self.workers_shared else f"edge-hub-{self.id}"
+
+    def events_filter(self, prefix: str) -> str:
+        """The ingest subscription: every store's events, shared among the workers when they are."""
+        plain = f"{prefix}/stores/+/events"
+        return f"$share/{self.share_group}/{plain}" if self.workers_shared else plain
 
 
 class HubStorageSection(Section):

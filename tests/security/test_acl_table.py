@@ -38,6 +38,7 @@ from tests.support.certs import make_certs
 ACL = Path(__file__).resolve().parents[2] / "config" / "acl"
 P = "retail"
 A, B, HUB, FEED, OBSERVER = "store-0042", "store-0043", "edge-hub", "edge-feed", "acl-observer"
+WORKER = "edge-hub-1"   # a second hub worker's own identity (docs/scaling.md)
 PASSWORD = "s3cret-for-tests"
 SETTLE_S = 0.8   # after the last ack: how long a message that passed may take to arrive (loopback)
 
@@ -99,6 +100,12 @@ ROWS: list[tuple[str, str, str, str, bool]] = [
     (HUB, "sub", t("sources/+/stock"), t("sources/partner-1/stock"), True),
     (HUB, "sub", t("caps/+"), t("caps/cap-1"), True),
     (HUB, "sub", t("orders/+"), t("orders/order-1"), True),
+    (WORKER, "sub", f"$share/edge-hub/{t('stores/+/events')}", t(f"stores/{A}/events"), True),
+    (WORKER, "sub", t("stores/+/status"), t(f"stores/{B}/status"), True),
+    (WORKER, "pub", t(f"stores/{A}/ack"), "", True),
+    (WORKER, "pub", t(f"stores/{B}/availability"), "", True),
+    (WORKER, "pub", t(f"stores/{A}/events"), "", False),
+    (A, "sub", f"$share/thief/{t('stores/+/events')}", t(f"stores/{B}/events"), False),
     (FEED, "pub", t("sources/partner-1/stock"), "", True),
     (FEED, "pub", t("caps/cap-1"), "", True),
     (FEED, "pub", t("orders/order-1"), "", True),
@@ -186,7 +193,7 @@ def start_broker(work: Path, certs: Path, listener_extra: str = "") -> Broker:
     """Mosquitto with the shipped ACL (plus the observer), a password file and a cert-identity TLS listener."""
     require_binary("mosquitto_passwd")
     passwd = work / "passwd"
-    for name in (A, B, HUB, FEED, OBSERVER):
+    for name in (A, B, HUB, WORKER, FEED, OBSERVER):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd),
                         name, PASSWORD], check=True, capture_output=True, timeout=30)
     acl = work / "acl"
@@ -224,7 +231,7 @@ def attempt_all(broker: Broker, certs: Path, identity: str, protocol: int) -> di
     clients: list[Raw] = [observer]
     try:
         observer.wait_ack(observer.subscribe(f"{P}/#"))
-        publishers = {name: Raw(broker, certs, name, identity, protocol) for name in (A, B, HUB, FEED)}
+        publishers = {name: Raw(broker, certs, name, identity, protocol) for name in (A, B, HUB, WORKER, FEED)}
         clients += publishers.values()
         results: dict[int, tuple[bool, list[int]]] = {}
         sent: dict[int, tuple[Raw, int, bytes]] = {}

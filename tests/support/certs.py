@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.conftest import require_binary
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "certs"
-CLIENTS = ("edge-hub", "edge-feed", "store-0042", "store-0043", "acl-observer")
+CLIENTS = ("edge-hub", "edge-hub-1", "edge-feed", "store-0042", "store-0043", "acl-observer")
 
 
 def _run(*args: str) -> None:

@@ -88,11 +88,11 @@ class FakeHub:
     `async with FakeHub(broker) as hub` connects and waits for the subscription.
     """
 
-    def __init__(self, broker, auto: bool = False):
+    def __init__(self, broker, auto: bool = False, client_id: str = "fake-hub"):
         self.batches: list[tuple[int, int]] = []
         self.seqs: list[int] = []
         self.auto = auto
-        self.client = mqtt_client(broker, "fake-hub")
+        self.client = mqtt_client(broker, client_id)
         self.client.subscribe(protocol.events_topic(PREFIX, STORE), self._on_batch)
 
     async def __aenter__(self) -> "FakeHub":
@@ -116,7 +116,8 @@ class FakeHub:
             top += 1
         return top
 
-    async def ack(self, seq: int) -> None:
-        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq))
+    async def ack(self, seq: int, epoch: str | None = None, rev: int | None = None) -> None:
+        """Publish a retained ack; `epoch`/`rev` give it a hub worker's mark."""
+        payload = protocol.encode(protocol.Ack(store_id=STORE, acked_seq=seq, epoch=epoch, rev=rev))
         await asyncio.wait_for(self.client.publish(protocol.ack_topic(PREFIX, STORE), payload, retain=True), 5)
 

@@ -31,8 +31,23 @@ def test_arbitrary_bytes_never_raise_anything_but_protocol_error(data):
 def test_payload_is_utf8_json_with_v1():
     payload = protocol.encode_batch(STORE, 1, 1, [body(1)])
     assert json.loads(payload.decode("utf-8"))["v"] == 1
-    assert json.loads(protocol.encode(protocol.Ack(store_id=STORE, acked_seq=3))) == {
-        "store_id": STORE, "acked_seq": 3, "v": 1}
+    assert json.loads(protocol.encode(protocol.Ack(store_id=STORE, acked_seq=3, epoch="e1", rev=7))) == {
+        "store_id": STORE, "acked_seq": 3, "v": 1, "epoch": "e1", "rev": 7}
+
+
+def test_an_ack_from_an_older_hub_decodes_without_a_mark():
+    ack = protocol.decode(b'{"v":1,"store_id":"store-0042","acked_seq":5}', protocol.Ack)
+    assert (ack.acked_seq, ack.epoch, ack.rev) == (5, None, None)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"v":1,"store_id":"store-0042","acked_seq":5,"epoch":"","rev":1}',
+    b'{"v":1,"store_id":"store-0042","acked_seq":5,"epoch":"e","rev":-1}',
+    b'{"v":1,"store_id":"store-0042","acked_seq":5,"epoch":7,"rev":1}',
+])
+def test_a_malformed_ack_mark_is_refused(payload):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(payload, protocol.Ack)
 
 
 @pytest.mark.parametrize("topic, expected", [

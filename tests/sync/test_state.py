@@ -77,6 +77,48 @@ def test_view_answers_nothing_held_before_sync_ever_ran(tmp_path):
 # ------------------------------------------------------------------------- cursor, status
 
 
+async def test_the_ack_mark_is_kept_with_the_cursor(tmp_path, state):
+    assert await state.ack_mark() == (None, None)
+    await state.store_cursor(12, T0_TEXT, mark=("e1", 7))
+    await state.close()
+    again = await SqliteSyncState.open(tmp_path / "events.sync.db", "store-a")
+    try:
+        assert (await again.cursor(), await again.ack_mark()) == ((12, T0_TEXT), ("e1", 7))
+        await again.store_cursor(13, T0_TEXT)        # an older hub's ack clears the mark
+        assert await again.ack_mark() == (None, None)
+    finally:
+        await again.close()
+
+
+async def test_a_schema_3_file_gains_the_ack_mark_and_keeps_its_cursor(tmp_path):
+    path = tmp_path / "old.sync.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TABLE cursor (id INTEGER PRIMARY KEY CHECK (id = 1), acked_seq INTEGER NOT NULL,
+                             last_ack_at TEXT);
+        INSERT INTO meta VALUES ('store_id', 'store-a'), ('schema', '3');
+        INSERT INTO cursor VALUES (1, 40, '2026-01-01T00:00:00Z');
+    """)
+    conn.commit()
+    conn.close()
+    state = await SqliteSyncState.open(path, "store-a")
+    try:
+        assert (await state.cursor(), await state.ack_mark()) == ((40, "2026-01-01T00:00:00Z"), (None, None))
+        await state.store_cursor(41, T0_TEXT, mark=("e1", 2))
+        assert await state.ack_mark() == ("e1", 2)
+    finally:
+        await state.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+    conn.close()
+    view = SqliteSyncView(path)
+    try:
+        assert view.status()["acked_seq"] == 41
+    finally:
+        view.close()
+
+
 async def test_cursor_and_status_are_durable_and_seen_by_the_view(tmp_path, state, view):
     assert await state.cursor() == (0, None)
     await state.store_cursor(12, T0_TEXT, UplinkStatus(connected=True, sent_seq=20, resends=1))

@@ -94,11 +94,16 @@ class DictState:
     async def cursor(self) -> tuple[int, str | None]:
         return self.data["cursor"]
 
-    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None) -> None:
+    async def ack_mark(self) -> tuple[str | None, int | None]:
+        return self.data.get("mark", (None, None))
+
+    async def store_cursor(self, acked_seq: int, at: str, status: UplinkStatus | None = None,
+                           mark: tuple[str | None, int | None] = (None, None)) -> None:
         self.cursor_wanted.set()
         if self.gate is not None:
             await self.gate.wait()            # cancelled here: nothing committed
         self.data["cursor"] = (acked_seq, at)
+        self.data["mark"] = mark
         self.cursors.append(acked_seq)
         if status is not None:
             self.data["status"] = status

@@ -254,3 +254,94 @@ def test_invariants_hold_for_any_sequence_of_messages(acked, last, script):
                 assert 0 < action.batches <= limits.max_inflight - len(w.inflight)
             if isinstance(action, StoreCursor):
                 assert action.acked_seq == w.acked_seq
+
+
+# ------------------------------------------------------------- ack marks (epoch, rev)
+
+
+def marked(run: Run, seq: int, epoch: str | None, rev: int | None) -> list:
+    return run(AckArrived(STORE, seq, AT, epoch, rev))
+
+
+def test_a_crossed_lower_ack_of_the_same_epoch_is_ignored_and_counted():
+    run = running()
+    run.send_all()
+    assert stores(marked(run, 20, "e1", 5)) == [StoreCursor(20, AT, "e1", 5)]
+    run(CursorStored(20, AT, "e1", 5))
+    actions = marked(run, 10, "e1", 4)        # published before rev 5, arrived after it
+    assert actions == [] or not stores(actions)
+    assert not [a for a in actions if isinstance(a, Note)]
+    assert (run.w.acked_seq, run.w.sent_seq, run.w.rewinds, run.w.stale_acks) == (20, 30, 0, 1)
+    assert (run.w.epoch, run.w.rev) == ("e1", 5)
+
+
+def test_a_lower_ack_of_a_new_epoch_rewinds():
+    run = running()
+    run.send_all()
+    marked(run, 20, "e1", 5)
+    run(CursorStored(20, AT, "e1", 5))
+    actions = marked(run, 10, "e2", 1)        # the hub's record was restored
+    assert stores(actions) == [StoreCursor(10, AT, "e2", 1)]
+    assert [a for a in actions if isinstance(a, Note)]
+    assert (run.w.acked_seq, run.w.sent_seq, run.w.rewinds, run.w.stale_acks) == (10, 10, 1, 0)
+    assert (run.w.epoch, run.w.rev) == ("e2", 1)
+
+
+def test_an_ack_without_a_mark_follows_the_old_rules_and_clears_the_mark():
+    run = running()
+    run.send_all()
+    marked(run, 20, "e1", 5)
+    run(CursorStored(20, AT, "e1", 5))
+    actions = marked(run, 10, None, None)      # an older hub: a lower ack rewinds
+    assert stores(actions) == [StoreCursor(10, AT, None, None)]
+    assert (run.w.acked_seq, run.w.rewinds, run.w.epoch, run.w.rev) == (10, 1, None, None)
+    # Half a mark is no mark either.
+    run.send_all()
+    marked(run, 12, "e1", None)
+    assert (run.w.acked_seq, run.w.epoch, run.w.rev) == (12, None, None)
+
+
+def test_an_equal_seq_with_a_new_mark_is_stored():
+    run = running()
+    run.send_all()
+    marked(run, 20, "e1", 5)
+    run(CursorStored(20, AT, "e1", 5))
+    assert stores(marked(run, 20, "e1", 5)) == []                       # a restatement
+    assert stores(marked(run, 20, "e2", 1)) == [StoreCursor(20, AT, "e2", 1)]
+
+
+def test_the_mark_comes_back_from_start():
+    run = Run(start(20, AT, 100, 100.0, "e1", 5))
+    run(ConnectionChanged(True))
+    run.send_all()
+    marked(run, 10, "e1", 4)
+    assert (run.w.acked_seq, run.w.stale_acks) == (20, 1)
+    marked(run, 30, "e1", 6)
+    assert (run.w.acked_seq, run.w.rev) == (30, 6)
+
+
+def test_a_stale_ack_above_the_log_is_not_an_alarm():
+    run = Run(start(20, AT, 30, 100.0, "e1", 5))
+    marked(run, 99, "e1", 3)
+    assert (run.w.ack_alarms, run.w.stale_acks, run.w.acked_seq) == (0, 1, 20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), max_size=30))
+def test_acks_of_one_epoch_in_any_order_never_rewind(acks):
+    """Within one epoch, whatever order the acks arrive in, the cursor follows the highest rev."""
+    run = running(last_seq=60)
+    run.send_all(size=20)
+    # A hub's acks within an epoch: acked_seq grows with rev.
+    by_rev = {rev: seq for seq, rev in sorted(acks)}
+    seq_of = {}
+    top = 0
+    for rev in sorted(by_rev):
+        top = max(top, by_rev[rev])
+        seq_of[rev] = top
+    best = None
+    for rev in (r for _, r in acks):
+        marked(run, seq_of[rev], "e1", rev)
+        best = rev if best is None or rev > best else best
+        assert run.w.rewinds == 0
+        assert run.w.acked_seq == seq_of[best]
