@@ -33,3 +33,32 @@ ensure_debian_packages() {
         exit 2
     fi
 }
+
+# ensure_postgres: a PostgreSQL cluster for the hub's PostgreSQL tests (tests/support/pg.py).
+# With EDGE_TEST_PG_DSN set, that server is used as it is. Otherwise: install the Debian
+# package where it is missing (as root, or sudo), start every installed cluster that is
+# down (pg_ctlcluster; the postmaster does not run as root, the tool switches user), and
+# say what to do when 127.0.0.1:5432 still does not take user postgres.
+ensure_postgres() {
+    [ -n "${EDGE_TEST_PG_DSN:-}" ] && return 0
+    if ! command -v pg_lsclusters >/dev/null 2>&1; then
+        ensure_debian_packages pg_lsclusters:postgresql
+    fi
+    local ver name status
+    while read -r ver name _ status _; do
+        [ "$status" = down ] || continue
+        say "starting PostgreSQL cluster $ver/$name"
+        if [ "$(id -u)" = 0 ]; then
+            pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start || say "warning: could not start $ver/$name"
+        else
+            sudo -n pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start 2>/dev/null ||
+                say "warning: could not start PostgreSQL $ver/$name (run: sudo pg_ctlcluster $ver $name start)"
+        fi
+    done < <(pg_lsclusters --no-header 2>/dev/null)
+    if command -v psql >/dev/null 2>&1 &&
+        ! psql -h 127.0.0.1 -U postgres -d postgres -w -Atqc 'SELECT 1' >/dev/null 2>&1; then
+        say "warning: PostgreSQL on 127.0.0.1:5432 does not take user postgres without a password: allow it"
+        say "  (pg_hba.conf: host all postgres 127.0.0.1/32 trust) or set EDGE_TEST_PG_DSN=postgresql://USER:PASS@HOST/postgres"
+        say "  (the PostgreSQL tests are skipped, or fail with CI=true)"
+    fi
+}

@@ -9,6 +9,8 @@ from agent import events as ev
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+pytest_plugins = ["tests.support.pg"]   # the `pg_url` fixture: a fresh PostgreSQL database per test
+
 
 def unavailable(message: str) -> None:
     """A test's prerequisite is missing: fail in CI, skip with the reason elsewhere."""

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping
 
 from agent.events import EventDecodeError, ReservationReleased, Reserved, Sold, decode_event
 from sync.hub import caps as capcore
+from sync.hub.storage import Upsert
 
 log = logging.getLogger("edge_hub.caps")
 
@@ -107,27 +108,37 @@ def _facts(events: Iterable[tuple[object, bytes]]):
             yield "reservation_released", event.sku, event.qty, event.recorded_at, event.reservation_id
 
 
-def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
-                day_of: Callable[[str, str], str]) -> None:
-    """Add newly stored events' cap use to the day buckets (the ingest hook; idempotent per event)."""
+def usage_rows(store_id: str, events: Iterable[tuple[object, bytes]],
+               day_of: Callable[[str, str], str]) -> list[Upsert]:
+    """The cap usage ingest hook (sync/hub/storage.py): newly stored events' cap use as rows
+    for `cap_sold` and `cap_reserved`, in event order (idempotent per event). Pure."""
     sold: dict[tuple[str, str], int] = {}
+    out: list[Upsert] = []
     for kind, sku, qty, recorded_at, reservation_id in _facts(events):
         if kind == "sold":
             key = (sku, day_of(store_id, recorded_at))
             sold[key] = sold.get(key, 0) + qty
         elif kind == "reserved":
-            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                         " VALUES (?,?,?,?,?,0) ON CONFLICT(store_id, reservation_id) DO UPDATE SET"
-                         " sku = excluded.sku, day = excluded.day, qty = excluded.qty",
-                         (store_id, reservation_id, sku, day_of(store_id, recorded_at), qty))
+            out.append(Upsert("cap_reserved", _RESERVED_COLUMNS, ("store_id", "reservation_id"),
+                              [(store_id, reservation_id, sku, day_of(store_id, recorded_at), qty, 0)],
+                              replace=("sku", "day", "qty")))
         else:  # a release stored before its reservation (after a gap) still marks it
-            conn.execute("INSERT INTO cap_reserved(store_id, reservation_id, sku, day, qty, released)"
-                         " VALUES (?,?,?,'',0,1) ON CONFLICT(store_id, reservation_id) DO UPDATE SET released = 1",
-                         (store_id, reservation_id, sku))
+            out.append(Upsert("cap_reserved", _RESERVED_COLUMNS, ("store_id", "reservation_id"),
+                              [(store_id, reservation_id, sku, "", 0, 1)], replace=("released",)))
     if sold:
-        conn.executemany("INSERT INTO cap_sold(store_id, sku, day, qty) VALUES (?,?,?,?)"
-                         " ON CONFLICT(store_id, sku, day) DO UPDATE SET qty = qty + excluded.qty",
-                         [(store_id, sku, day, qty) for (sku, day), qty in sold.items()])
+        out.append(Upsert("cap_sold", ("store_id", "sku", "day", "qty"), ("store_id", "sku", "day"),
+                          [(store_id, sku, day, qty) for (sku, day), qty in sold.items()], add=("qty",)))
+    return out
+
+
+_RESERVED_COLUMNS = ("store_id", "reservation_id", "sku", "day", "qty", "released")
+
+
+def apply_usage(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]],
+                day_of: Callable[[str, str], str]) -> None:
+    """Add newly stored events' cap use to the day buckets (SQLite, in the caller's transaction)."""
+    for upsert in usage_rows(store_id, events, day_of):
+        conn.executemany(upsert.sql("?"), upsert.rows)
 
 
 def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, after_day: str) -> int:

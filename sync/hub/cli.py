@@ -6,6 +6,7 @@
     edge-hub caps set SKU --limit N --period day|week|month [--scope store|chain] [--store ID]
     edge-hub caps clear SKU                     publish (retained) to P/caps/{sku}; the hub applies it
     edge-hub caps list                          the caps the hub holds and the allowances it sent (JSON lines)
+    edge-hub epoch [--new]                      the hub record's epoch; --new after restoring PostgreSQL in place
 
 `caps set` and `caps clear` publish to the caps feed and return once the broker has it:
 the running hub stays the only writer of hub.db (`caps list` reads it read-only). A cap
@@ -54,8 +55,32 @@ def cmd_run(args: argparse.Namespace, cfg: HubConfig) -> int:
     return 0
 
 
+def _on_postgres(cfg: HubConfig, fn):
+    """Run `await fn(storage)` on the hub's PostgreSQL storage; return its result."""
+    async def run():
+        from sync.hub.pg import PgStorage
+
+        storage = await PgStorage.open(cfg.storage.url, cfg.store_ids(), pool_size=1)
+        try:
+            return await fn(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
 def cmd_export(args: argparse.Namespace, cfg: HubConfig) -> int:
     from sync.hub.store import HubReader
+
+    if cfg.storage.url:
+        async def export(storage) -> None:
+            out = sys.stdout.buffer
+            async for body in storage.iter_bodies(args.store):
+                out.write(body + b"\n")
+            out.flush()
+
+        _on_postgres(cfg, export)
+        return 0
 
     reader = HubReader(cfg.storage.path)
     try:
@@ -70,6 +95,10 @@ def cmd_export(args: argparse.Namespace, cfg: HubConfig) -> int:
 
 def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
     from sync.hub.store import HubReader
+
+    if cfg.storage.url:
+        print(json.dumps(_on_postgres(cfg, lambda storage: storage.stats()), sort_keys=True))
+        return 0
 
     reader = HubReader(cfg.storage.path)
     try:
@@ -148,6 +177,18 @@ def _caps_list(cfg: HubConfig) -> int:
     return 0
 
 
+def cmd_epoch(args: argparse.Namespace, cfg: HubConfig) -> int:
+    """Print the epoch the hub's acks carry; `--new`: give the PostgreSQL record a new one."""
+    if not cfg.storage.url:
+        print(json.dumps({"engine": "sqlite", "epoch": None,
+                          "note": "a SQLite hub takes a new epoch each time it opens its database"}))
+        return 0
+
+    epoch = _on_postgres(cfg, lambda storage: storage.new_epoch() if args.new else storage.epoch())
+    print(json.dumps({"engine": "postgresql", "epoch": epoch, "new": bool(args.new)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_help = f"TOML config (default $EDGE_HUB_CONFIG or {DEFAULT_CONFIG})"
     # Every subcommand takes --config too (`edge-hub run --config F`, as the unit writes it).
@@ -174,10 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (cap_set, cap_clear):
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
     caps_sub.add_parser("list", parents=[after], help="print the caps the hub holds as JSON lines")
+    epoch = sub.add_parser("epoch", parents=[after], help="print the hub record's epoch (JSON)")
+    epoch.add_argument("--new", action="store_true",
+                       help="replace it (PostgreSQL restored in place: stores must not trust older acks)")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps, "epoch": cmd_epoch}
 
 
 def main(argv: list[str] | None = None) -> int:

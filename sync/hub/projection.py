@@ -211,8 +211,19 @@ _pending_encoder = msgspec.msgpack.Encoder()
 _pending_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, int, int]])
 
 
+def pending_deltas(store_id: str, events: Iterable[tuple[object, bytes]]) -> bytes | None:
+    """The ingest hook (sync/hub/storage.py): the summed stock changes of newly stored events
+    as one `hub_stock_pending.deltas` blob (msgpack), or None when they change no stock.
+
+    Pure: the storage inserts the row in its ingest transaction (SQLite or PostgreSQL).
+    Events are read as in `apply_events`.
+    """
+    deltas = _fold(store_id, events)
+    return _pending_encoder.encode([(sku, *d) for sku, d in deltas.items()]) if deltas else None
+
+
 def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple[object, bytes]]) -> None:
-    """Add the effect of newly stored events to the store's projection (the ingest hook).
+    """Add the effect of newly stored events to the store's projection (SQLite, in the caller's transaction).
 
     `events`: (head, raw body) pairs as the hub stored them. A head decoded as
     `EVENT_VIEW` of the current schema is folded as it is; any other event is read from
@@ -223,10 +234,9 @@ def apply_events(conn: sqlite3.Connection, store_id: str, events: Iterable[tuple
     `PENDING_ROWS` rows are added into `hub_stock` at once (`fold_pending`): a SKU's row is
     written once per fold instead of once per ingest transaction. `stock` reads both.
     """
-    deltas = _fold(store_id, events)
-    if deltas:
-        conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)",
-                     (store_id, _pending_encoder.encode([(sku, *d) for sku, d in deltas.items()])))
+    blob = pending_deltas(store_id, events)
+    if blob is not None:
+        conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)", (store_id, blob))
         if conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] >= PENDING_ROWS:
             fold_pending(conn)
 

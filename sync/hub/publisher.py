@@ -110,9 +110,10 @@ class AvailabilityPublisher:
         folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
         if folded:
             log.info("hub: built the cap use from %d held events", folded)
-        self.store.ingest_hooks.append(projection.apply_events)
-        self.store.ingest_hooks.append(lambda conn, store_id, events: captables.apply_usage(
-            conn, store_id, events, self.day_of))
+        self.store.ingest_hooks.append(projection.pending_deltas)
+        self.store.ingest_hooks.append(lambda store_id, events: captables.usage_rows(store_id, events, self.day_of))
+        if hasattr(self.store, "pending_fold"):  # SQLite: fold in the ingest transaction every PENDING_ROWS rows
+            self.store.pending_fold = (projection.PENDING_ROWS, projection.fold_pending)
         service.event_view = projection.EVENT_VIEW
         self.mqtt.subscribe(protocol.warehouses_filter(self.prefix), self.inputs.on_warehouse)
         self.mqtt.subscribe(protocol.sources_filter(self.prefix), self.inputs.on_source)
@@ -204,7 +205,7 @@ class AvailabilityPublisher:
             now = self._now()
             force, self._force = self._force, set()
             previous = await self.store.run(_fold_and_read_published)
-            confirmed = self._confirmed()
+            confirmed = await self._confirmed()
             started = time.perf_counter()
             snapshots = await asyncio.to_thread(
                 compute, self.plan, previous, force, now, int(self.refresh_s * 1000), confirmed)
@@ -251,10 +252,11 @@ class AvailabilityPublisher:
         finally:
             scheduler.shutdown(wait=False)
 
-    def _confirmed(self) -> dict[str, int]:
+    async def _confirmed(self) -> dict[str, int]:
         """Promote a store's reported snapshot version once the hub holds its events up to then."""
+        acks = await self.store.ack_states(list(self._confirming))
         for store_id, (version, last_seq) in list(self._confirming.items()):
-            if self.store.acked(store_id) >= last_seq:
+            if acks[store_id].acked_seq >= last_seq:
                 del self._confirming[store_id]
                 self.confirmed[store_id] = max(version, self.confirmed.get(store_id, 0))
         return dict(self.confirmed)

@@ -34,7 +34,8 @@ from sync import protocol
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.refusal import RefusalLog
 from sync.hub.settings import HubConfig
-from sync.hub.store import HubReader, HubStore, Incoming, Rejection
+from sync.hub.storage import HubStorage, open_storage
+from sync.hub.store import HubReader, Incoming, Rejection
 from sync.mqtt import Message, MqttClient
 
 log = logging.getLogger("edge_hub.service")
@@ -43,12 +44,12 @@ log = logging.getLogger("edge_hub.service")
 class HubService:
     """One running hub. Build with `await HubService.open(config)`; `await run(stop)`."""
 
-    def __init__(self, config: HubConfig, store: HubStore, mqtt: MqttClient,
+    def __init__(self, config: HubConfig, store: HubStorage, mqtt: MqttClient,
                  now: Callable[[], str] = clock.utc_now):
         self.config = config
         self.store = store
         self.mqtt = mqtt
-        self.reader = HubReader(store.path)
+        self.reader = HubReader(store.path) if getattr(store, "path", None) is not None else None  # SQLite only
         self.prefix = config.mqtt.topic_prefix
         self.store_ids = config.store_ids()
         self.jobs: list[Callable[[], Awaitable[None]]] = []
@@ -67,8 +68,7 @@ class HubService:
     @classmethod
     async def open(cls, config: HubConfig) -> "HubService":
         """Open the hub's database and build its MQTT client (not yet connected)."""
-        store = await HubStore.open(config.storage.path, config.store_ids(), config.storage.synchronous,
-                                    config.ingest.rejections_kept)
+        store = await open_storage(config)
         mqtt = MqttClient.from_settings(config.mqtt, f"edge-hub-{config.hub.id}", max_inflight=64)
         return cls(config, store, mqtt)
 
@@ -85,7 +85,8 @@ class HubService:
         for a decoder failing in a way it should not; a storage failure raises, so the
         message stays unacked and comes back.
         """
-        item = self._incoming(message)
+        item = self._incoming(message, await self.store.acked(
+            protocol.store_of(self.prefix, message.topic, "events")))
         if isinstance(item, Rejection):
             self.counters[f"rejected_{item.reason}"] += 1
             self.refusals.refused(item.store_id, item.reason, item.topic, item.detail)
@@ -93,8 +94,10 @@ class HubService:
         self._queue.put_nowait((item, future))
         await future
 
-    def _incoming(self, message: Message) -> Incoming | Rejection:
-        """Decode and check one events message: the batch to store, or why it is refused."""
+    def _incoming(self, message: Message, acked: int) -> Incoming | Rejection:
+        """Decode and check one events message: the batch to store, or why it is refused.
+
+        `acked`: the topic's store's ack (for `ingest.max_ahead`)."""
         topic_store = protocol.store_of(self.prefix, message.topic, "events")
         try:
             if topic_store not in self.store_ids:
@@ -103,7 +106,6 @@ class HubService:
             if batch.store_id != topic_store:
                 raise _Refuse("store_mismatch",
                               f"topic is for {topic_store!r}, payload for {batch.store_id!r}")
-            acked = self.store.acked(topic_store)
             if batch.last_seq > acked + self.config.ingest.max_ahead:
                 # The store's own agent never gets this far ahead: restating the ack tells it
                 # where the hub is, and it sends from its cursor again anyway.
@@ -161,7 +163,9 @@ class HubService:
                 touched.add(item.store_id)
             if not future.done():
                 future.set_result(None)
-        acked = {store_id: self.store.acked(store_id) for store_id in touched}
+        acks = getattr(results, "acks", {})
+        acked = {store_id: (acks[store_id].acked_seq if store_id in acks else await self.store.acked(store_id))
+                 for store_id in touched}
         for store_id, seq in acked.items():
             self.publish_ack(store_id, seq)
         for fn in self._listeners:
@@ -171,6 +175,13 @@ class HubService:
                 log.exception("hub: commit listener failed")
 
     def _count(self, store_id: str, result) -> None:
+        if result.stale_incarnation is not None:
+            self.counters["rejected_stale_incarnation"] += 1
+            if self.refusals.refused(store_id, "stale_incarnation", protocol.events_topic(self.prefix, store_id),
+                                     result.stale_incarnation):
+                log.error("hub: ALARM %s: a batch from an older incarnation of its log (%s); refused,"
+                          " nothing stored", store_id, result.stale_incarnation)
+            return
         self.counters["events_stored"] += result.stored
         self.counters["events_duplicate"] += result.duplicates
         if result.unanchored:
@@ -180,7 +191,8 @@ class HubService:
             if self.refusals.refused(store_id, "chain_broken", protocol.events_topic(self.prefix, store_id),
                                      result.chain_broken):
                 log.error("hub: ALARM %s: its hash chain does not continue what the hub holds;"
-                          " its batches are not merged and its ack stays at %d", store_id, self.store.acked(store_id))
+                          " its batches are not merged and its ack stays at %s", store_id,
+                          acked_now(self.store, store_id))
         for seq, held, sent in result.conflicts:
             self.counters["conflicts"] += 1
             log.error("hub: ALARM conflict for %s seq %d: held event %s, received %s (kept out)",
@@ -202,8 +214,12 @@ class HubService:
         if up:
             # Re-state every ack: one may have been lost with a crash between commit and publish,
             # and a restored (older) database must tell its stores to rewind.
-            for store_id in sorted(self.store_ids):
-                self.publish_ack(store_id, self.store.acked(store_id))
+            asyncio.get_running_loop().create_task(self._restate_acks()).add_done_callback(_ignore_cancel)
+
+    async def _restate_acks(self) -> None:
+        states = await self.store.ack_states(sorted(self.store_ids))
+        for store_id in sorted(self.store_ids):
+            self.publish_ack(store_id, states[store_id].acked_seq)
 
     # -------------------------------------------------------------------- run
 
@@ -248,7 +264,8 @@ class HubService:
             await asyncio.gather(writer, return_exceptions=True)
 
     async def close(self) -> None:
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
         await self.store.close()
 
 
@@ -256,6 +273,11 @@ class _Refuse(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
+
+
+def acked_now(store, store_id: str) -> int | str:
+    """The store's ack for a log line: SQLite's in-memory one, else "(see the database)"."""
+    return store.acked_now(store_id) if hasattr(store, "acked_now") else "(see the database)"
 
 
 def _ignore_cancel(future: asyncio.Future) -> None:

@@ -25,6 +25,10 @@ class HubSection(Section):
 class HubStorageSection(Section):
     path: str = "/var/lib/edge-hub/hub.db"
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    # PostgreSQL instead of the SQLite file at `path` (sync/hub/pg.py): "postgresql://user@host/db".
+    # Empty: SQLite.
+    url: Annotated[str, msgspec.Meta(pattern=r"^$|^(postgres|postgresql)://")] = ""
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4   # PostgreSQL connections per hub process
 
 
 class StoreEntry(Section):

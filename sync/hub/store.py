@@ -19,123 +19,28 @@ number of bad ones); `rejection_counts` counts every refusal by reason, for ever
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import AsyncIterator, Callable, Iterable, TypeVar
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from common.errors import StorageError, storage_error
-from common.sqlite import in_write_transaction, insert_rows
+from common.sqlite import in_write_transaction, insert_rows, open_readonly
 from common import chain
-from sync.hub import anchor
-from sync.protocol import EventHead
+from sync.hub import anchor, migrations
+from sync.hub.storage import (REJECTIONS_KEPT, AckState, IngestHook, IngestResult, Incoming, Rejection,  # noqa: F401
+                              Upsert, WriteResults)
 
 log = logging.getLogger("edge_hub.store")
 T = TypeVar("T")
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS events (
-    store_id    TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    event_id    TEXT NOT NULL,
-    body        BLOB NOT NULL,
-    received_at TEXT NOT NULL,
-    hash        BLOB,
-    PRIMARY KEY (store_id, seq)
-) WITHOUT ROWID;
-
--- unanchored: batches that carried no chain hash (an older agent); chain_breaks: batches
--- (and held events after a gap) refused because their chain did not continue the hub's.
-CREATE TABLE IF NOT EXISTS stores (
-    store_id     TEXT PRIMARY KEY,
-    acked_seq    INTEGER NOT NULL,
-    updated_at   TEXT NOT NULL,
-    unanchored   INTEGER NOT NULL DEFAULT 0,
-    chain_breaks INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-
--- Same (store_id, seq) as a held event but another event_id: kept out of `events`.
-CREATE TABLE IF NOT EXISTS conflicts (
-    store_id      TEXT NOT NULL,
-    seq           INTEGER NOT NULL,
-    event_id      TEXT NOT NULL,
-    held_event_id TEXT NOT NULL,
-    body          BLOB NOT NULL,
-    received_at   TEXT NOT NULL,
-    PRIMARY KEY (store_id, seq, event_id)
-) WITHOUT ROWID;
-
--- Messages refused before anything was stored (undecodable, store mismatch, unknown store,
--- duplicate key, seqs too far ahead, chain invalid or broken): the newest ones only, see
--- HubStore.rejections_kept.
-CREATE TABLE IF NOT EXISTS rejections (
-    id          INTEGER PRIMARY KEY,
-    received_at TEXT NOT NULL,
-    topic       TEXT NOT NULL,
-    store_id    TEXT,
-    reason      TEXT NOT NULL,
-    detail      TEXT NOT NULL
-);
-
--- Every refusal ever, by reason (the rejections table keeps only the newest).
-CREATE TABLE IF NOT EXISTS rejection_counts (
-    reason TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL
-) WITHOUT ROWID;
-"""
-
-REJECTIONS_KEPT = 10_000
+# Migration 1's tables as one script (tools and tests that build a bare hub database).
+SCHEMA_SQL = ";\n".join(migrations._SQLITE_V1) + ";\n"
 
 _WALK_CHUNK = 5000
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One decoded, validated batch for a known store.
-
-    `hashes`: the batch's chain at each event, computed from its `prev_hash` over the
-    bodies and already checked against its `hash` (None: the batch carried no hashes).
-    """
-
-    store_id: str
-    events: list[tuple[EventHead, bytes]]
-    prev_hash: bytes | None = None
-    hashes: list[bytes] | None = None
-    topic: str = ""
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A message refused before storage, to be recorded and counted.
-
-    `restate_ack`: publish the store's current ack after the commit (a refused batch
-    of a configured store, so its sender learns where the hub is).
-    """
-
-    topic: str
-    store_id: str | None
-    reason: str
-    detail: str
-    restate_ack: bool = False
-
-
-@dataclass
-class IngestResult:
-    """What one batch did: new events stored, duplicates ignored, conflicts kept out.
-
-    `chain_broken`: why the batch was refused (nothing of it stored), or why the events
-    held after a gap that it filled do not count toward the ack; None when its chain held.
-    """
-
-    stored: int = 0
-    duplicates: int = 0
-    conflicts: list[tuple[int, str, str]] = field(default_factory=list)  # (seq, held id, sent id)
-    new_events: list = field(default_factory=list, repr=False)  # (head, body) of the events stored now
-    chain_broken: str | None = None
-    unanchored: bool = False
 
 
 def result_topic(items: list, store_id: str) -> str:
@@ -177,31 +82,40 @@ class _Writer:
         self._pool.shutdown(wait=True)
 
 
-class HubStore:
-    """The hub's database. Open with `await HubStore.open(...)`, close with `await close()`."""
+class SqliteStorage:
+    """The hub's SQLite database (`HubStorage`, sync/hub/storage.py). Open with
+    `await SqliteStorage.open(...)`, close with `await close()`.
 
-    def __init__(self, path: Path, db: _Writer, acked: dict[str, int],
-                 max_held: dict[str, int], rejections_kept: int = REJECTIONS_KEPT,
-                 held_hash: dict[str, bytes | None] | None = None):
+    The hub process is the database's only writer, so each store's ack, revision,
+    incarnation, highest seq and chain hash at the ack are kept in memory beside it,
+    loaded at open and moved only after each commit.
+    """
+
+    def __init__(self, path: Path, db: _Writer, state: dict, rejections_kept: int = REJECTIONS_KEPT):
         self.path = path
         self.rejections_kept = rejections_kept
         self._db = db
-        self._acked = acked
+        self._reader: _Writer | None = None
+        self._acked: dict[str, int] = state["acked"]
         # The hub's chain hash at each store's ack (None: not known, an unanchored history).
-        self._hash = held_hash if held_hash is not None else {}
+        self._hash: dict[str, bytes | None] = state["hash"]
         # The highest seq held per store. While it equals the ack (nothing held beyond a
         # gap), a batch that continues the prefix moves the ack without a walk or a lookup.
-        self._max = max_held
-        # fn(conn, store_id, new events) inside the ingest transaction, once per store per
-        # group with every event that group stored for it, in arrival order, as (head, body)
-        # pairs from `Incoming.events` (the availability projection, sync/hub/projection.py);
-        # a raise rolls the whole group back.
-        self.ingest_hooks: list[Callable[[sqlite3.Connection, str, list], None]] = []
+        self._max: dict[str, int] = state["max"]
+        self._rev: dict[str, int] = state["rev"]
+        self._inc: dict[str, int | None] = state["inc"]
+        # One process writes in commit order: only a reopen can find a record that went back.
+        self._epoch = "s" + secrets.token_hex(8)
+        # hook(store_id, new events) inside the ingest transaction (sync/hub/storage.py).
+        self.ingest_hooks: list[IngestHook] = []
+        # Fold hub_stock_pending into the projection once it holds this many rows (set by
+        # the availability side: `fn(conn)` runs in the ingest transaction). None: never here.
+        self.pending_fold: tuple[int, Callable[[sqlite3.Connection], object]] | None = None
 
     @classmethod
-    async def open(cls, path: str | Path, store_ids: set[str] | list[str],
-                   synchronous: str = "FULL", rejections_kept: int = REJECTIONS_KEPT) -> "HubStore":
-        """Open (creating) the database and compute each store's contiguous prefix.
+    async def open(cls, path: str | Path, store_ids: Iterable[str],
+                   synchronous: str = "FULL", rejections_kept: int = REJECTIONS_KEPT) -> "SqliteStorage":
+        """Open (creating, migrating) the database and compute each store's contiguous prefix.
 
         Raises StorageError when SQLite cannot open or set it up.
         """
@@ -210,6 +124,7 @@ class HubStore:
         sync = synchronous.upper()
         if sync not in ("FULL", "NORMAL", "EXTRA"):
             raise StorageError(f"storage.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        store_ids = set(store_ids)
         db = _Writer()
         try:
             await db.open(path)
@@ -217,41 +132,59 @@ class HubStore:
             await db.close()
             raise storage_error("open hub database", exc) from exc
 
-        def setup(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int], dict]:
+        def setup(conn: sqlite3.Connection) -> dict:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(SCHEMA_SQL)
-            anchor.migrate(conn)
-            # A database from before rejection_counts: count what its rejections table holds.
-            conn.execute("INSERT INTO rejection_counts(reason, count) SELECT reason, COUNT(*) FROM rejections"
-                         " WHERE NOT EXISTS (SELECT 1 FROM rejection_counts) GROUP BY reason")
-            known = set(store_ids) | {r[0] for r in conn.execute("SELECT store_id FROM stores")}
+            migrations.migrate_sqlite(conn)
+            held = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT store_id, ack_rev, incarnation FROM stores")}
+            known = store_ids | set(held)
             max_held = dict(conn.execute("SELECT store_id, MAX(seq) FROM events GROUP BY store_id"))
             # Every event in the prefix held at the last commit was chain-checked (or taken as
             # unanchored) when the ack first covered it: only the hash at its end is needed.
             acked = {store_id: _walk(conn, store_id, 0) for store_id in sorted(known)}
-            return acked, max_held, {s: anchor.hash_at(conn, s, a) for s, a in acked.items()}
+            return {"acked": acked, "max": max_held,
+                    "hash": {s: anchor.hash_at(conn, s, a) for s, a in acked.items()},
+                    "rev": {s: r[0] for s, r in held.items()}, "inc": {s: r[1] for s, r in held.items()}}
 
         try:
-            acked, max_held, held_hash = await db.call(setup, db.conn)
+            state = await db.call(setup, db.conn)
         except sqlite3.Error as exc:
             await db.close()
             raise storage_error("set up hub database", exc) from exc
-        return cls(path, db, acked, max_held, rejections_kept, held_hash)
+        return cls(path, db, state, rejections_kept)
 
-    def acked(self, store_id: str) -> int:
-        """Return the store's contiguous prefix (0 when nothing is held)."""
+    # ------------------------------------------------------------------ acks
+
+    def acked_now(self, store_id: str) -> int:
+        """The store's contiguous prefix (0 when nothing is held), without waiting."""
         return self._acked.get(store_id, 0)
+
+    async def acked(self, store_id: str) -> int:
+        return self._acked.get(store_id, 0)
+
+    def _state(self, store_id: str) -> AckState:
+        return AckState(self._acked.get(store_id, 0), self._rev.get(store_id, 0), self._epoch)
+
+    async def ack_state(self, store_id: str) -> AckState:
+        return self._state(store_id)
+
+    async def ack_states(self, store_ids: Iterable[str]) -> dict[str, AckState]:
+        return {store_id: self._state(store_id) for store_id in store_ids}
+
+    async def epoch(self) -> str:
+        return self._epoch
 
     def acked_all(self) -> dict[str, int]:
         return dict(self._acked)
 
     def held_hash(self, store_id: str) -> bytes | None:
         """Return the hub's chain hash at the store's ack (GENESIS at 0, None when not known)."""
-        return self._hash.get(store_id, chain.GENESIS if self.acked(store_id) == 0 else None)
+        return self._hash.get(store_id, chain.GENESIS if self.acked_now(store_id) == 0 else None)
 
-    async def write(self, items: list[Incoming | Rejection], now: str) -> list[IngestResult | None]:
+    # ---------------------------------------------------------------- ingest
+
+    async def write(self, items: list[Incoming | Rejection], now: str) -> WriteResults:
         """Store a group of batches and rejections in one transaction; return one result each.
 
         Idempotent: a batch stored again only counts duplicates. The in-memory ack
@@ -269,19 +202,23 @@ class HubStore:
             return out
 
         try:
-            results, acked, max_held, held = await self._db.call(run, self._db.conn)
+            results, acked, max_held, held, revs, incs = await self._db.call(run, self._db.conn)
         except sqlite3.Error as exc:
             raise storage_error("store events", exc) from exc
         self._acked.update(acked)
         self._max.update(max_held)
         self._hash.update(held)
-        return results
+        self._rev.update(revs)
+        self._inc.update(incs)
+        named = {i.store_id for i in items if isinstance(i, Incoming) or (i.restate_ack and i.store_id)}
+        return WriteResults(results, {store_id: self._state(store_id) for store_id in named})
 
     def _write(self, conn: sqlite3.Connection, items, now: str):
         results: list[IngestResult | None] = []
         acked: dict[str, int] = {}
         max_held: dict[str, int] = {}
         held: dict[str, bytes | None] = {}
+        incs: dict[str, int | None] = {}
         counts: dict[str, list[int]] = {}  # store -> [unanchored batches, chain breaks] in this group
         walk: dict[str, IngestResult] = {}  # store -> its last result in the group, walked at the end
         new_events: dict[str, list] = {}
@@ -296,8 +233,15 @@ class HubStore:
             ack = acked.setdefault(store_id, self._acked.get(store_id, 0))
             top = max_held.setdefault(store_id, self._max.get(store_id, 0))
             known = held.setdefault(store_id, self.held_hash(store_id))
+            inc = incs.setdefault(store_id, self._inc.get(store_id))
             count = counts.setdefault(store_id, [0, 0])
             first, last = item.events[0][0].seq, item.events[-1][0].seq
+            if item.incarnation is not None and inc is not None and item.incarnation < inc:
+                detail = stale_detail(first, last, item.incarnation, inc)
+                self._reject(conn, now, item.topic, store_id, "stale_incarnation", detail)
+                rejected += 1
+                results.append(IngestResult(stale_incarnation=detail))
+                continue
             if item.hashes is not None:
                 broken = anchor.check(conn, store_id, first, item.prev_hash, item.hashes, ack, known)
                 if broken is not None:  # refused whole: nothing stored, the ack stays
@@ -308,6 +252,8 @@ class HubStore:
                     continue
             else:
                 count[0] += 1
+            if item.incarnation is not None:
+                incs[store_id] = item.incarnation
             fast = top == ack and first <= ack + 1 and store_id not in walk
             result, last_hash = self._ingest(conn, item, now, fresh=first > top, known=known if fast else None)
             result.unanchored = item.hashes is None
@@ -320,14 +266,19 @@ class HubStore:
             else:
                 walk[store_id] = result
         # Once per store for the whole group: a hook can fold a hot SKU's events into one row write.
+        pending = 0
         for store_id, stored in new_events.items():
-            for hook in self.ingest_hooks:
-                hook(conn, store_id, stored)
+            if stored:
+                for hook in self.ingest_hooks:
+                    pending += apply_hook_output(conn, store_id, hook(store_id, stored))
+        if pending and self.pending_fold is not None:
+            limit, fold = self.pending_fold
+            if conn.execute("SELECT COUNT(*) FROM hub_stock_pending").fetchone()[0] >= limit:
+                fold(conn)
         for store_id, result in walk.items():
             acked[store_id], held[store_id], broken_at = anchor.walk(conn, store_id, acked[store_id], held[store_id])
             if broken_at is not None:
-                result.chain_broken = (f"the event held at seq {broken_at} (after a gap) does not continue the"
-                                       f" chain at seq {broken_at - 1}: the ack stays at {acked[store_id]}")
+                result.chain_broken = walk_broken_detail(broken_at, acked[store_id])
                 self._reject(conn, now, result_topic(items, store_id), store_id, "chain_broken", result.chain_broken)
                 rejected += 1
                 counts[store_id][1] += 1
@@ -335,14 +286,18 @@ class HubStore:
             # Ids only grow (the newest row is never deleted), so this keeps the newest rows.
             conn.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
                          (self.rejections_kept,))
+        revs: dict[str, int] = {}
         for store_id, seq in acked.items():
             unanchored, breaks = counts.get(store_id, (0, 0))
-            conn.execute("INSERT INTO stores(store_id, acked_seq, updated_at, unanchored, chain_breaks)"
-                         " VALUES (?,?,?,?,?) ON CONFLICT(store_id) DO UPDATE SET acked_seq = excluded.acked_seq,"
-                         " updated_at = excluded.updated_at, unanchored = unanchored + excluded.unanchored,"
-                         " chain_breaks = chain_breaks + excluded.chain_breaks",
-                         (store_id, seq, now, unanchored, breaks))
-        return results, acked, max_held, held
+            rev = revs[store_id] = self._rev.get(store_id, 0) + (seq != self._acked.get(store_id, 0))
+            conn.execute("INSERT INTO stores(store_id, acked_seq, updated_at, unanchored, chain_breaks, incarnation,"
+                         " ack_rev) VALUES (?,?,?,?,?,?,?) ON CONFLICT(store_id) DO UPDATE SET"
+                         " acked_seq = excluded.acked_seq, updated_at = excluded.updated_at,"
+                         " unanchored = unanchored + excluded.unanchored,"
+                         " chain_breaks = chain_breaks + excluded.chain_breaks,"
+                         " incarnation = excluded.incarnation, ack_rev = excluded.ack_rev",
+                         (store_id, seq, now, unanchored, breaks, incs.get(store_id), rev))
+        return results, acked, max_held, held, revs, incs
 
     @staticmethod
     def _reject(conn: sqlite3.Connection, now: str, topic: str, store_id: str | None, reason: str,
@@ -408,8 +363,87 @@ class HubStore:
         except sqlite3.Error as exc:
             raise storage_error("hub write", exc) from exc
 
+    # ----------------------------------------------------------------- reads
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the read-only connection's own thread (never the writer's)."""
+        if self._reader is None:
+            reader = _Writer()
+            reader.conn = await reader.call(open_readonly, self.path, f"no hub database at {self.path}")
+            self._reader = reader
+        try:
+            return await self._reader.call(fn, self._reader.conn)
+        except sqlite3.Error as exc:
+            raise storage_error("read hub database", exc) from exc
+
+    async def events_after(self, store_id: str, after_seq: int, limit: int
+                           ) -> list[tuple[int, bytes, bytes | None]]:
+        """Up to `limit` (seq, raw body, the hub's chain hash or None) after `after_seq`, in seq order."""
+        return await self._read(lambda conn: [(seq, bytes(body), bytes(h) if h is not None else None)
+                                              for seq, body, h in conn.execute(
+            "SELECT seq, body, hash FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (store_id, after_seq, limit))])
+
+    async def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> AsyncIterator[bytes]:
+        while True:
+            rows = await self.events_after(store_id, after_seq, chunk)
+            if not rows:
+                return
+            for _, body, _ in rows:
+                yield body
+            after_seq = rows[-1][0]
+
+    async def stats(self) -> dict:
+        from sync.hub.reader import stats_of
+
+        return await self._read(stats_of)
+
+    async def store_rows(self) -> list[dict]:
+        def rows(conn: sqlite3.Connection) -> list[dict]:
+            held = {s: (n, m) for s, n, m in conn.execute(
+                "SELECT store_id, COUNT(*), MAX(seq) FROM events GROUP BY store_id")}
+            conflicts = dict(conn.execute("SELECT store_id, COUNT(*) FROM conflicts GROUP BY store_id"))
+            out = []
+            for store_id, acked, rev, inc, updated in conn.execute(
+                    "SELECT store_id, acked_seq, ack_rev, incarnation, updated_at FROM stores ORDER BY store_id"):
+                out.append({"store_id": store_id, "acked_seq": acked, "max_seq": held.get(store_id, (0, 0))[1],
+                            "events": held.get(store_id, (0, 0))[0], "rev": rev, "incarnation": inc,
+                            "updated_at": updated, "conflicts": conflicts.get(store_id, 0)})
+            return out
+
+        return await self._read(rows)
+
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         await self._db.close()
+
+
+HubStore = SqliteStorage  # the name it had before there were two engines
+
+
+def stale_detail(first: int, last: int, sent: int, held: int) -> str:
+    return (f"seqs {first}..{last} come from incarnation {sent} of the store's log;"
+            f" the hub holds incarnation {held}")
+
+
+def walk_broken_detail(broken_at: int, acked: int) -> str:
+    return (f"the event held at seq {broken_at} (after a gap) does not continue the"
+            f" chain at seq {broken_at - 1}: the ack stays at {acked}")
+
+
+def apply_hook_output(conn: sqlite3.Connection, store_id: str, out) -> int:
+    """Write an ingest hook's answer (sync/hub/storage.py); return the pending rows inserted."""
+    if out is None:
+        return 0
+    if isinstance(out, (bytes, bytearray)):
+        conn.execute("INSERT INTO hub_stock_pending(store_id, deltas) VALUES (?, ?)", (store_id, out))
+        return 1
+    for upsert in out:
+        if upsert.rows:
+            conn.executemany(upsert.sql("?"), upsert.rows)
+    return 0
 
 
 # Kept importable from here: the hub's jobs and CLI import it with the store.
