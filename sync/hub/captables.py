@@ -1,6 +1,7 @@
 """The hub's cap tables: caps as set, each store's cap use by local day, allowances published (SQL).
 
-Every function takes a sqlite3 connection inside the caller's transaction.
+Every function takes a connection inside the caller's transaction (sqlite3, or a
+`sync.hub.sqlcompat.PgConn` on PostgreSQL: the same SQL; `PG_SCHEMA` is its DDL).
 
 * `caps`: one row per (sku, origin). Origin "file" rows come from `[caps] path`, "mqtt"
   rows from `P/caps/{sku}`; a SKU's MQTT cap overrides its file cap (`effective_caps`).
@@ -22,6 +23,8 @@ from typing import Callable, Iterable, Mapping
 
 from agent.events import EventDecodeError, ReservationReleased, Reserved, Sold, decode_event
 from sync.hub import caps as capcore
+from sync.hub import sqlcompat
+from sync.hub.migrations import Migration
 from sync.hub.storage import Upsert
 
 log = logging.getLogger("edge_hub.caps")
@@ -64,13 +67,20 @@ SCHEMA = [
 ]
 
 
+_FEEDS_LOCK = 0x6564_6765_0002  # feeds.FEEDS_LOCK: caps are written like the other feeds
+
+PG_SCHEMA = [sqlcompat.pg_ddl(s, bigint=("updated_ms", "version")) for s in SCHEMA]
+POSTGRES_MIGRATIONS = [Migration(120, "caps, cap_sold, cap_reserved, cap_grants", PG_SCHEMA)]
+
+
 def setup(conn: sqlite3.Connection, day_of: Callable[[str, str], str]) -> int:
     """Create the tables; the first time, fold every held event into the day buckets.
 
     `day_of(store_id, recorded_at)` returns the event's local date. Returns events folded.
     """
-    for statement in SCHEMA:
-        conn.execute(statement)
+    from sync.hub.projection import create_tables
+
+    create_tables(conn, SCHEMA)
     if conn.execute("SELECT 1 FROM hub_meta WHERE key = 'cap_usage'").fetchone():
         return 0
     folded = 0
@@ -156,6 +166,7 @@ def used(conn: sqlite3.Connection, store_id: str, sku: str, first_day: str, afte
 
 def set_cap(conn: sqlite3.Connection, cap: capcore.Cap, origin: str, now_ms: int) -> bool:
     """Set a SKU's cap of an origin; return whether anything changed."""
+    sqlcompat.xact_lock(conn, _FEEDS_LOCK)
     row = (cap.limit, cap.period, cap.scope, cap.store_id)
     held = conn.execute("SELECT cap_limit, period, scope, store_id FROM caps WHERE sku = ? AND origin = ?",
                         (cap.sku, origin)).fetchone()
@@ -170,6 +181,7 @@ def set_cap(conn: sqlite3.Connection, cap: capcore.Cap, origin: str, now_ms: int
 
 def clear_cap(conn: sqlite3.Connection, sku: str, origin: str) -> bool:
     """Clear a SKU's cap of an origin; with no cap left, forget its allowance history. Return whether it held one."""
+    sqlcompat.xact_lock(conn, _FEEDS_LOCK)
     gone = conn.execute("DELETE FROM caps WHERE sku = ? AND origin = ?", (sku, origin)).rowcount > 0
     if gone and conn.execute("SELECT 1 FROM caps WHERE sku = ?", (sku,)).fetchone() is None:
         conn.execute("DELETE FROM cap_grants WHERE sku = ?", (sku,))
@@ -218,7 +230,8 @@ def record_grants(conn: sqlite3.Connection, store_id: str, version: int, grants:
     Rows older than the one in force at the store's `confirmed` version are dropped: they
     can no longer be acted on.
     """
-    conn.executemany("INSERT OR REPLACE INTO cap_grants(sku, store_id, version, allowance) VALUES (?,?,?,?)",
+    conn.executemany("INSERT INTO cap_grants(sku, store_id, version, allowance) VALUES (?,?,?,?)"
+                     " ON CONFLICT(sku, store_id, version) DO UPDATE SET allowance = excluded.allowance",
                      [(sku, store_id, version, allowance) for sku, allowance in grants.items()])
     if confirmed is not None:
         conn.execute("DELETE FROM cap_grants WHERE store_id = ? AND version < (SELECT MAX(g.version)"

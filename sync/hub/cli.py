@@ -7,6 +7,7 @@
     edge-hub caps clear SKU                     publish (retained) to P/caps/{sku}; the hub applies it
     edge-hub caps list                          the caps the hub holds and the allowances it sent (JSON lines)
     edge-hub epoch [--new]                      the hub record's epoch; --new after restoring PostgreSQL in place
+    edge-hub replay --store ID [--from SEQ]     recompute the store's projection rows from its held events
 
 `caps set` and `caps clear` publish to the caps feed and return once the broker has it:
 the running hub stays the only writer of hub.db (`caps list` reads it read-only). A cap
@@ -186,6 +187,15 @@ def cmd_epoch(args: argparse.Namespace, cfg: HubConfig) -> int:
 
     epoch = _on_postgres(cfg, lambda storage: storage.new_epoch() if args.new else storage.epoch())
     print(json.dumps({"engine": "postgresql", "epoch": epoch, "new": bool(args.new)}))
+def cmd_replay(args: argparse.Namespace, cfg: HubConfig) -> int:
+    from sync.hub.replay import ReplayError, replay
+
+    try:
+        out = replay(cfg, args.store, args.from_seq)
+    except ReplayError as exc:
+        print(f"edge-hub: replay: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, sort_keys=True))
     return 0
 
 
@@ -218,10 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     epoch = sub.add_parser("epoch", parents=[after], help="print the hub record's epoch (JSON)")
     epoch.add_argument("--new", action="store_true",
                        help="replace it (PostgreSQL restored in place: stores must not trust older acks)")
+    replay = sub.add_parser("replay", parents=[after], help="recompute a store's projection rows from its events")
+    replay.add_argument("--store", required=True, help="store id")
+    replay.add_argument("--from", dest="from_seq", type=int, default=1,
+                        help="rebuild the SKUs that events from this seq on touch (default 1: every row)")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps, "epoch": cmd_epoch}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "stats": cmd_stats, "caps": cmd_caps, "epoch": cmd_epoch,
+            "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

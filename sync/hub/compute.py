@@ -1,6 +1,8 @@
 """Build the due snapshots from one read transaction of the hub's database (runs off the loop).
 
-`compute(plan, previous, force, now)` opens its own read-only connection, reads the stock
+`compute(plan, previous, force, now)` opens its own read-only connection (SQLite: the
+file read-only; PostgreSQL, `plan.url`: a connection of its own in a REPEATABLE READ READ
+ONLY transaction, so the view is one snapshot on either engine), reads the stock
 projection, the configured sources' lists, the open orders' claims, the caps with each
 capped store's use this period and the chain caps' allowance history, all in one
 transaction, then builds every store's items and the snapshot's sources table
@@ -22,18 +24,27 @@ from common import clock
 from common.sqlite import open_readonly
 from sync import protocol
 from sync.hub import availability as av
-from sync.hub import captables, feeds, projection
+from sync.hub import captables, feeds, projection, sqlcompat
 from sync.hub import caps as capcore
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What stays the same between runs: the database, regions, stores' zones and the sources."""
+    """What stays the same between runs: the database, regions, stores' zones and the sources.
 
-    db_path: Path
+    `url`: a PostgreSQL URL (the hub's `storage.url`); empty: the SQLite file `db_path`.
+    """
+
+    db_path: Path | None
     regions: dict[str, list[str]]
     zones: Mapping[str, tzinfo]
     sources: list[av.Source] = field(default_factory=list)
+    url: str = ""
+
+    def open_read(self):
+        if self.url:
+            return sqlcompat.connect(self.url, "edge-hub-compute")
+        return open_readonly(self.db_path, f"no hub database at {self.db_path}")
 
     @property
     def stores(self) -> list[str]:
@@ -44,9 +55,9 @@ def compute(plan: Plan, previous: Mapping[str, av.Published], force: set[str], n
             refresh_ms: int, confirmed: Mapping[str, int] | None = None) -> list[av.Snapshot]:
     """Return the due snapshots (see the module docstring). `confirmed`: store -> snapshot version it holds."""
     now_ms = int(now * 1000)
-    conn = open_readonly(plan.db_path, f"no hub database at {plan.db_path}")
+    conn = plan.open_read()
     try:
-        conn.execute("BEGIN")  # one consistent view of stock, feeds, orders and caps
+        conn.execute(sqlcompat.read_transaction(conn))  # one consistent view of stock, feeds, orders and caps
         available = projection.available_by_store(conn)
         stock, updated_ms = feeds.source_stock(conn, [s.source_id for s in plan.sources])
         claims = feeds.open_claims(conn)

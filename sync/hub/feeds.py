@@ -1,7 +1,14 @@
 """The hub's external feed tables: source stock lists and open orders (SQL only).
 
-Every function takes a sqlite3 connection inside the caller's transaction (`HubStore.run`
-for writes; the snapshot computation's read transaction for reads).
+Every function takes a connection inside the caller's transaction (`HubStore.run`
+for writes; the snapshot computation's read transaction for reads): sqlite3, or a
+`sync.hub.sqlcompat.PgConn` on PostgreSQL (the same SQL; `PG_SCHEMA` is its DDL).
+
+With several hub workers on one PostgreSQL every worker receives every feed message and
+applies it (each write is idempotent: a version that is not newer, an order state
+already held, a cap already set change nothing), one worker at a time (`FEEDS_LOCK`, a
+transaction advisory lock), so a message is applied while any worker runs, not only
+while a leader does.
 
 * `source_stock` / `source_feeds`: each configured source's latest list, its version and
   when the hub accepted it (`updated_at_ms`). A hub database from before sources (tables
@@ -16,6 +23,9 @@ from __future__ import annotations
 
 import sqlite3
 from typing import Iterable
+
+from sync.hub import sqlcompat
+from sync.hub.migrations import Migration
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS source_stock (
@@ -42,13 +52,21 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS orders_open ON orders(state) WHERE state = 'open'",
 ]
 
+PG_SCHEMA = [sqlcompat.pg_ddl(s, bigint=("version", "updated_at_ms", "updated_ms")) for s in SCHEMA]
+POSTGRES_MIGRATIONS = [Migration(110, "source_stock, source_feeds, orders", PG_SCHEMA)]
+
 CLOSED = ("fulfilled", "cancelled")
+
+FEEDS_LOCK = 0x6564_6765_0002  # advisory lock: one worker at a time writes sources, orders and caps
 
 
 def setup(conn: sqlite3.Connection) -> int:
     """Create the tables; move a pre-sources database's warehouse feeds over. Returns rows moved."""
-    for statement in SCHEMA:
-        conn.execute(statement)
+    from sync.hub.projection import create_tables
+
+    create_tables(conn, SCHEMA)
+    if sqlcompat.is_pg(conn):
+        return 0  # the warehouse tables predate PostgreSQL storage
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "warehouse_feeds" not in tables:
         return 0
@@ -64,11 +82,13 @@ def setup(conn: sqlite3.Connection) -> int:
 def replace_source(conn: sqlite3.Connection, source_id: str, version: int, items: list[tuple[str, int]],
                    now_ms: int) -> bool:
     """Replace a source's list with a feed if its version is newer; return whether it did."""
+    sqlcompat.xact_lock(conn, FEEDS_LOCK)
     held = conn.execute("SELECT version FROM source_feeds WHERE source_id = ?", (source_id,)).fetchone()
     if held is not None and version <= held[0]:
         return False
     conn.execute("DELETE FROM source_stock WHERE source_id = ?", (source_id,))
-    conn.executemany("INSERT OR REPLACE INTO source_stock(source_id, sku, available) VALUES (?,?,?)",
+    conn.executemany("INSERT INTO source_stock(source_id, sku, available) VALUES (?,?,?)"
+                     " ON CONFLICT(source_id, sku) DO UPDATE SET available = excluded.available",
                      [(source_id, sku, qty) for sku, qty in items])
     conn.execute("INSERT INTO source_feeds(source_id, version, items, updated_at_ms) VALUES (?,?,?,?)"
                  " ON CONFLICT(source_id) DO UPDATE SET version = excluded.version, items = excluded.items,"
@@ -99,6 +119,7 @@ def apply_orders(conn: sqlite3.Connection, source_id: str, orders: list[tuple[st
     cancelled) is never reopened: an "open" for it is ignored. The same order sent twice
     changes nothing the second time.
     """
+    sqlcompat.xact_lock(conn, FEEDS_LOCK)
     applied = ignored = 0
     for order_id, sku, qty, state in orders:
         held = conn.execute("SELECT sku, qty, state FROM orders WHERE source_id = ? AND order_id = ?",

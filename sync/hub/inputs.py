@@ -14,6 +14,10 @@ source of kind warehouse); the orders topic takes a configured source id or "onl
 Reasons: `source_undecodable`, `source_invalid`, `source_unconfigured`,
 `orders_undecodable`, `orders_invalid`, `orders_unconfigured`, `cap_undecodable`,
 `cap_invalid`, `caps_file_invalid`.
+
+With several workers on PostgreSQL each worker receives and applies every feed message
+(sync/hub/feeds.py); a refusal is counted in each worker's memory but recorded in the
+database by the leader alone (`leads`), so `rejection_counts` counts it once.
 """
 
 from __future__ import annotations
@@ -139,9 +143,11 @@ def read_caps_file(path: str, stores) -> list[capcore.Cap]:
 class FeedInputs:
     """Validates and stores the hub's external feeds for one HubService."""
 
-    def __init__(self, service, now: Callable[[], float] = time.time, changed: Callable[[], None] = lambda: None):
+    def __init__(self, service, now: Callable[[], float] = time.time, changed: Callable[[], None] = lambda: None,
+                 db=None):
         self.service = service
         self.store = service.store
+        self.db = db if db is not None else service.store  # where feed writes run (`run(fn)`)
         self.prefix = service.prefix
         self.counters = service.counters
         self._now = now
@@ -149,12 +155,14 @@ class FeedInputs:
         self.sources = {s.id: s for s in service.config.sources}
         self.caps_path = service.config.caps.path
         self._caps_file_seen: tuple | None = None
+        self.leads: Callable[[], bool] = lambda: True  # whether this worker records refusals (the leader)
 
     async def refuse(self, topic: str, exc: Refused) -> None:
         """Count (memory and hub.db) and log a refused feed message; nothing else changes."""
         self.counters[exc.reason] += 1
         self.service.refusals.refused(None, exc.reason, topic, exc.detail)
-        await self.store.write([Rejection(topic, None, exc.reason, exc.detail)], clock.rfc3339(self._now()))
+        if self.leads():
+            await self.store.write([Rejection(topic, None, exc.reason, exc.detail)], clock.rfc3339(self._now()))
 
     # ---------------------------------------------------------------- stock
 
@@ -186,7 +194,7 @@ class FeedInputs:
             raise Refused("source_unconfigured", f"source {topic_id!r} is a {source.kind}, not a warehouse")
         items = check_stock(feed, topic_id, id_field)
         now_ms = int(self._now() * 1000)
-        if await self.store.run(lambda conn: feeds.replace_source(conn, topic_id, feed.version, items, now_ms)):
+        if await self.db.run(lambda conn: feeds.replace_source(conn, topic_id, feed.version, items, now_ms)):
             self.counters["source_applied"] += 1
             log.info("hub: source %s feed %d (%d items)", topic_id, feed.version, len(items))
             self._changed()
@@ -207,7 +215,7 @@ class FeedInputs:
             await self.refuse(message.topic, exc)
             return
         now_ms = int(self._now() * 1000)
-        applied, ignored = await self.store.run(lambda conn: feeds.apply_orders(conn, source_id, orders, now_ms))
+        applied, ignored = await self.db.run(lambda conn: feeds.apply_orders(conn, source_id, orders, now_ms))
         self.counters["orders_applied"] += applied
         self.counters["orders_unchanged"] += ignored
         log.info("hub: orders for %s: %d applied, %d unchanged or closed", source_id, applied, ignored)
@@ -224,7 +232,7 @@ class FeedInputs:
             if sku is None or not _SKU.match(sku):
                 raise Refused("cap_invalid", f"sku: the topic's {sku!r} is not a valid SKU")
             if not message.payload:
-                if await self.store.run(lambda conn: captables.clear_cap(conn, sku, "mqtt")):
+                if await self.db.run(lambda conn: captables.clear_cap(conn, sku, "mqtt")):
                     log.info("hub: cap on %s cleared", sku)
                     self._changed()
                 return
@@ -232,7 +240,7 @@ class FeedInputs:
         except Refused as exc:
             await self.refuse(message.topic, exc)
             return
-        if await self.store.run(lambda conn: captables.set_cap(conn, cap, "mqtt", now_ms)):
+        if await self.db.run(lambda conn: captables.set_cap(conn, cap, "mqtt", now_ms)):
             self.counters["caps_set"] += 1
             log.info("hub: cap on %s: %d per %s (%s%s)", cap.sku, cap.limit, cap.period, cap.scope,
                      f" {cap.store_id}" if cap.store_id else "")
@@ -260,7 +268,7 @@ class FeedInputs:
             await self.refuse(self.caps_path, refusal)
             return False
         now_ms = int(self._now() * 1000)
-        changed = await self.store.run(lambda conn: captables.replace_file_caps(conn, caps, now_ms))
+        changed = await self.db.run(lambda conn: captables.replace_file_caps(conn, caps, now_ms))
         log.info("hub: caps file %s: %d caps, %d changed", self.caps_path, len(caps), changed)
         if changed:
             self._changed()

@@ -20,6 +20,12 @@ counted as promised before any store can see it, even after a crash between the 
 steps; a store whose publish failed, and every store after a (re)connect (a broker
 restart may lose retained messages), is forced due on the next run.
 
+Only the leader (sync/hub/leader.py: on SQLite the one hub process, on PostgreSQL the
+worker holding the advisory lock) folds the pending rows, computes, persists and
+publishes; the other workers' runs do nothing. A version write is fenced
+(`projection.record_published`): a worker deposed meanwhile writes nothing and publishes
+nothing. A worker that becomes the leader forces every store due and republishes the catalog.
+
 A store's retained status may carry `snapshot_version` (the snapshot it holds) and
 `last_seq`: once the hub holds that store's events up to `last_seq`, allowances
 published before that version no longer count as in force (sync/hub/caps.py).
@@ -46,10 +52,11 @@ from common.aio import wait_for
 from agent.events import SKU_PATTERN
 from sync import protocol
 from sync.hub import availability as av
-from sync.hub import captables, feeds, projection
+from sync.hub import captables, feeds, projection, sqlcompat
 from sync.hub import caps as capcore
 from sync.hub.compute import Plan, compute
 from sync.hub.inputs import FeedInputs
+from sync.hub.leader import leader_for
 from sync.hub.settings import zones
 
 log = logging.getLogger("edge_hub.availability")
@@ -71,7 +78,8 @@ _status_caps_decoder = msgspec.json.Decoder(_StatusCaps)
 class AvailabilityPublisher:
     """Publishes each store's availability snapshot and the catalog for one HubService."""
 
-    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float | None = None):
+    def __init__(self, service, now: Callable[[], float] = time.time, refresh_s: float | None = None,
+                 leader=None):
         self.service = service
         self.store = service.store
         self.mqtt = service.mqtt
@@ -82,9 +90,17 @@ class AvailabilityPublisher:
         self._now = now
         self._regions = av.regions_of((s.id, s.region) for s in self.config.stores)
         self.zones = zones(self.config)
-        self.plan = Plan(self.store.path, self._regions, self.zones, [
-            av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources])
-        self.inputs = FeedInputs(service, now)
+        url = getattr(self.config.storage, "url", "") or ""
+        self.leader = leader if leader is not None else leader_for(
+            url, name=f"edge-hub-{self.config.hub.id}-{getattr(self.config.hub, 'worker', 0)}-leader")
+        # The availability modules' transactions: the SQLite store's writer, or on PostgreSQL
+        # a sync connection of their own (sqlcompat.PgRunner).
+        self.db = sqlcompat.runner_for(self.store, url)
+        self.plan = Plan(getattr(self.store, "path", None), self._regions, self.zones, [
+            av.Source(s.id, s.display_name, s.kind, s.lead_time_s, s.stale_after_s) for s in self.config.sources],
+            url=url)
+        self.inputs = FeedInputs(service, now, db=self.db)
+        self.inputs.leads = lambda: self.leader.is_leader
         self._day_cache: dict[tuple[str, str], str] = {}
         self.confirmed: dict[str, int] = {}                    # store -> snapshot version it holds (events held)
         self._confirming: dict[str, tuple[int, int]] = {}      # store -> (version, last_seq) not yet held
@@ -101,13 +117,13 @@ class AvailabilityPublisher:
     async def attach(cls, service, **kwargs) -> "AvailabilityPublisher":
         """Set up tables and hooks on a not-yet-running service; see the module docstring."""
         self = cls(service, **kwargs)
-        folded = await self.store.run(projection.setup)
+        folded = await self.db.run(projection.setup)
         if folded:
             log.info("hub: built the availability projection from %d held events", folded)
-        moved = await self.store.run(feeds.setup)
+        moved = await self.db.run(feeds.setup)
         if moved:
             log.info("hub: moved %d warehouse feed rows to the source tables", moved)
-        folded = await self.store.run(lambda conn: captables.setup(conn, self.day_of))
+        folded = await self.db.run(lambda conn: captables.setup(conn, self.day_of))
         if folded:
             log.info("hub: built the cap use from %d held events", folded)
         self.store.ingest_hooks.append(projection.pending_deltas)
@@ -123,6 +139,8 @@ class AvailabilityPublisher:
         self.mqtt.on_connection_change(self._connection_changed)
         await self.inputs.load_caps_file()
         await self.load_catalog()
+        self.leader.on_change(self._leader_changed)
+        service.jobs.append(self.leader.run)
         service.jobs.append(self.run)
         return self
 
@@ -186,15 +204,15 @@ class AvailabilityPublisher:
                 projection.set_meta(conn, "catalog_digest", digest)
             return version
 
-        self.catalog_version = await self.store.run(bump)
+        self.catalog_version = await self.db.run(bump)
         self._catalog_payload = b'{"v":1,"version":%d,"items":%s}' % (self.catalog_version, body)
         log.info("hub: catalog %s: version %d, %d items", path, self.catalog_version, len(rows))
 
     # ---------------------------------------------------------------- outputs
 
     async def publish_catalog(self) -> None:
-        """Publish the catalog retained (again); agents ignore a version they hold."""
-        if self._catalog_payload is None:
+        """Publish the catalog retained (again) if this worker leads; agents ignore a version they hold."""
+        if self._catalog_payload is None or not self.leader.is_leader:
             return
         await wait_for(self.mqtt.publish(protocol.catalog_topic(self.prefix), self._catalog_payload,
                                          qos=1, retain=True), PUBLISH_TIMEOUT_S)
@@ -202,9 +220,11 @@ class AvailabilityPublisher:
     async def publish_changed(self) -> list[av.Snapshot]:
         """The scheduled job: publish every store's snapshot that is due; return what was published."""
         async with self._lock:
+            if not self.leader.is_leader:
+                return []
             now = self._now()
             force, self._force = self._force, set()
-            previous = await self.store.run(_fold_and_read_published)
+            previous = await self.db.run(_fold_and_read_published)
             confirmed = await self._confirmed()
             started = time.perf_counter()
             snapshots = await asyncio.to_thread(
@@ -214,8 +234,15 @@ class AvailabilityPublisher:
                 log.info("hub: computed %d due snapshots of %d stores in %.3f s", len(snapshots),
                          len(self.service.store_ids), self.compute_s)
             out = []
+            fence = self.leader.fence()
             for snap in snapshots:
-                await self.store.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id)))
+                try:
+                    await self.db.run(lambda conn, s=snap: _record(conn, s, confirmed.get(s.store_id), fence))
+                except projection.Fenced as exc:  # deposed (or a newer version held): publish nothing more
+                    self.counters["availability_fenced"] += 1
+                    log.warning("hub: %s; this run stops", exc)
+                    self._force |= {s.store_id for s in snapshots}
+                    break
                 payload, content_type = snap.payload, None
                 if self.compresses(snap.store_id):
                     payload = await asyncio.to_thread(zlib.compress, snap.payload, 6)
@@ -251,6 +278,8 @@ class AvailabilityPublisher:
             await asyncio.Event().wait()
         finally:
             scheduler.shutdown(wait=False)
+            if self.db is not self.store:
+                self.db.close()
 
     async def _confirmed(self) -> dict[str, int]:
         """Promote a store's reported snapshot version once the hub holds its events up to then."""
@@ -270,11 +299,15 @@ class AvailabilityPublisher:
             self.counters["availability_job_failed"] += 1
             log.exception("hub: availability job failed")
 
+    def _leader_changed(self, leading: bool) -> None:
+        if leading:  # another worker led until now: republish everything from this one's view
+            self._connection_changed(True)
+
     def _connection_changed(self, up: bool) -> None:
         if not up:
             return
         self._force |= set(self.service.store_ids)
-        if self._catalog_payload is not None:
+        if self._catalog_payload is not None and self.leader.is_leader:
             task = asyncio.get_running_loop().create_task(self.publish_catalog())
             task.add_done_callback(_log_failure)
 
@@ -284,8 +317,9 @@ def _fold_and_read_published(conn: sqlite3.Connection) -> dict[str, av.Published
     return projection.published(conn)
 
 
-def _record(conn: sqlite3.Connection, snap: av.Snapshot, confirmed: int | None) -> None:
-    projection.record_published(conn, snap.store_id, snap.version, snap.digest, snap.generated_at_ms)
+def _record(conn: sqlite3.Connection, snap: av.Snapshot, confirmed: int | None,
+            fence: tuple[str, tuple] = ("1 = 1", ())) -> None:
+    projection.record_published(conn, snap.store_id, snap.version, snap.digest, snap.generated_at_ms, fence)
     if snap.grants:
         captables.record_grants(conn, snap.store_id, snap.version, snap.grants, confirmed)
 
