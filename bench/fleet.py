@@ -7,7 +7,7 @@ Each simulated store is the project's own sync code with a log of its own: an ev
 written by the agent's log (agent/log.py SqliteEventLog), a sync.db (sync/state.py), the
 read-only feed (sync/feed.py), the MQTT client (sync/mqtt.py) and the uplink
 (sync/uplink.py). Stores run in a few simulator processes (one asyncio loop each, about
-STORES_PER_SIM stores, one paho thread and one log writer thread per store) at normal
+STORES_PER_SIM (40) stores, one paho thread and one log writer thread per store) at normal
 priority; their files live on /dev/shm (the stores' disks are not what is measured). An
 append wakes the store's uplink at once (`poll_interval_s` is set to 1 s, so 500 stores
 do not poll their logs every 5 ms): ack latency is append -> hub's ack at the store, with
@@ -63,7 +63,10 @@ from bench.common import cpu_seconds, free_port, others_running  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CENTRAL = ["nice", "-n", "19"]
-STORES_PER_SIM = 125
+# paho's network loop uses select(), which cannot watch a descriptor above 1023, and a store
+# holds about 23 (its log's writer and reader, the feed, sync.db, each with WAL and shm;
+# the socket and paho's socket pair): so at most 40 stores per simulator process.
+STORES_PER_SIM = 40
 BURST = 200            # events per store in the burst phase
 OUTAGE_SHARE = 0.1     # 50 of 500 stores go offline
 WARM_S = 3.0
@@ -257,6 +260,10 @@ async def sim_main(port: int, ids: list[str], base: Path) -> None:
     raise_nofile()
     sim = Sim(port, ids, base)
     loop = asyncio.get_running_loop()
+    # Every store's log reads and sync.db writes go through asyncio.to_thread: one pool for
+    # the process's stores, sized for them (the default is cores + 4).
+    from concurrent.futures import ThreadPoolExecutor
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=min(64, 4 + len(ids))))
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
