@@ -532,7 +532,11 @@ def run_config(args, engine: str, workers: int, work: Path) -> dict:
         for h in hubs:
             h.send_signal(signal.SIGTERM)
         for h in hubs:
-            h.wait(60)
+            try:
+                h.wait(60)
+            except subprocess.TimeoutExpired:   # a niced hub still busy: the raw stage needs the cores
+                h.kill()
+                h.wait()
 
         batches = burst_batches(base, ids)
         raw = raw_pg(batches) if engine == "pg" else raw_sqlite(work / "raw.db", batches)
