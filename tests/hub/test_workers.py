@@ -1,7 +1,7 @@
 """Hub workers as real processes on one PostgreSQL, sharing the ingest, with real agents.
 
-Two workers share `$share/.../P/stores/+/events`; one of them is SIGKILLed again and
-again while the stores keep posting. Every event of every store ends at the hub exactly
+Two (and three) workers share `$share/.../P/stores/+/events`; one of them, the leader
+every other cycle, is SIGKILLed again and again while the stores keep posting. Every event of every store ends at the hub exactly
 once, no store's ack is ever above what the database holds, and the batches the dead
 worker took are resent by the stores after their (short) ack timeout.
 """
@@ -72,10 +72,11 @@ def local_socket(url: str) -> str:
     return re.sub(r"@[^/]+/", "@%2Fvar%2Frun%2Fpostgresql/", url, count=1)
 
 
-def test_two_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, broker, pg_url):
+@pytest.mark.parametrize("workers,cycles", [(2, CYCLES), (3, 6)], ids=["two-workers", "three-workers"])
+def test_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, broker, pg_url, workers, cycles):
     started = time.monotonic()
     pg_url = local_socket(pg_url)
-    hubs = [worker(tmp_path, broker, pg_url, n) for n in (1, 2)]
+    hubs = [worker(tmp_path, broker, pg_url, n) for n in range(1, workers + 1)]
     for hub, env in hubs:
         hub.start(env=env)
     agents = []
@@ -83,20 +84,23 @@ def test_two_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, 
         for store_id in STORES:   # one at a time: each picks its free API port as it starts
             agents.append(agent_for(tmp_path, broker, store_id))
             agents[-1].start()
-        for cycle in range(CYCLES):
+        for cycle in range(cycles):
             for agent in agents:
                 post_events(agent, 120)
-            victim, env = hubs[cycle % 2]
-            survivor_env = hubs[1 - cycle % 2][1]
             flags = [leading(e) for _, e in hubs]
             assert sum(f or 0 for f in flags) <= 1, f"cycle {cycle}: two snapshot publishers {flags}"
-            time.sleep(0.15)               # batches in flight at both workers
+            # Every other cycle the leader dies; the others, a worker that does not lead.
+            leader = next((i for i, f in enumerate(flags) if f == 1), 0)
+            index = leader if cycle % 2 == 0 else (leader + 1 + cycle // 2 % (workers - 1)) % workers
+            victim, env = hubs[index]
+            survivors = [e for i, (_, e) in enumerate(hubs) if i != index]
+            time.sleep(0.15)               # batches in flight at every worker
             victim.kill()
-            # The survivor leads within the lock's retry (2 s), generous margin for a loaded machine.
+            # A survivor leads within the lock's retry (2 s), generous margin for a loaded machine.
             deadline = time.monotonic() + 10
-            while leading(survivor_env) != 1:
-                assert time.monotonic() < deadline, (f"cycle {cycle}: no worker took over the lead"
-                                                     f" ({flags}, now {leading(survivor_env)})")
+            while sum(leading(e) or 0 for e in survivors) != 1:
+                assert time.monotonic() < deadline, (f"cycle {cycle}: no single survivor leads"
+                                                     f" ({flags}, now {[leading(e) for e in survivors]})")
                 time.sleep(0.1)
             for agent in agents:
                 post_events(agent, 60)
@@ -109,7 +113,7 @@ def test_two_workers_lose_nothing_while_one_is_killed_again_and_again(tmp_path, 
             status = wait_synced(agent, timeout=60)
             count, distinct, top, acked = held(pg_url)[agent.store_id]
             assert (count, distinct, top, acked) == (status["last_seq"],) * 4, agent.store_id
-            assert status["last_seq"] == CYCLES * 180
+            assert status["last_seq"] == cycles * 180
             assert status["rewinds"] == 0, "crossed acks of two workers must not rewind a store"
         resent = sum(sync_status(a)["resends"] for a in agents)
         assert resent >= 1, "the batches a killed worker took must come back through a resend"
