@@ -15,7 +15,8 @@ out the actions. Everything here is plain frozen data. The rules (docs/protocol.
   persisted with the cursor. An ack from another epoch (the hub's record was restored)
   or without the fields (an older hub) follows the rules above;
 * an ack above the highest seq known to exist (the log's end as last seen, or what was
-  sent) is an alarm: logged, counted, shown, never trusted (the cursor stays);
+  sent) is an alarm: logged, counted, shown, never trusted (the cursor stays), until an ack
+  the log covers arrives;
 * an ack equal to the cursor changes nothing (unless the cursor's write failed: then
   the write is asked for again);
 * a published batch that does not continue `sent_seq` (a resend or a rewind happened
@@ -209,7 +210,9 @@ def _ack(w: Window, ack: AckArrived, now: float) -> tuple[Window, list[Action]]:
         return replace(w, ack_alarms=w.ack_alarms + 1, alarm=text), [Alarm(text)]
     # Half a mark is no mark: an ack without both fields follows the rules of an older hub.
     epoch, rev = (ack.epoch, ack.rev) if ack.epoch is not None and ack.rev is not None else (None, None)
-    w = replace(w, epoch=epoch, rev=rev)
+    # A trusted ack ends an earlier "ack above the log" alarm (the log has since caught up,
+    # e.g. rehydrated from the hub).
+    w = replace(w, epoch=epoch, rev=rev, alarm=None)
     changed = seq != w.stored_seq or (epoch, rev) != (w.stored_epoch, w.stored_rev)
     store: list[Action] = [StoreCursor(seq, ack.at, epoch, rev)] if changed else []
     if seq == w.acked_seq:
