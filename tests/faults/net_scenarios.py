@@ -1,8 +1,9 @@
 """Issue 17 scenario 5: the store's WAN partitioned, lossy and slow, with figures.
 
-Each `run_*` builds its own world (namespaces, broker, hub, agent inside the store's
-namespace), writes through the fault, heals, checks the invariants and returns its
-figures; tests/faults/test_network.py runs them at CI sizes, bench/faults.py at bench sizes.
+Each `run_*` takes a `World` (namespaces, broker, hub, agent inside the store's namespace;
+one world serves several runs), writes through the fault, heals, checks the invariants
+and returns its figures; tests/faults/test_network.py runs them at CI sizes,
+bench/faults.py at bench sizes.
 
 The sync's link settings are a store operator's for a WAN (docs/reliability.md): MQTT
 keepalive 10 s (a dead link is noticed within two keepalives), ack timeout 5 s,
@@ -71,12 +72,16 @@ class World:
 
     def __init__(self, tmp_path: Path, **sync):
         self._stack = ExitStack()
-        self.net = self._stack.enter_context(StoreNetwork())
-        self.wan_port = free_port()
-        self.broker = self._stack.enter_context(Broker(
-            tmp_path / "broker", extra_conf=f"listener {self.wan_port} {self.net.broker_ip}\n"))
-        self.hub = self._stack.enter_context(HubProcess(tmp_path / "hub", self.broker))
-        self.agent = self._stack.enter_context(StoreAgent(tmp_path / "agent", self.net, self.wan_port, **sync))
+        try:
+            self.net = self._stack.enter_context(StoreNetwork())
+            self.wan_port = free_port()
+            self.broker = self._stack.enter_context(Broker(
+                tmp_path / "broker", extra_conf=f"listener {self.wan_port} {self.net.broker_ip}\n"))
+            self.hub = self._stack.enter_context(HubProcess(tmp_path / "hub", self.broker))
+            self.agent = self._stack.enter_context(StoreAgent(tmp_path / "agent", self.net, self.wan_port, **sync))
+        except BaseException:
+            self._stack.close()   # a half-built world leaves no namespace or route behind
+            raise
 
     def broker_connects(self) -> int:
         """CONNECTs the broker accepted from the store so far (its notice log)."""
@@ -106,7 +111,8 @@ def check(world: World, writer: PacedWriter, figures: Figures, verify: bool = Tr
     assert not lost, f"{len(lost)} acknowledged commands are not in the log: {sorted(lost.items())[:5]}"
     for path in (world.agent.db_path, world.agent.sync_db, world.hub.db_path):   # I6
         assert integrity(path) == "ok", path
-    figures.events_written = last
+    figures.events_written = writer.events_acked
+    figures.notes.append(f"log at seq {last}")
 
 
 def _drain(agent, timeout: float) -> float:
@@ -116,11 +122,11 @@ def _drain(agent, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def run_partition(tmp_path: Path, seconds: float = 30.0, cycles: int = 1, events_per_s: float = 200.0) -> Figures:
+def run_partition(world: World, seconds: float = 30.0, cycles: int = 1, events_per_s: float = 200.0) -> Figures:
     """A silent partition of `seconds` while writes go on; heal; measure; check."""
     figures = Figures("partition")
-    with World(tmp_path) as world:
-        agent, net = world.agent, world.net
+    agent, net = world.agent, world.net
+    try:
         with PacedWriter(agent, events_per_s) as writer:
             for _ in range(cycles):
                 time.sleep(1.0)   # writes flowing and acked before the cut
@@ -143,47 +149,51 @@ def run_partition(tmp_path: Path, seconds: float = 30.0, cycles: int = 1, events
                 figures.connect_attempts.append(attempts)
                 figures.broker_connects.append(world.broker_connects() - connects0)
                 figures.cycles += 1
-        check(world, writer, figures)
-        figures.notes.append(f"writes refused during the run: {writer.refused or 'none'}")
+    finally:
+        net.heal()
+    check(world, writer, figures)
+    figures.notes.append(f"writes refused during the run: {writer.refused or 'none'}")
     return figures
 
 
-def run_lossy(tmp_path: Path, percent: int = 20, seconds: float = 6.0, events_per_s: float = 200.0) -> Figures:
+def run_lossy(world: World, percent: int = 20, seconds: float = 4.0, events_per_s: float = 200.0) -> Figures:
     """`percent` % random drop on the WAN for `seconds` while writing; clear; check."""
     figures = Figures(f"lossy {percent}%")
-    with World(tmp_path) as world:
-        agent, net = world.agent, world.net
-        connects0 = world.broker_connects()
+    agent, net = world.agent, world.net
+    connects0, dropped0 = world.broker_connects(), net.dropped()
+    try:
         with PacedWriter(agent, events_per_s) as writer:
             net.lossy(percent)
             time.sleep(seconds)
-            dropped = net.dropped()
+            dropped = net.dropped() - dropped0
             lag = sync_status(agent)
             writer.stop()
             figures.drain_s.append(_drain(agent, 120))   # still lossy: TCP retransmits get it through
-            net.clear()
-        assert dropped > 0, "the lossy rule dropped nothing"
-        figures.broker_connects.append(world.broker_connects() - connects0)
-        figures.notes.append(f"packets dropped {dropped}; backlog when writes stopped {lag['backlog']}")
-        check(world, writer, figures)
-        figures.cycles = 1
+    finally:
+        net.clear()
+    assert dropped > 0, "the lossy rule dropped nothing"
+    figures.broker_connects.append(world.broker_connects() - connects0)
+    figures.notes.append(f"packets dropped {dropped}; backlog when writes stopped {lag['backlog']}")
+    check(world, writer, figures)
+    figures.cycles = 1
     return figures
 
 
-def run_slow(tmp_path: Path, rate: str = "256kbit", seconds: float = 4.0, events_per_s: float = 300.0) -> Figures:
+def run_slow(world: World, rate: str = "256kbit", seconds: float = 3.0, events_per_s: float = 300.0) -> Figures:
     """The WAN shaped to `rate` (tbf) while writing faster than it carries; drain; check."""
     figures = Figures(f"slow {rate}")
-    with World(tmp_path) as world:
-        agent, net = world.agent, world.net
-        connects0 = world.broker_connects()
-        net.slow(rate)
+    agent, net = world.agent, world.net
+    connects0 = world.broker_connects()
+    net.slow(rate)
+    try:
         with PacedWriter(agent, events_per_s) as writer:
             time.sleep(seconds)
         backlog = sync_status(agent)["backlog"]
         figures.drain_s.append(_drain(agent, 180))   # through the shaped link
+    finally:
         net.clear()
-        figures.broker_connects.append(world.broker_connects() - connects0)
-        figures.notes.append(f"backlog when writes stopped {backlog}")
-        check(world, writer, figures)
-        figures.cycles = 1
+    figures.broker_connects.append(world.broker_connects() - connects0)
+    figures.notes.append(f"backlog when writes stopped {backlog}")
+    check(world, writer, figures)
+    figures.cycles = 1
     return figures
