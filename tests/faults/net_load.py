@@ -5,6 +5,7 @@
     writer.acked       # {command_id: (first_seq, last_seq)} of every 2xx answer
     writer.refused     # {status: count} of every non-2xx answer (5xx while storage is sick)
     lost_acked(db, writer.acked)    # the 2xx commands whose events the log does not hold (I1)
+    Figures(scenario)               # one scenario's counts and timings, for the report
     integrity(path)                 # PRAGMA integrity_check of one database (I6)
 
 The writer never retries a command: a refused or failed request is counted and the next
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.error
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -73,6 +75,27 @@ class PacedWriter:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(30)
+
+
+@dataclass
+class Figures:
+    """One scenario's counts and timings, as docs/reliability.md reports them."""
+
+    scenario: str
+    cycles: int = 0
+    events_written: int = 0
+    events_lost: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    detection_s: list[float] = field(default_factory=list)
+    drain_s: list[float] = field(default_factory=list)
+    connect_attempts: list[int] = field(default_factory=list)   # per outage, SYNs seen at the router
+    broker_connects: list[int] = field(default_factory=list)    # CONNECTs the broker accepted per heal
+    recovery_s: list[float] = field(default_factory=list)       # fault gone -> first 2xx write
+    acked_while_faulty: int = 0                                 # 2xx answers while the storage failed
+    refused: dict[int, int] = field(default_factory=dict)       # non-2xx answers by status
+    check_failures: list[str] = field(default_factory=list)     # what the invariant check said, when it failed
+    notes: list[str] = field(default_factory=list)
 
 
 def lost_acked(db_path: Path, acked: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:

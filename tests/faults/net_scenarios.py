@@ -15,11 +15,10 @@ from __future__ import annotations
 import re
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.faults.net_link import StoreNetwork
-from tests.faults.net_load import PacedWriter, integrity, lost_acked
+from tests.faults.net_load import Figures, PacedWriter, integrity, lost_acked
 from tests.support.agentproc import AgentProcess
 from tests.support.broker import Broker
 from tests.support.net import free_port
@@ -50,21 +49,6 @@ class StoreAgent(AgentProcess):
     @property
     def sync_db(self) -> Path:
         return self.db_path.with_name(self.db_path.stem + ".sync.db")
-
-
-@dataclass
-class Figures:
-    scenario: str
-    cycles: int = 0
-    events_written: int = 0
-    events_lost: int = 0
-    duplicates: int = 0
-    gaps: int = 0
-    detection_s: list[float] = field(default_factory=list)
-    drain_s: list[float] = field(default_factory=list)
-    connect_attempts: list[int] = field(default_factory=list)   # per outage, SYNs seen at the router
-    broker_connects: list[int] = field(default_factory=list)    # CONNECTs the broker accepted per heal
-    notes: list[str] = field(default_factory=list)
 
 
 class World:
