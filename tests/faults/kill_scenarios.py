@@ -34,11 +34,15 @@ class _Run:
 
     def __init__(self, tmp_path: Path, events_per_s: float, **sync):
         self.stack = ExitStack()
-        self.broker = self.stack.enter_context(Broker(tmp_path / "broker"))
-        self.hub = self.stack.enter_context(HubProcess(tmp_path / "hub", self.broker))
-        self.agent = self.stack.enter_context(sync_agent(tmp_path, self.broker, **{**SYNC, **sync}))
-        self.sampler = self.stack.enter_context(AckSampler(self.agent, self.hub))
-        self.writer = self.stack.enter_context(PacedWriter(self.agent, events_per_s, timeout=3.0))
+        try:
+            self.broker = self.stack.enter_context(Broker(tmp_path / "broker"))
+            self.hub = self.stack.enter_context(HubProcess(tmp_path / "hub", self.broker))
+            self.agent = self.stack.enter_context(sync_agent(tmp_path, self.broker, **{**SYNC, **sync}))
+            self.sampler = self.stack.enter_context(AckSampler(self.agent, self.hub))
+            self.writer = self.stack.enter_context(PacedWriter(self.agent, events_per_s, timeout=3.0))
+        except BaseException:
+            self.stack.close()    # a half-built run leaves no process behind
+            raise
 
     def __enter__(self) -> "_Run":
         return self
