@@ -25,6 +25,8 @@ from tests.sync.agents import sync_agent, sync_status
 from tests.sync.helpers import wait_until
 from tests.sync.hubproc import HubProcess
 
+SWAP_WITNESS = "a sampler left running through the swaps saw the cursor beyond the hub's ack in"
+
 # A fast supervisor: a killed sync is back within a fraction of a second.
 SYNC = {"restart_min_s": 0.1, "restart_max_s": 0.5}
 
@@ -146,6 +148,7 @@ def run_hub_swaps(tmp_path: Path, cycles: int = 3, seed: int = 5, events_per_s: 
     old = tmp_path / "hub-old.db"
     with _Run(tmp_path, events_per_s) as run:
         agent, hub = run.agent, run.hub
+        witness = run.stack.enter_context(AckSampler(agent, hub))   # never paused: it must see the swap
         for cycle in range(cycles):
             _acks_grow(run.writer)
             assert hub.terminate() == 0
@@ -169,4 +172,6 @@ def run_hub_swaps(tmp_path: Path, cycles: int = 3, seed: int = 5, events_per_s: 
             run.sampler.resume()
             figures.recovery_s.append(time.monotonic() - swapped)
             figures.cycles += 1
+        witness.stop()
+        figures.notes.append(f"{SWAP_WITNESS} {len(witness.violations)} samples")
         return run.check(figures)

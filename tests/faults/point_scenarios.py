@@ -76,29 +76,37 @@ def run_sync_point(tmp_path: Path, point: str, cycles: int = 2, seed: int = 7) -
     figures, rng = Figures(what), random.Random(seed)
     with Broker(tmp_path / "broker") as broker, HubProcess(tmp_path / "hub", broker) as hub:
         agent = sync_agent(tmp_path, broker, **SYNC)
-        with PacedWriter(agent, 400, timeout=3.0) as writer:
-            for cycle in range(cycles):
-                mark = tmp_path / f"mark-{cycle}"
-                _arm(agent, f"{point}:{rng.randint(1, 6)}", mark)
-                agent.start()
-                sampler = AckSampler(agent, hub).start()
-                deaths = agent.output().count("exited with signal SIGKILL")
-                wait_until(mark.exists, 30, f"the sync to pass {point}")
-                fired = time.monotonic()
-                wait_until(lambda: agent.output().count("exited with signal SIGKILL") > deaths, 10,
-                           "the supervisor to see the sync killed")
-                mark_seq = sync_status(agent)["last_seq"]
-                wait_until(lambda: sync_status(agent)["acked_seq"] >= mark_seq, 30, "the restarted sync to catch up")
-                figures.recovery_s.append(time.monotonic() - fired)
-                figures.cycles += 1
-                sampler.stop()
-                if sampler.violations:
-                    figures.check_failures.append(f"I5 in cycle {cycle}: {sampler.violations[:3]}")
-                if cycle < cycles - 1:
-                    assert agent.terminate() == 0
-            agent.env = {}
-            writer.stop()
-            check_invariants(agent, hub, writer, figures)
-            assert not figures.check_failures, figures.check_failures
-        agent.kill() if agent.running else None
+        try:
+            _sync_point_cycles(agent, hub, point, cycles, rng, tmp_path, figures)
+        finally:
+            if agent.running:
+                agent.kill()
     return figures
+
+
+def _sync_point_cycles(agent, hub, point: str, cycles: int, rng: random.Random, tmp_path: Path,
+                       figures: Figures) -> None:
+    with PacedWriter(agent, 400, timeout=3.0) as writer:
+        for cycle in range(cycles):
+            mark = tmp_path / f"mark-{cycle}"
+            _arm(agent, f"{point}:{rng.randint(1, 6)}", mark)
+            agent.start()
+            sampler = AckSampler(agent, hub).start()
+            deaths = agent.output().count("exited with signal SIGKILL")
+            wait_until(mark.exists, 30, f"the sync to pass {point}")
+            fired = time.monotonic()
+            wait_until(lambda: agent.output().count("exited with signal SIGKILL") > deaths, 10,
+                       "the supervisor to see the sync killed")
+            mark_seq = sync_status(agent)["last_seq"]
+            wait_until(lambda: sync_status(agent)["acked_seq"] >= mark_seq, 30, "the restarted sync to catch up")
+            figures.recovery_s.append(time.monotonic() - fired)
+            figures.cycles += 1
+            sampler.stop()
+            if sampler.violations:
+                figures.check_failures.append(f"I5 in cycle {cycle}: {sampler.violations[:3]}")
+            if cycle < cycles - 1:
+                assert agent.terminate() == 0
+        agent.env = {}
+        writer.stop()
+        check_invariants(agent, hub, writer, figures)
+        assert not figures.check_failures, figures.check_failures
