@@ -82,6 +82,7 @@ def runs(args, workdir: Path) -> Iterator[str]:
     if args.faults2 != "none":
         only = set(FAULTS2) & set(args.only) if args.only else None
         if only is None or only:
+            (workdir / "faults2" / "full").mkdir(parents=True)   # run_disk_full's workdir is not made for it
             try:
                 for f in bench_runs(workdir / "faults2", bench=args.faults2 == "bench", only=only):
                     yield row(f) + (" negative control: the loss is the expected result" if "fsync off" in f.scenario else "")
