@@ -97,7 +97,7 @@ def run_disk_full(tmp_path: Path, mount: Path, broker, cycles: int = 1, full_s: 
     """The disk under the log and sync.db filled to the last byte while writing; freed; check."""
     from tests.service.test_disk_full import fill
     figures = Figures("disk full")
-    (tmp_path / "agent").mkdir(exist_ok=True)
+    (tmp_path / "agent").mkdir(parents=True, exist_ok=True)
     agent = AgentProcess(tmp_path / "agent", db_path=mount / "events.db", wait_connected=True,
                          sections={"mqtt": {"host": broker.host, "port": broker.port,
                                             "reconnect_min_s": 0.05, "reconnect_max_s": 0.5},
