@@ -172,15 +172,16 @@ def run_power_cut(tmp_path: Path, fsync: bool, cycles: int = 1) -> Figures:
     figures = Figures(f"power cut, fsync {'on' if fsync else 'off (libeatmydata)'}")
     env = {} if fsync else no_fsync_env(tmp_path)
     for cycle in range(cycles):
-        try:
-            written, lost, failure = power_cut_once(tmp_path / f"cut{cycle}", env)
-        except AgentStartError as exc:
-            # agentproc's free port can be taken by another process between probe and bind
-            # (three times running on a busy machine): that cycle is run again, and said so.
-            if "address already in use" not in str(exc):
-                raise
-            figures.notes.append(f"cycle {cycle} run again: the agent's port was taken")
-            written, lost, failure = power_cut_once(tmp_path / f"cut{cycle}-again", env)
+        for attempt in range(3):
+            try:
+                written, lost, failure = power_cut_once(tmp_path / f"cut{cycle}-{attempt}", env)
+                break
+            except AgentStartError as exc:
+                # agentproc's free port can be unbindable on a busy machine (another process's
+                # TIME-WAIT socket holds it): that cycle is run again on a new disk, and said so.
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                figures.notes.append(f"cycle {cycle} run again: the agent's port was taken")
         figures.events_written += written
         figures.events_lost += lost
         if failure is not None:
