@@ -54,7 +54,8 @@ def bench_runs(workdir: Path, bench: bool = True, only: set[str] | None = None) 
     if "eio" in wanted:
         yield run_eio(workdir / "eio", **size["eio"])
     if "disk_full" in wanted:
-        with Broker(workdir / "full-broker") as broker, small_tmpfs(workdir / "full-disk") as mount:
+        # Big enough that the cycles' own writes never fill it: the filler does, each cycle.
+        with Broker(workdir / "full-broker") as broker, small_tmpfs(workdir / "full-disk", 256) as mount:
             yield run_disk_full(workdir / "full", mount, broker, **size["disk_full"])
     if "power_cut" in wanted:
         yield run_power_cut(workdir / "cut-on", fsync=True, **size["power_cut"])

@@ -14,10 +14,12 @@ one gets a new command id, so every 2xx is one command the log must hold.
 
 from __future__ import annotations
 
+import http.client
+import json
 import sqlite3
 import threading
 import time
-import urllib.error
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ class PacedWriter:
         self.refused: dict[int, int] = {}
         self.reasons: dict[str, int] = {}
         self.errors = 0            # no answer at all (connection refused, reset, timed out)
+        self._conn: http.client.HTTPConnection | None = None
+        self._conn_url = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="paced-writer")
 
@@ -40,9 +44,9 @@ class PacedWriter:
         cid = str(uuid.uuid4())
         events = [{"type": "received", "sku": f"SKU-{i % 50}", "qty": 1 + i % 7} for i in range(self.batch)]
         try:
-            status, body = self.agent.request("POST", "/v1/events", {"command_id": cid, "events": events},
-                                              timeout=self.timeout)
-        except (urllib.error.URLError, ConnectionError, OSError):
+            status, body = self._post({"command_id": cid, "events": events})
+        except (OSError, http.client.HTTPException, ValueError):
+            self._drop()
             self.errors += 1
             return 0
         if 200 <= status < 300:
@@ -52,6 +56,31 @@ class PacedWriter:
             code = body.get("error", {}).get("code", "?") if isinstance(body, dict) else "?"
             self.reasons[code] = self.reasons.get(code, 0) + 1
         return status
+
+    def _post(self, command: dict) -> tuple[int, object]:
+        # One kept-alive connection (opened again when the agent's address changes or the
+        # connection breaks): a connection per request leaves thousands of TIME-WAIT
+        # sockets whose ports a later bind on this machine can no longer take.
+        url = urllib.parse.urlsplit(self.agent.url)
+        if self._conn is None or self._conn_url != self.agent.url:
+            self._drop()
+            self._conn = http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+            self._conn_url = self.agent.url
+        headers = {"Content-Type": "application/json"}
+        if self.agent.write_token:
+            headers["Authorization"] = f"Bearer {self.agent.write_token}"
+        self._conn.request("POST", "/v1/events", json.dumps(command), headers)
+        resp = self._conn.getresponse()
+        raw = resp.read()
+        if resp.getheader("Connection", "").lower() == "close":
+            self._drop()
+        ctype = resp.getheader("Content-Type", "")
+        return resp.status, (json.loads(raw) if "json" in ctype and raw else raw.decode(errors="replace"))
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
     def _run(self) -> None:
         due = time.monotonic()
@@ -75,6 +104,7 @@ class PacedWriter:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(30)
+        self._drop()
 
 
 @dataclass
