@@ -90,9 +90,9 @@ def _sync_point_cycles(agent, hub, point: str, cycles: int, rng: random.Random, 
         for cycle in range(cycles):
             mark = tmp_path / f"mark-{cycle}"
             _arm(agent, f"{point}:{rng.randint(1, 6)}", mark)
+            deaths = agent.output().count("exited with signal SIGKILL")   # before the start: it may fire at once
             agent.start()
             sampler = AckSampler(agent, hub).start()
-            deaths = agent.output().count("exited with signal SIGKILL")
             wait_until(mark.exists, 30, f"the sync to pass {point}")
             fired = time.monotonic()
             wait_until(lambda: agent.output().count("exited with signal SIGKILL") > deaths, 10,
