@@ -27,11 +27,11 @@ def _clean(f, cycles):
 
 
 def test_agent_sigkilled_at_random_moments_loses_and_doubles_nothing(tmp_path):
-    _clean(run_agent_kills(tmp_path, cycles=6), 6)
+    _clean(run_agent_kills(tmp_path, cycles=4), 4)
 
 
 def test_sync_process_sigkilled_at_random_moments_loses_and_doubles_nothing(tmp_path):
-    _clean(run_sync_kills(tmp_path, cycles=6), 6)
+    _clean(run_sync_kills(tmp_path, cycles=4), 4)
 
 
 def test_broker_sigkilled_mid_stream_and_restarted(tmp_path):
