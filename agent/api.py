@@ -27,6 +27,7 @@ from aiohttp import web
 from agent import events as ev
 from agent.api_errors import ERROR_CODE, MAX_BODY, ApiError, error_response, from_http_exception, only_params
 from agent.api_errors import int_param as _int_param
+from common import faults
 from common.errors import StorageError, StorageFull
 from agent.inventory import Refused
 from agent.kiosk import setup_kiosk
@@ -121,6 +122,7 @@ class Api:
         except msgspec.DecodeError as exc:
             raise ApiError(400, "invalid_json", f"body is not a JSON object: {exc}") from None
         result = await self.log.append(command)
+        faults.point("agent.after_commit")
         answer = {"command_id": result.command_id, "first_seq": result.first_seq,
                   "last_seq": result.last_seq, "duplicate": result.duplicate}
         return _json(answer, 200 if result.duplicate else 201)

@@ -34,7 +34,7 @@ import time
 from typing import Awaitable, Callable, NamedTuple
 
 from agent.settings import AgentConfig
-from common import clock
+from common import clock, faults
 from common.aio import wait_for
 from sync import protocol, rules
 from sync.mqtt import LastWill, Message, MqttClient, MqttError
@@ -186,6 +186,7 @@ class Uplink:
         self._wake.set()   # the window slid (or was rewound): the loop sends while we write
         for action in actions:
             if isinstance(action, StoreCursor):
+                faults.point("sync.before_cursor_save")
                 async with self._writes:
                     status = self.status()
                     await self.state.store_cursor(action.acked_seq, action.at, status,
@@ -340,5 +341,6 @@ class Uplink:
 
 
 def _quiet(future: asyncio.Future) -> None:
+    faults.point("sync.after_publish")
     if not future.cancelled() and future.exception() is not None:
         log.warning("sync: publish failed: %s", future.exception())

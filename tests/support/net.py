@@ -2,30 +2,25 @@
 
 import random
 import socket
-from pathlib import Path
 
-_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-
-def _ephemeral() -> tuple[int, int]:
-    try:
-        low, high = (int(x) for x in _PORT_RANGE.read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+_EPHEMERAL_LOW = 32768
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as _fh:
+        _EPHEMERAL_LOW = int(_fh.read().split()[0])
+except (OSError, ValueError, IndexError):
+    pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that was free on `host` a moment ago.
 
-    Chosen below the kernel's ephemeral range, so the outgoing connections of other
-    processes (hundreds of MQTT clients in a benchmark, say) cannot take it between this
-    check and the server's bind, as they can a port the kernel handed out for port 0.
+    Picked below the kernel's ephemeral range when it can be: a port from bind(0) is an
+    ephemeral one, which an outgoing connection (or its TIME_WAIT) can take between this
+    probe and the server's bind when the machine makes many short connections.
     """
-    low, _ = _ephemeral()
-    floor = 10000 if low > 12000 else 1024
-    for _ in range(200):
-        port = random.randint(floor, low - 1)
+    low = 10000
+    for _ in range(50) if _EPHEMERAL_LOW - low > 1000 else ():
+        port = random.randrange(low, _EPHEMERAL_LOW)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
