@@ -425,8 +425,14 @@ def raw_sqlite(path: Path, batches: list) -> float:
     return elapsed
 
 
+REGION_SIZE = 10
+
+
 def hub_configs(work: Path, ids: list[str], port: int, engine: str, workers: int, url: str) -> list[Path]:
-    stores = "".join(f'[[stores]]\nid = "{sid}"\n' for sid in ids)
+    # Regions of REGION_SIZE stores, as a chain has: a store's "nearby" are the others of its
+    # region (one region of 500 would make every snapshot list 499 stores).
+    stores = "".join(f'[[stores]]\nid = "{sid}"\nregion = "region-{i // REGION_SIZE:03d}"\n'
+                     for i, sid in enumerate(ids))
     paths = []
     for w in range(workers):
         d = work / f"hub-{w}"
