@@ -13,6 +13,7 @@ import uuid
 
 from common.clock import rfc3339
 from sync import protocol
+from sync.state import SCHEMA_VERSION
 from tests.availability.test_processes import PREFIX, publish, store_agent
 from tests.sync.helpers import wait_until
 
@@ -145,7 +146,7 @@ def test_a_sync_database_of_schema_1_is_migrated_and_read(tmp_path):
     asyncio.run(migrate())
     # The same open view sees the migrated file: the held snapshot (no sources, no cap) was kept.
     assert view.item("A1")["online"] == 3 and view.item("A1")["snapshot"]["version"] == 4
-    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,)
     view.close()
 
 
@@ -195,7 +196,7 @@ def test_a_sync_database_of_schema_2_is_read_then_migrated_to_the_sources_table(
     assert plain_view.item("A1")["online"] == 3 and plain_view.item("A1")["snapshot"]["version"] == 4
     for path in (old, plain):
         conn = sqlite3.connect(path)
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT COUNT(*) FROM availability_sources").fetchone() == (0,)
         conn.close()
     view.close()
