@@ -173,7 +173,7 @@ def _schema_2_file(path, item: dict) -> None:
 
 def test_a_sync_database_of_schema_2_is_read_then_migrated_to_the_sources_table(tmp_path):
     """A "2" file: the agent reads its items' whole source entries; the sync process migrates it
-    to "3", dropping a held snapshot in the old item shape (the hub's retained one comes back)."""
+    to the current schema, dropping a held snapshot in the old item shape (the hub's retained one comes back)."""
     import asyncio
 
     from agent.syncview import SqliteSyncView
