@@ -13,6 +13,7 @@ import uuid
 
 from common.clock import rfc3339
 from sync import protocol
+from sync.state import SCHEMA_VERSION
 from tests.availability.test_processes import PREFIX, publish, store_agent
 from tests.sync.helpers import wait_until
 
@@ -146,7 +147,7 @@ def test_a_sync_database_of_schema_1_is_migrated_and_read(tmp_path):
     asyncio.run(migrate())
     # The same open view sees the migrated file: the held snapshot (no sources, no cap) was kept.
     assert view.item("A1")["online"] == 3 and view.item("A1")["snapshot"]["version"] == 4
-    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,)
     view.close()
 
 
@@ -173,7 +174,7 @@ def _schema_2_file(path, item: dict) -> None:
 
 def test_a_sync_database_of_schema_2_is_read_then_migrated_to_the_sources_table(tmp_path):
     """A "2" file: the agent reads its items' whole source entries; the sync process migrates it
-    to "3", dropping a held snapshot in the old item shape (the hub's retained one comes back)."""
+    to the current schema, dropping a held snapshot in the old item shape (the hub's retained one comes back)."""
     import asyncio
 
     from agent.syncview import SqliteSyncView
@@ -196,7 +197,7 @@ def test_a_sync_database_of_schema_2_is_read_then_migrated_to_the_sources_table(
     assert plain_view.item("A1")["online"] == 3 and plain_view.item("A1")["snapshot"]["version"] == 4
     for path in (old, plain):
         conn = sqlite3.connect(path)
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT COUNT(*) FROM availability_sources").fetchone() == (0,)
         conn.close()
     view.close()
