@@ -27,7 +27,6 @@ from agent.schema import mark_time
 from common import chain
 from common.sqlite import insert_rows
 
-HISTORY_BODY_HASH = b"\x00" * 31 + b"\x01"   # no sha256 of a command body is this
 
 # (seq, body, hub's chain hash at seq or None)
 HistoryRow = tuple[int, bytes, bytes | None]
@@ -86,7 +85,7 @@ def append_history(conn: sqlite3.Connection, store_id: str, tail: tuple[int, byt
 
 def _store(conn: sqlite3.Connection, store_id: str, prev_last: int,
            staged: list[tuple[ev.AnyEvent, bytes, bytes]]) -> None:
-    from agent.logstore import _EVENT_INSERT, usage_rows   # the writer's own SQL
+    from agent.logstore import HISTORY_BODY_HASH, _EVENT_INSERT, usage_rows   # the writer's own SQL
 
     skus = {effect(e).sku for e, _, _ in staged}
     rids = {r for e, _, _ in staged if (r := getattr(e, "reservation_id", None)) is not None}

@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Protocol
 
 from agent import events as ev
 from agent.caps import Cap, cap_window, usage_change
-from agent.history import HISTORY_BODY_HASH
 from agent.inventory import Inventory, Refused, Reservation, Stock, decide_and_apply, skus_touched
 from agent.schema import GENESIS, LEASE_INDEX_SQL, SCHEMA_SQL, apply_pragmas, mark_time, migrate, take_checkpoint
 from common.sqlite import in_write_transaction
@@ -27,6 +26,11 @@ Tail = tuple[int, bytes, int]
 # Returns the caps held for those SKUs (absent: no cap known). Never raises: see
 # agent.syncview.HeldCaps, the writer's implementation.
 CapsFor = Callable[[set[str]], dict[str, Cap]]
+
+# The body hash of a command known only from the hub's history (agent/history.py): no
+# sha256 of a command body is this, so a retry of it is answered as a duplicate.
+HISTORY_BODY_HASH = b"\x00" * 31 + b"\x01"
+
 
 
 def no_caps(skus: set[str]) -> dict[str, Cap]:
