@@ -112,10 +112,10 @@ def cmd_stats(args: argparse.Namespace, cfg: HubConfig) -> int:
 
 def cmd_stores(args: argparse.Namespace, cfg: HubConfig) -> int:
     from sync.hub.ops import store_lines
-    from sync.hub.storage import is_postgres
+    from sync.hub.engines import is_postgres
 
     if is_postgres(cfg):
-        from sync.hub.storage import open_storage
+        from sync.hub.engines import open_storage
 
         async def read() -> list[dict]:
             storage = await open_storage(cfg)

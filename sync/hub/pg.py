@@ -46,7 +46,7 @@ from common.errors import StorageError
 from sync.hub import anchor, migrations
 from sync.hub.storage import (REJECTIONS_KEPT, AckState, IngestHook, IngestResult, Incoming, Rejection,
                               WriteResults)
-from sync.hub.store import result_topic, stale_detail, walk_broken_detail
+from sync.hub.storage import result_topic, stale_detail, walk_broken_detail
 
 log = logging.getLogger("edge_hub.pg")
 T = TypeVar("T")

@@ -35,7 +35,8 @@ from sync.hub.history import HistoryServer
 from sync.hub.publisher import AvailabilityPublisher
 from sync.hub.refusal import RefusalLog
 from sync.hub.settings import WORKER_SESSION_EXPIRY_S, HubConfig
-from sync.hub.storage import AckState, HubStorage, open_storage
+from sync.hub.engines import open_storage
+from sync.hub.storage import AckState, HubStorage
 from sync.hub.store import HubReader, Incoming, Rejection
 from sync.mqtt import Message, MqttClient
 

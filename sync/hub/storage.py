@@ -10,7 +10,7 @@ Two implementations:
   is kept in memory as the truth: every ack is read from the database, in the transaction
   that moves it, under the store's row lock.
 
-`open_storage(config)` opens the one the configuration names.
+`sync.hub.engines.open_storage(config)` opens the one the configuration names.
 
 Acks: `AckState(acked_seq, rev, epoch)`. `acked_seq` is the store's contiguous prefix;
 `rev` grows by one in every transaction that changes `acked_seq`; `epoch` names the
@@ -37,12 +37,10 @@ Migrations: sync/hub/migrations.py (each engine's versioned list; modules regist
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, TypeVar, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, TypeVar, Union
 
 from sync.protocol import EventHead
 
-if TYPE_CHECKING:
-    from sync.hub.settings import HubConfig
 
 T = TypeVar("T")
 
@@ -193,18 +191,14 @@ class HubStorage(Protocol):
         plain function; PostgreSQL: a psycopg AsyncConnection and a coroutine function)."""
 
 
-def is_postgres(config: "HubConfig") -> bool:
-    return bool(config.storage.url)
+def result_topic(items: list, store_id: str) -> str:
+    """The topic of the store's last batch among `items` (for a rejection found by the walk)."""
+    return next((i.topic for i in reversed(items) if isinstance(i, Incoming) and i.store_id == store_id), "")
 
+def stale_detail(first: int, last: int, sent: int, held: int) -> str:
+    return (f"seqs {first}..{last} come from incarnation {sent} of the store's log;"
+            f" the hub holds incarnation {held}")
 
-async def open_storage(config: "HubConfig") -> HubStorage:
-    """Open the storage `config.storage` names: PostgreSQL when `url` is set, else SQLite at `path`."""
-    if is_postgres(config):
-        from sync.hub.pg import PgStorage
-
-        return await PgStorage.open(config.storage.url, config.store_ids(), pool_size=config.storage.pool_size,
-                                    rejections_kept=config.ingest.rejections_kept)
-    from sync.hub.store import SqliteStorage
-
-    return await SqliteStorage.open(config.storage.path, config.store_ids(), config.storage.synchronous,
-                                    config.ingest.rejections_kept)
+def walk_broken_detail(broken_at: int, acked: int) -> str:
+    return (f"the event held at seq {broken_at} (after a gap) does not continue the"
+            f" chain at seq {broken_at - 1}: the ack stays at {acked}")

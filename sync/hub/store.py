@@ -31,6 +31,7 @@ from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction, insert_rows, open_readonly
 from common import chain
 from sync.hub import anchor, migrations
+from sync.hub.storage import result_topic, stale_detail, walk_broken_detail  # noqa: F401
 from sync.hub.storage import (REJECTIONS_KEPT, AckState, IngestHook, IngestResult, Incoming, Rejection,  # noqa: F401
                               Upsert, WriteResults)
 
@@ -41,11 +42,6 @@ T = TypeVar("T")
 SCHEMA_SQL = ";\n".join(migrations._SQLITE_V1) + ";\n"
 
 _WALK_CHUNK = 5000
-
-
-def result_topic(items: list, store_id: str) -> str:
-    """The topic of the store's last batch among `items` (for a rejection found by the walk)."""
-    return next((i.topic for i in reversed(items) if isinstance(i, Incoming) and i.store_id == store_id), "")
 
 
 def _walk(conn: sqlite3.Connection, store_id: str, acked: int) -> int:
@@ -421,16 +417,6 @@ class SqliteStorage:
 
 
 HubStore = SqliteStorage  # the name it had before there were two engines
-
-
-def stale_detail(first: int, last: int, sent: int, held: int) -> str:
-    return (f"seqs {first}..{last} come from incarnation {sent} of the store's log;"
-            f" the hub holds incarnation {held}")
-
-
-def walk_broken_detail(broken_at: int, acked: int) -> str:
-    return (f"the event held at seq {broken_at} (after a gap) does not continue the"
-            f" chain at seq {broken_at - 1}: the ack stays at {acked}")
 
 
 def apply_hook_output(conn: sqlite3.Connection, store_id: str, out) -> int:
