@@ -169,13 +169,19 @@ def cmd_rehydrate(args, cfg) -> int:
         print("edge-agent rehydrate: sync.enabled is false: there is no hub to rehydrate from", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_rehydrate(cfg, args.timeout))
+        from agent.settings import config_path
+
+        return asyncio.run(_rehydrate(cfg, args.timeout, config_path(args.config)))
     except LogLocked as exc:
         print(f"edge-agent rehydrate: {exc}; stop the service first (systemctl stop edge-agent)", file=sys.stderr)
         return 2
 
 
-async def _rehydrate(cfg, timeout_s: float) -> int:
+async def _rehydrate(cfg, timeout_s: float, config_file: str | None) -> int:
+    """Run the store's sync as its own process (`python -m sync`, as the service does) and
+    append the history it stages until the log reaches the hub's ack."""
+    import os
+    import signal
     import sys
     import time
 
@@ -183,19 +189,20 @@ async def _rehydrate(cfg, timeout_s: float) -> int:
 
     from agent.log import SqliteEventLog
     from agent.settings import sync_db_path
-    from sync import app as sync_app
+    from agent.supervisor import config_environment
 
     event_log = await SqliteEventLog.open(cfg.storage.path, cfg.store.id, synchronous=cfg.storage.synchronous)
     rehydrator = Rehydrator(event_log, sync_db_path(cfg))
-    stop = asyncio.Event()
-    sync_task = None
+    sync_proc = None
     bar = None
     try:
         incarnation = await event_log.bump_incarnation()
         await rehydrator.start()
         print(f"rehydrate: {cfg.store.id}, log at seq {event_log.last_seq}, incarnation {incarnation};"
               " waiting for the hub", file=sys.stderr)
-        sync_task = asyncio.create_task(sync_app.serve(cfg, stop), name="sync")
+        args = ["--config", os.path.abspath(config_file)] if config_file else []
+        env = dict(os.environ, **({} if config_file else config_environment(cfg)))
+        sync_proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sync", *args, env=env)
         deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         while True:
             await rehydrator.step()
@@ -213,9 +220,9 @@ async def _rehydrate(cfg, timeout_s: float) -> int:
                 print(f"rehydrated {cfg.storage.path}: events 1..{event_log.last_seq} (the hub acks {hub[0]});"
                       " start the service (systemctl start edge-agent)")
                 return 0
-            if sync_task.done():
-                sync_task.result()   # raises what stopped it
-                print("edge-agent rehydrate: the sync process stopped", file=sys.stderr)
+            if sync_proc.returncode is not None:
+                print(f"edge-agent rehydrate: the sync process stopped (status {sync_proc.returncode})",
+                      file=sys.stderr)
                 return 1
             if deadline is not None and time.monotonic() > deadline:
                 print(f"edge-agent rehydrate: no complete history within {timeout_s:g} s (log at"
@@ -226,9 +233,13 @@ async def _rehydrate(cfg, timeout_s: float) -> int:
     finally:
         if bar is not None:
             bar.close()
-        stop.set()
-        if sync_task is not None:
-            await asyncio.gather(sync_task, return_exceptions=True)
+        if sync_proc is not None and sync_proc.returncode is None:
+            sync_proc.send_signal(signal.SIGTERM)   # a clean stop: its cursor and staging are saved
+            try:
+                await asyncio.wait_for(sync_proc.wait(), 30)
+            except asyncio.TimeoutError:
+                sync_proc.kill()
+                await sync_proc.wait()
         rehydrator.close()
         await event_log.close()
 
