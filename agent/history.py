@@ -85,7 +85,7 @@ def append_history(conn: sqlite3.Connection, store_id: str, tail: tuple[int, byt
 
 def _store(conn: sqlite3.Connection, store_id: str, prev_last: int,
            staged: list[tuple[ev.AnyEvent, bytes, bytes]]) -> None:
-    from agent.logstore import HISTORY_BODY_HASH, _EVENT_INSERT, usage_rows   # the writer's own SQL
+    from agent.logstore import HISTORY_BODY_HASH, _EVENT_INSERT, usage_rows, write_projection   # the writer's own SQL
 
     skus = {effect(e).sku for e, _, _ in staged}
     rids = {r for e, _, _ in staged if (r := getattr(e, "reservation_id", None)) is not None}
@@ -118,18 +118,7 @@ def _store(conn: sqlite3.Connection, store_id: str, prev_last: int,
         "INSERT INTO commands(command_id, body_hash, first_seq, last_seq, recorded_at) VALUES (?,?,?,?,?)"
         " ON CONFLICT(command_id) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
         [(cid, HISTORY_BODY_HASH, first, last, at) for cid, (first, last, at) in commands.items()])
-    conn.executemany(
-        "INSERT INTO stock(sku, floor, backroom, reserved, last_seq) VALUES (?,?,?,?,?)"
-        " ON CONFLICT(sku) DO UPDATE SET floor = excluded.floor, backroom = excluded.backroom,"
-        " reserved = excluded.reserved, last_seq = excluded.last_seq",
-        [(sku, s.floor, s.backroom, s.reserved, s.last_seq) for sku in skus for s in (state.stock[sku],)])
-    if rids:
-        conn.executemany(
-            "INSERT INTO reservations(reservation_id, sku, qty, status, opened_seq, closed_seq, opened_at,"
-            " expires_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(reservation_id) DO UPDATE SET"
-            " status = excluded.status, closed_seq = excluded.closed_seq",
-            [(r.reservation_id, r.sku, r.qty, r.status, r.opened_seq, r.closed_seq, r.opened_at, r.expires_at)
-             for rid in rids if (r := state.reservations.get(rid)) is not None])
+    write_projection(conn, state, skus, rids)
     usage = usage_rows([e for e, _, _ in staged], known)
     if usage:
         conn.executemany(

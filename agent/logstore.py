@@ -257,6 +257,16 @@ def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple
             command_rows)
     except sqlite3.IntegrityError as exc:  # the key is all these rows can break: a command stored before
         raise SeenBefore from exc
+    write_projection(conn, state, skus, rids)
+    if usage:
+        conn.executemany(
+            "INSERT INTO cap_usage(sku, slot, qty) VALUES (?,?,?)"
+            " ON CONFLICT(sku, slot) DO UPDATE SET qty = qty + excluded.qty", usage)
+
+
+def write_projection(conn: sqlite3.Connection, state, skus, rids) -> None:
+    """Upsert the stock rows of `skus` and the reservation rows of `rids` from `state`
+    (inside the caller's append transaction)."""
     conn.executemany(
         "INSERT INTO stock(sku, floor, backroom, reserved, last_seq) VALUES (?,?,?,?,?)"
         " ON CONFLICT(sku) DO UPDATE SET floor = excluded.floor, backroom = excluded.backroom,"
@@ -268,8 +278,4 @@ def _store(conn: sqlite3.Connection, rows: list[tuple], command_rows: list[tuple
             " expires_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(reservation_id) DO UPDATE SET"
             " status = excluded.status, closed_seq = excluded.closed_seq",
             [(r.reservation_id, r.sku, r.qty, r.status, r.opened_seq, r.closed_seq, r.opened_at, r.expires_at)
-             for rid in rids for r in (state.reservations[rid],)])
-    if usage:
-        conn.executemany(
-            "INSERT INTO cap_usage(sku, slot, qty) VALUES (?,?,?)"
-            " ON CONFLICT(sku, slot) DO UPDATE SET qty = qty + excluded.qty", usage)
+             for rid in rids if (r := state.reservations.get(rid)) is not None])

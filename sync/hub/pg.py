@@ -46,7 +46,7 @@ from common.errors import StorageError
 from sync.hub import anchor, migrations
 from sync.hub.storage import (REJECTIONS_KEPT, AckState, IngestHook, IngestResult, Incoming, Rejection,
                               WriteResults)
-from sync.hub.storage import result_topic, stale_detail, walk_broken_detail
+from sync.hub.storage import iter_bodies, result_topic, stale_detail, walk_broken_detail
 
 log = logging.getLogger("edge_hub.pg")
 T = TypeVar("T")
@@ -430,14 +430,8 @@ class PgStorage:
             "SELECT seq, body, hash FROM events WHERE store_id = %s AND seq > %s ORDER BY seq LIMIT %s",
             (store_id, after_seq, limit))]
 
-    async def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> AsyncIterator[bytes]:
-        while True:
-            rows = await self.events_after(store_id, after_seq, chunk)
-            if not rows:
-                return
-            for _, body, _ in rows:
-                yield body
-            after_seq = rows[-1][0]
+    def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> AsyncIterator[bytes]:
+        return iter_bodies(self, store_id, after_seq, chunk)
 
     async def stats(self) -> dict:
         """As SqliteStorage.stats (sync/hub/reader.py `stats_of`), from one snapshot."""

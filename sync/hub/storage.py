@@ -202,3 +202,15 @@ def stale_detail(first: int, last: int, sent: int, held: int) -> str:
 def walk_broken_detail(broken_at: int, acked: int) -> str:
     return (f"the event held at seq {broken_at} (after a gap) does not continue the"
             f" chain at seq {broken_at - 1}: the ack stays at {acked}")
+
+
+async def iter_bodies(storage: HubStorage, store_id: str, after_seq: int = 0,
+                      chunk: int = 5000) -> AsyncIterator[bytes]:
+    """Yield every held event body of a store in seq order (gaps and all), `chunk` rows a read."""
+    while True:
+        rows = await storage.events_after(store_id, after_seq, chunk)
+        if not rows:
+            return
+        for _, body, _ in rows:
+            yield body
+        after_seq = rows[-1][0]

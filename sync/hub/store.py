@@ -31,7 +31,7 @@ from common.errors import StorageError, storage_error
 from common.sqlite import in_write_transaction, insert_rows, open_readonly
 from common import chain
 from sync.hub import anchor, migrations
-from sync.hub.storage import result_topic, stale_detail, walk_broken_detail  # noqa: F401
+from sync.hub.storage import iter_bodies, result_topic, stale_detail, walk_broken_detail  # noqa: F401
 from sync.hub.storage import (REJECTIONS_KEPT, AckState, IngestHook, IngestResult, Incoming, Rejection,  # noqa: F401
                               Upsert, WriteResults)
 
@@ -380,14 +380,8 @@ class SqliteStorage:
             "SELECT seq, body, hash FROM events WHERE store_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (store_id, after_seq, limit))])
 
-    async def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> AsyncIterator[bytes]:
-        while True:
-            rows = await self.events_after(store_id, after_seq, chunk)
-            if not rows:
-                return
-            for _, body, _ in rows:
-                yield body
-            after_seq = rows[-1][0]
+    def iter_bodies(self, store_id: str, after_seq: int = 0, chunk: int = 5000) -> AsyncIterator[bytes]:
+        return iter_bodies(self, store_id, after_seq, chunk)
 
     async def stats(self) -> dict:
         from sync.hub.reader import stats_of
