@@ -39,6 +39,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 10) -> None:
+    """Return once something accepts TCP connections on 127.0.0.1:`port`; TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
 async def build_log(path: Path, store_id: str, n: int, skus: int) -> None:
     """Fill (or top up) the log at `path` to `n` `received` events over `skus` SKUs.
 

@@ -46,7 +46,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_seconds, free_port, others_running  # noqa: E402
+from bench.common import cpu_seconds, free_port, others_running, wait_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CENTRAL = ["nice", "-n", "19"]
@@ -308,17 +307,6 @@ def all_do(sims: list[SimProc], **cmd) -> list[dict]:
     for s in sims:
         s.send(**cmd)
     return [s.recv() for s in sims]
-
-
-def wait_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def pct(xs: list[float], q: float) -> float | None:

@@ -41,7 +41,6 @@ import json
 import multiprocessing
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ import paho.mqtt.client as paho  # noqa: E402  (the benchmark's raw stage uses p
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench.common import (Overlap, Tree, bench_lock, children, cpu_seconds, free_port,  # noqa: E402
-                          scheduling, wait_quiet)
+                          scheduling, wait_port, wait_quiet)
 from agent.reader import LogReader  # noqa: E402
 from sync import protocol  # noqa: E402
 from sync.hub.store import SCHEMA_SQL as HUB_SCHEMA  # noqa: E402
@@ -72,17 +71,6 @@ IDLE_SETTLE_S = 3.0  # before an idle-cost window: the restarted sync connects a
 STALL_S = 60.0     # no ack progress this long: the round fails
 BIN = Path(sys.executable).parent
 CENTRAL = ["nice", "-n", "19"]   # the hub and the broker: the central side
-
-
-def wait_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def batches(db: Path, size: int, cap: int) -> list[tuple[int, int, list[bytes]]]:
