@@ -28,9 +28,14 @@ def open_readonly(path: str | Path, missing: str) -> sqlite3.Connection:
     return conn
 
 
-def in_write_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(conn, *args)` between BEGIN IMMEDIATE and COMMIT; roll back and re-raise on any error."""
-    conn.execute("BEGIN IMMEDIATE")
+def in_write_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any,
+                         begin: str = "BEGIN IMMEDIATE") -> T:
+    """Run `fn(conn, *args)` between `begin` and COMMIT; roll back and re-raise on any error.
+
+    `conn` is a sqlite3 connection or anything with its `execute` and `in_transaction`
+    (sync/hub/sqlcompat.py's PostgreSQL adapter).
+    """
+    conn.execute(begin)
     try:
         result = fn(conn, *args)
         conn.execute("COMMIT")

@@ -23,6 +23,8 @@ import functools
 import re
 from typing import Any, Callable, Iterable, TypeVar
 
+from common.sqlite import in_write_transaction
+
 T = TypeVar("T")
 
 DIALECT_SQLITE = "sqlite"
@@ -96,15 +98,7 @@ def in_transaction(conn, fn: Callable[..., T], *args: Any, begin: str = "BEGIN")
 
     SQLite: BEGIN IMMEDIATE (the writer). PostgreSQL: `begin` (READ COMMITTED by default).
     """
-    conn.execute(begin if is_pg(conn) else "BEGIN IMMEDIATE")
-    try:
-        result = fn(conn, *args)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
+    return in_write_transaction(conn, fn, *args, begin=begin if is_pg(conn) else "BEGIN IMMEDIATE")
 
 
 def read_transaction(conn) -> str:
