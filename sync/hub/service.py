@@ -59,6 +59,11 @@ class HubService:
         self.writer_task: asyncio.Task | None = None
         self.publisher = None                     # the AvailabilityPublisher, once attached (serve)
         self.last_ack: dict[str, AckState] = {}   # what this worker last published, per store (for /metrics)
+        # A lower bound of each store's ack for the `ingest.max_ahead` check, so a message
+        # costs no read of the database: the highest ack this worker read or published in
+        # the current epoch (cleared when a published ack has another one: a restored hub).
+        self._ack_floor: dict[str, int] = {}
+        self._floor_epoch: str | None = None
         self._now = now
         self.refusals = RefusalLog(log, config.ingest.refusal_log_interval_s)
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -93,8 +98,15 @@ class HubService:
         for a decoder failing in a way it should not; a storage failure raises, so the
         message stays unacked and comes back.
         """
-        item = self._incoming(message, await self.store.acked(
-            protocol.store_of(self.prefix, message.topic, "events")))
+        store_id = protocol.store_of(self.prefix, message.topic, "events")
+        floor = self._ack_floor.get(store_id)
+        if floor is None and store_id in self.store_ids:
+            floor = self._ack_floor[store_id] = await self.store.acked(store_id)
+        item = self._incoming(message, floor or 0)
+        if isinstance(item, Rejection) and item.reason == "too_far_ahead":
+            # The floor is a committed ack, so never above the database's; another worker's
+            # commits may have moved the database's on: read it before refusing.
+            item = self._incoming(message, await self.store.acked(store_id))
         if isinstance(item, Rejection):
             self.counters[f"rejected_{item.reason}"] += 1
             self.refusals.refused(item.store_id, item.reason, item.topic, item.detail)
@@ -213,6 +225,10 @@ class HubService:
         """Publish a store's retained ack with its mark (call only with a committed `AckState`,
         read from the storage: another worker's ack may be newer, and the rev tells the agent)."""
         self.last_ack[store_id] = state
+        if state.epoch != self._floor_epoch:
+            self._ack_floor.clear()
+            self._floor_epoch = state.epoch
+        self._ack_floor[store_id] = max(self._ack_floor.get(store_id, 0), state.acked_seq)
         payload = protocol.encode(protocol.Ack(store_id=store_id, acked_seq=state.acked_seq,
                                                epoch=state.epoch, rev=state.rev))
         try:

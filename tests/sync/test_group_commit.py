@@ -54,9 +54,15 @@ class GatedStore:
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail_next = False
+        self.ack_reads = 0
+
+    async def acked(self, store_id):
+        self.ack_reads += 1
+        return await self.store.acked(store_id)
 
     async def write(self, items, now):
-        self.trace.append(("write", [(i.events[0][0].seq, i.events[-1][0].seq) for i in items]))
+        self.trace.append(("write", [(i.events[0][0].seq, i.events[-1][0].seq) if isinstance(i, Incoming)
+                                     else i.reason for i in items]))
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
@@ -70,8 +76,14 @@ class GatedStore:
 
 
 @pytest.fixture
-async def hub(tmp_path):
-    (tmp_path / "hub.toml").write_text(f'[storage]\npath = "{tmp_path / "hub.db"}"\n[[stores]]\nid = "{STORE}"\n')
+def extra_config() -> str:
+    return ""
+
+
+@pytest.fixture
+async def hub(tmp_path, extra_config):
+    (tmp_path / "hub.toml").write_text(f'[storage]\npath = "{tmp_path / "hub.db"}"\n[[stores]]\nid = "{STORE}"\n'
+                                       + extra_config)
     config = load_hub_config(tmp_path / "hub.toml", environ={})
     store = await HubStore.open(config.storage.path, config.store_ids())
     await store.run(projection.setup)
@@ -152,3 +164,26 @@ async def test_a_failed_commit_answers_no_message_of_the_group(hub):
     assert [t for t in trace if t[0] == "ack"] == [("ack", 0)]
     await asyncio.wait_for(service.handle_events(message(batch(1, 3))), 10)   # the redelivery
     assert trace[-1] == ("ack", 6)
+
+
+@pytest.mark.parametrize("extra_config", ["[ingest]\nmax_ahead = 20\n"])
+async def test_max_ahead_reads_the_ack_this_worker_published_and_the_database_before_refusing(hub):
+    service, trace = hub
+    gated: GatedStore = service.store
+    await asyncio.wait_for(service.handle_events(message(batch(1, 10))), 10)
+    assert gated.ack_reads == 1, "the first message of a store reads its ack"
+    await asyncio.wait_for(service.handle_events(message(batch(11, 20))), 10)
+    assert gated.ack_reads == 1, "later ones check against the ack this worker published"
+    # Another worker stores 21..30: the database's ack moves past the one published here.
+    await gated.store.write([service._anchored(EVENTS, STORE, *protocol.decode_batch(batch(21, 30),
+                                                                                     service.event_view))], "t")
+    await asyncio.wait_for(service.handle_events(message(batch(31, 45))), 10)
+    assert gated.ack_reads == 2, "past the published ack + max_ahead, the database decides"
+    assert await gated.store.acked(STORE) == 45 and service.counters["rejected_too_far_ahead"] == 0
+    await asyncio.wait_for(service.handle_events(message(batch(70, 80))), 10)
+    assert gated.ack_reads == 3 and service.counters["rejected_too_far_ahead"] == 1
+    assert await gated.store.acked(STORE) == 45 and trace[-1] == ("ack", 45), "refused, the ack restated"
+    other = Message(protocol.events_topic(PREFIX, "S-OTHER"), batch(1, 1, store_id="S-OTHER"), 1, False)
+    await asyncio.wait_for(service.handle_events(other), 10)
+    assert gated.ack_reads == 3 and service.counters["rejected_unknown_store"] == 1, \
+        "a store not in [[stores]] costs no read"
