@@ -156,12 +156,14 @@ class HubService:
         return Incoming(store_id, events, prev, hashes, topic, batch.incarnation)
 
     async def _writer(self) -> None:
-        limit = self.config.ingest.max_messages_per_commit
+        waiting = _Waiting()
         while True:
-            group = [await self._queue.get()]
-            while not self._queue.empty() and len(group) < limit:
-                group.append(self._queue.get_nowait())
-            await self._commit(group)
+            if not waiting:
+                waiting.add(await self._queue.get())
+            while not self._queue.empty():
+                waiting.add(self._queue.get_nowait())
+            await self._commit(waiting.group(self.config.ingest.max_messages_per_commit,
+                                             self.config.ingest.max_events_per_commit))
 
     async def _commit(self, group: list) -> None:
         try:
@@ -295,6 +297,56 @@ class HubService:
         if self.reader is not None:
             self.reader.close()
         await self.store.close()
+
+
+class _Waiting:
+    """The messages taken off MQTT and not yet committed, per store, in arrival order.
+
+    `group` takes the next commit's messages fairly: stores with the fewest events waiting
+    first, one message per store per round, until `max_messages` messages or
+    `max_events` events (at least one message). So a store sending one event waits for
+    one commit, not behind the backlog of stores catching up after an outage; each store's
+    own messages keep their order.
+    """
+
+    def __init__(self):
+        self._by_store: dict[str | None, collections.deque] = {}
+        self._events: dict[str | None, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_store)
+
+    def add(self, entry: tuple) -> None:
+        item = entry[0]
+        key = item.store_id
+        self._by_store.setdefault(key, collections.deque()).append(entry)
+        self._events[key] = self._events.get(key, 0) + _size(item)
+
+    def group(self, max_messages: int, max_events: int) -> list:
+        taken: list = []
+        events = 0
+        order = sorted(self._by_store, key=self._events.__getitem__)
+        while order:
+            rest = []
+            for key in order:
+                if len(taken) >= max_messages or (taken and events >= max_events):
+                    return taken
+                queue = self._by_store[key]
+                entry = queue.popleft()
+                size = _size(entry[0])
+                taken.append(entry)
+                events += size
+                self._events[key] -= size
+                if queue:
+                    rest.append(key)
+                else:
+                    del self._by_store[key], self._events[key]
+            order = rest
+        return taken
+
+
+def _size(item) -> int:
+    return len(item.events) if isinstance(item, Incoming) else 1
 
 
 class _Refuse(Exception):

@@ -89,6 +89,9 @@ class CatalogSection(Section):
 
 class IngestSection(Section):
     max_messages_per_commit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256
+    # A commit group closes once it holds this many events (its first batch always fits):
+    # a group stays short, so a store that waits for the next one does not wait long.
+    max_events_per_commit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1_000
     # A batch reaching past the store's ack + max_ahead is refused (and acked): a leaked
     # store credential cannot plant events far ahead of what the store has written.
     max_ahead: Annotated[int, msgspec.Meta(ge=1)] = 100_000

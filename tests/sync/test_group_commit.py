@@ -55,6 +55,7 @@ class GatedStore:
         self.gate.set()
         self.fail_next = False
         self.ack_reads = 0
+        self.groups: list = []
 
     async def acked(self, store_id):
         self.ack_reads += 1
@@ -63,6 +64,8 @@ class GatedStore:
     async def write(self, items, now):
         self.trace.append(("write", [(i.events[0][0].seq, i.events[-1][0].seq) if isinstance(i, Incoming)
                                      else i.reason for i in items]))
+        self.groups.append([(i.store_id, i.events[0][0].seq, i.events[-1][0].seq) for i in items
+                            if isinstance(i, Incoming)])
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
@@ -187,3 +190,26 @@ async def test_max_ahead_reads_the_ack_this_worker_published_and_the_database_be
     await asyncio.wait_for(service.handle_events(other), 10)
     assert gated.ack_reads == 3 and service.counters["rejected_unknown_store"] == 1, \
         "a store not in [[stores]] costs no read"
+
+
+@pytest.mark.parametrize("extra_config", ['[ingest]\nmax_events_per_commit = 20\n[[stores]]\nid = "S-B"\n'])
+async def test_a_store_sending_little_waits_one_commit_not_behind_another_stores_backlog(hub):
+    service, trace = hub
+    gated: GatedStore = service.store
+    gated.gate.clear()
+    first = asyncio.create_task(service.handle_events(message(batch(1, 10))))
+    await settle()
+    backlog = [asyncio.create_task(service.handle_events(message(batch(a, a + 19)))) for a in (11, 31, 51)]
+    await settle()
+    steady = asyncio.create_task(service.handle_events(
+        Message(protocol.events_topic(PREFIX, "S-B"), batch(1, 1, store_id="S-B"), 1, False)))
+    await settle()
+    gated.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, steady, *backlog), 10)
+    assert gated.groups == [
+        [(STORE, 1, 10)],
+        [("S-B", 1, 1), (STORE, 11, 30)],   # the store with the fewest events waiting goes first
+        [(STORE, 31, 50)],                  # a group closes at max_events_per_commit (20)
+        [(STORE, 51, 70)],
+    ]
+    assert await gated.store.acked(STORE) == 70 and await gated.store.acked("S-B") == 1
