@@ -98,6 +98,13 @@ class HubService:
         for a decoder failing in a way it should not; a storage failure raises, so the
         message stays unacked and comes back.
         """
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((message, future))
+        await future
+
+    async def _decoded(self, message: Message) -> Incoming | Rejection:
+        """The message decoded and checked (the writer's step, as its group is formed, so a
+        message waits for no decoding of the backlog queued before it)."""
         store_id = protocol.store_of(self.prefix, message.topic, "events")
         floor = self._ack_floor.get(store_id)
         if floor is None and store_id in self.store_ids:
@@ -110,9 +117,7 @@ class HubService:
         if isinstance(item, Rejection):
             self.counters[f"rejected_{item.reason}"] += 1
             self.refusals.refused(item.store_id, item.reason, item.topic, item.detail)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        await future
+        return item
 
     def _incoming(self, message: Message, acked: int) -> Incoming | Rejection:
         """Decode and check one events message: the batch to store, or why it is refused.
@@ -156,14 +161,30 @@ class HubService:
         return Incoming(store_id, events, prev, hashes, topic, batch.incarnation)
 
     async def _writer(self) -> None:
-        waiting = _Waiting()
+        waiting = _Waiting(self.prefix)
+        limits = self.config.ingest
         while True:
             if not waiting:
-                waiting.add(await self._queue.get())
+                waiting.add(*await self._queue.get())
             while not self._queue.empty():
-                waiting.add(self._queue.get_nowait())
-            await self._commit(waiting.group(self.config.ingest.max_messages_per_commit,
-                                             self.config.ingest.max_events_per_commit))
+                waiting.add(*self._queue.get_nowait())
+            group: list = []
+            events = 0
+            for message, future in waiting.fair():
+                try:
+                    item = await self._decoded(message)
+                except Exception as exc:  # the ack read failed: the message stays unacked, comes back
+                    self.counters["storage_errors"] += 1
+                    log.error("hub: %s; a message on %s left unacked for redelivery", exc, message.topic)
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                group.append((item, future))
+                events += len(item.events) if isinstance(item, Incoming) else 1
+                if len(group) >= limits.max_messages_per_commit or events >= limits.max_events_per_commit:
+                    break
+            if group:
+                await self._commit(group)
 
     async def _commit(self, group: list) -> None:
         try:
@@ -302,51 +323,41 @@ class HubService:
 class _Waiting:
     """The messages taken off MQTT and not yet committed, per store, in arrival order.
 
-    `group` takes the next commit's messages fairly: stores with the fewest events waiting
-    first, one message per store per round, until `max_messages` messages or
-    `max_events` events (at least one message). So a store sending one event waits for
-    one commit, not behind the backlog of stores catching up after an outage; each store's
-    own messages keep their order.
+    `fair()` hands out the next commit's messages: the stores with the fewest payload
+    bytes waiting first, one message per store per round; the writer stops taking at
+    `ingest.max_messages_per_commit` messages or `ingest.max_events_per_commit` events.
+    So a store sending one event waits for one commit, not behind the backlog of stores
+    catching up after an outage; each store's own messages keep their order.
     """
 
-    def __init__(self):
-        self._by_store: dict[str | None, collections.deque] = {}
-        self._events: dict[str | None, int] = {}
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+        self._by_store: dict[str, collections.deque] = {}
+        self._bytes: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_store)
 
-    def add(self, entry: tuple) -> None:
-        item = entry[0]
-        key = item.store_id
-        self._by_store.setdefault(key, collections.deque()).append(entry)
-        self._events[key] = self._events.get(key, 0) + _size(item)
+    def add(self, message: Message, future: asyncio.Future) -> None:
+        key = protocol.store_of(self._prefix, message.topic, "events")
+        self._by_store.setdefault(key, collections.deque()).append((message, future))
+        self._bytes[key] = self._bytes.get(key, 0) + len(message.payload)
 
-    def group(self, max_messages: int, max_events: int) -> list:
-        taken: list = []
-        events = 0
-        order = sorted(self._by_store, key=self._events.__getitem__)
+    def fair(self):
+        """Yield (message, future) in the fair order, each taken off as it is yielded."""
+        order = sorted(self._by_store, key=self._bytes.__getitem__)
         while order:
             rest = []
             for key in order:
-                if len(taken) >= max_messages or (taken and events >= max_events):
-                    return taken
                 queue = self._by_store[key]
                 entry = queue.popleft()
-                size = _size(entry[0])
-                taken.append(entry)
-                events += size
-                self._events[key] -= size
+                self._bytes[key] -= len(entry[0].payload)
                 if queue:
                     rest.append(key)
                 else:
-                    del self._by_store[key], self._events[key]
+                    del self._by_store[key], self._bytes[key]
+                yield entry
             order = rest
-        return taken
-
-
-def _size(item) -> int:
-    return len(item.events) if isinstance(item, Incoming) else 1
 
 
 class _Refuse(Exception):

@@ -208,7 +208,7 @@ async def test_a_store_sending_little_waits_one_commit_not_behind_another_stores
     await asyncio.wait_for(asyncio.gather(first, steady, *backlog), 10)
     assert gated.groups == [
         [(STORE, 1, 10)],
-        [("S-B", 1, 1), (STORE, 11, 30)],   # the store with the fewest events waiting goes first
+        [("S-B", 1, 1), (STORE, 11, 30)],   # the store with the fewest bytes waiting goes first
         [(STORE, 31, 50)],                  # a group closes at max_events_per_commit (20)
         [(STORE, 51, 70)],
     ]
