@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.write_docs and results:
-        write_docs(table(results, ".venv/bin/python bench/fleet.py " + " ".join(a for a in argv if a != "--write-docs")))
+        shown = [a for i, a in enumerate(argv) if a not in ("--write-docs", "--json") and argv[i - 1:i] != ["--json"]]
+        write_docs(table(results, ".venv/bin/python bench/fleet.py " + " ".join(shown)))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
